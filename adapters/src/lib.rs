@@ -1,0 +1,18 @@
+//! Sources of care record data for the carerecord broker.
+//!
+//! - [`Source`]: the trait every adapter implements (see `ADAPTERS.md`).
+//! - [`memory::InMemorySource`]: fixed data with configurable delay and failure.
+//! - [`NhsNumber`] and [`SectionSet`]: the request vocabulary sources receive.
+#![forbid(unsafe_code)]
+
+pub mod memory;
+mod nhs;
+mod sections;
+mod source;
+
+pub use nhs::{NhsNumber, NhsNumberError};
+pub use sections::{SectionSet, UnknownSection};
+pub use source::{Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest};
+
+/// The generated contract types, re-exported so adapter authors need one dependency.
+pub use carerecord_proto as proto;

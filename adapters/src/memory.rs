@@ -1,0 +1,133 @@
+//! An in-memory source with fixed data and a configurable delay and failure: for tests, demos and
+//! chaos. It implements the same [`Source`] trait as every real adapter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use carerecord_proto::{CareRecord, Section};
+
+use crate::{NhsNumber, Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest};
+
+/// How an [`InMemorySource`] misbehaves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Behaviour {
+    /// Answer from its data after the delay.
+    #[default]
+    Normal,
+    /// Fail with this error after the delay.
+    Fail(SourceError),
+    /// Never answer (until the caller gives up).
+    Hang,
+}
+
+/// A source that answers from a map of patients.
+#[derive(Debug)]
+pub struct InMemorySource {
+    info: SourceInfo,
+    patients: HashMap<NhsNumber, CareRecord>,
+    delay: Duration,
+    behaviour: std::sync::RwLock<Behaviour>,
+    calls: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
+}
+
+impl InMemorySource {
+    /// An empty source that knows nobody.
+    pub fn new(id: &str, organisation_code: &str, organisation_name: &str) -> Self {
+        InMemorySource {
+            info: SourceInfo {
+                id: id.to_owned(),
+                organisation_code: organisation_code.to_owned(),
+                organisation_name: organisation_name.to_owned(),
+            },
+            patients: HashMap::new(),
+            delay: Duration::ZERO,
+            behaviour: std::sync::RwLock::new(Behaviour::Normal),
+            calls: Arc::default(),
+            completed: Arc::default(),
+        }
+    }
+
+    /// Adds a patient's record (demographics and entries).
+    pub fn with_patient(mut self, nhs_number: NhsNumber, record: CareRecord) -> Self {
+        self.patients.insert(nhs_number, record);
+        self
+    }
+
+    /// Delays every answer.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Sets how the source behaves.
+    pub fn with_behaviour(self, behaviour: Behaviour) -> Self {
+        self.set_behaviour(behaviour);
+        self
+    }
+
+    /// Changes how the source behaves from now on.
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        // A poisoned lock only means a panic elsewhere mid-write of a plain enum: keep going.
+        *self.behaviour.write().unwrap_or_else(|e| e.into_inner()) = behaviour;
+    }
+
+    /// How many times `fetch` has been called.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// How many `fetch` calls ran to completion (were not cancelled).
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Source for InMemorySource {
+    fn info(&self) -> &SourceInfo {
+        &self.info
+    }
+
+    async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let behaviour = self
+            .behaviour
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if behaviour == Behaviour::Hang {
+            std::future::pending::<()>().await;
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.completed.fetch_add(1, Ordering::SeqCst);
+        if let Behaviour::Fail(error) = behaviour {
+            return Err(error);
+        }
+        let Some(full) = self.patients.get(&request.nhs_number) else {
+            return Ok(SourceReply::NotFound);
+        };
+        let mut record = CareRecord {
+            patient: full.patient.clone(),
+            ..CareRecord::default()
+        };
+        for section in Section::ALL {
+            if request.sections.contains(section) {
+                if let Some(entries) = record.section_mut(section) {
+                    entries.extend_from_slice(full.section(section));
+                }
+            }
+        }
+        let mut record = SourceRecord {
+            record,
+            ..SourceRecord::default()
+        };
+        record.stamp_provenance(&self.info);
+        Ok(SourceReply::Found(record))
+    }
+}

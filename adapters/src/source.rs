@@ -1,0 +1,172 @@
+//! The `Source` trait: the one extension point through which carerecord reads an organisation.
+//!
+//! A source is to carerecord what `tower::Service` is to tower. Built-in adapters (FHIR R4, another
+//! broker), the in-memory test source and any adapter an outside author writes all implement it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use carerecord_proto::{CareRecord, Entry, Requester, SourceOutcome, SourceStatus};
+use tokio::time::Instant;
+
+use crate::{NhsNumber, SectionSet};
+
+/// Static facts about a source: who it is in the broker's configuration and in the NHS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceInfo {
+    /// The broker's identifier for the source, unique within a configuration.
+    pub id: String,
+    /// ODS code of the organisation behind the source.
+    pub organisation_code: String,
+    /// Human name of the organisation.
+    pub organisation_name: String,
+}
+
+/// One lookup, as a source sees it.
+#[derive(Debug, Clone)]
+pub struct SourceRequest {
+    /// The broker's request id, for the source's own logs and audit.
+    pub request_id: String,
+    /// The patient.
+    pub nhs_number: NhsNumber,
+    /// The sections wanted; never empty. A source may return more; the broker drops the excess.
+    pub sections: SectionSet,
+    /// When the broker stops waiting. A source should stop its own work by then, and may return
+    /// what it has gathered so far rather than nothing.
+    pub deadline: Instant,
+    /// Who is asking, forwarded so the source system can keep its own audit. A source must not
+    /// filter by requester: the broker applies access policy itself, after its cache, on every
+    /// request, and shares one fetch between concurrent requesters.
+    pub requester: Requester,
+    /// Brokers this lookup has passed through (for federation loop detection).
+    pub via_brokers: Vec<String>,
+}
+
+impl SourceRequest {
+    /// Time left before the deadline (zero once it has passed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// What a source knows about the patient.
+#[derive(Debug)]
+pub enum SourceReply {
+    /// The source knows the patient: here is its part of the record.
+    Found(SourceRecord),
+    /// The source answered and does not know this patient. Not a failure.
+    NotFound,
+}
+
+/// One source's part of a care record, before merging.
+#[derive(Debug, Default, Clone)]
+pub struct SourceRecord {
+    /// Demographics and entries. Each entry should carry one provenance naming this source, with
+    /// the source's own id for the entry and its last-updated time; the broker fills the source id
+    /// and organisation from [`SourceInfo`] where an adapter leaves them empty.
+    pub record: CareRecord,
+    /// Problems the source had that did not stop it answering, e.g. resources it could not read.
+    /// Redacted text: no patient data, no raw bodies. Each becomes a warning on the response.
+    pub warnings: Vec<String>,
+    /// When the source is itself a broker: the statuses of its sources.
+    pub nested: Vec<SourceStatus>,
+}
+
+impl SourceRecord {
+    /// Fills empty provenance fields of every entry (and the demographics) from `info`, and gives
+    /// entries with no provenance at all one naming `info`.
+    pub fn stamp_provenance(&mut self, info: &SourceInfo) {
+        let stamp = |p: &mut carerecord_proto::Provenance| {
+            if p.source_id.is_empty() {
+                p.source_id.clone_from(&info.id);
+            }
+            if p.organisation_code.is_empty() {
+                p.organisation_code.clone_from(&info.organisation_code);
+            }
+            if p.organisation_name.is_empty() {
+                p.organisation_name.clone_from(&info.organisation_name);
+            }
+        };
+        let fill = |provenance: &mut Vec<carerecord_proto::Provenance>| {
+            if provenance.is_empty() {
+                provenance.push(carerecord_proto::Provenance::default());
+            }
+            provenance.iter_mut().for_each(stamp);
+        };
+        if let Some(patient) = self.record.patient.as_mut() {
+            fill(&mut patient.provenance);
+        }
+        for section in carerecord_proto::Section::ALL {
+            if let Some(entries) = self.record.section_mut(section) {
+                entries.iter_mut().for_each(|e: &mut Entry| fill(&mut e.provenance));
+            }
+        }
+    }
+}
+
+/// Why a source could not answer. Every variant's text is safe to show a caller: adapters put
+/// no raw upstream bodies, patient data or credentials in it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The source did not answer before the deadline.
+    #[error("did not answer in time")]
+    Timeout,
+    /// The source could not be reached (DNS, connect, TLS, reset).
+    #[error("could not reach the source: {0}")]
+    Connect(String),
+    /// The source answered with an HTTP (or gRPC) error status.
+    #[error("source answered with status {0}")]
+    Status(u16),
+    /// The source answered with something that is not a valid response.
+    #[error("invalid response: {0}")]
+    InvalidResponse(String),
+    /// The response exceeded the configured size cap.
+    #[error("response larger than the {0}-byte limit")]
+    TooLarge(usize),
+    /// The source refused the lookup (e.g. a federation loop).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The source was not asked because it is known to be unavailable.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The source's circuit breaker is open.
+    #[error("circuit open after repeated failures")]
+    CircuitOpen,
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl SourceError {
+    /// The outcome this error is reported as.
+    pub fn outcome(&self) -> SourceOutcome {
+        match self {
+            SourceError::Timeout => SourceOutcome::Timeout,
+            SourceError::Refused(_) => SourceOutcome::Refused,
+            SourceError::Unavailable(_) => SourceOutcome::Unavailable,
+            SourceError::CircuitOpen => SourceOutcome::CircuitOpen,
+            SourceError::Connect(_)
+            | SourceError::Status(_)
+            | SourceError::InvalidResponse(_)
+            | SourceError::TooLarge(_)
+            | SourceError::Other(_) => SourceOutcome::Error,
+        }
+    }
+}
+
+/// A source of care record data: one organisation's system.
+///
+/// Contract (checked by [`crate::testkit`]):
+/// - `fetch` answers by `request.deadline` (the broker also enforces it, and drops the future);
+/// - dropping the future at any await point leaves the source usable (cancellation-safe);
+/// - a patient the source does not know is `Ok(SourceReply::NotFound)`, not an error;
+/// - garbage from upstream becomes a `SourceError` or a warning, never a panic;
+/// - entries carry provenance (the source's id for the entry and when it was last updated).
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Who this source is.
+    fn info(&self) -> &SourceInfo;
+
+    /// Reads the patient's record from the source.
+    async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError>;
+}

@@ -1,0 +1,1 @@
+//! Synthetic FHIR R4 organisations (placeholder until built).

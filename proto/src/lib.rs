@@ -1,0 +1,89 @@
+//! The `carerecord.v1` contract: generated message types, client and server.
+//!
+//! The `.proto` file beside this crate is the API reference for EHR integrators; this crate only
+//! adds a few conveniences that every other crate needs.
+#![forbid(unsafe_code)]
+
+/// Generated code for package `carerecord.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("carerecord.v1");
+
+    /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/carerecord_descriptor.bin"));
+}
+
+pub use v1::*;
+
+impl Section {
+    /// Every real section, in the order the record lists them.
+    pub const ALL: [Section; 8] = [
+        Section::Conditions,
+        Section::Medications,
+        Section::Allergies,
+        Section::TestResults,
+        Section::CarePlans,
+        Section::Documents,
+        Section::Encounters,
+        Section::Appointments,
+    ];
+
+    /// A short lower-case name, used in config, logs, audit and the CLI.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Section::Unspecified => "unspecified",
+            Section::Conditions => "conditions",
+            Section::Medications => "medications",
+            Section::Allergies => "allergies",
+            Section::TestResults => "test_results",
+            Section::CarePlans => "care_plans",
+            Section::Documents => "documents",
+            Section::Encounters => "encounters",
+            Section::Appointments => "appointments",
+        }
+    }
+
+    /// Parses [`Section::short_name`] (also accepts hyphens).
+    pub fn from_short_name(name: &str) -> Option<Section> {
+        let name = name.trim().to_ascii_lowercase().replace('-', "_");
+        Section::ALL.into_iter().find(|s| s.short_name() == name)
+    }
+}
+
+impl CareRecord {
+    /// The entries of one section.
+    pub fn section(&self, section: Section) -> &[Entry] {
+        match section {
+            Section::Unspecified => &[],
+            Section::Conditions => &self.conditions,
+            Section::Medications => &self.medications,
+            Section::Allergies => &self.allergies,
+            Section::TestResults => &self.test_results,
+            Section::CarePlans => &self.care_plans,
+            Section::Documents => &self.documents,
+            Section::Encounters => &self.encounters,
+            Section::Appointments => &self.appointments,
+        }
+    }
+
+    /// The entries of one section, mutably. `Unspecified` has no entries and yields `None`.
+    pub fn section_mut(&mut self, section: Section) -> Option<&mut Vec<Entry>> {
+        Some(match section {
+            Section::Unspecified => return None,
+            Section::Conditions => &mut self.conditions,
+            Section::Medications => &mut self.medications,
+            Section::Allergies => &mut self.allergies,
+            Section::TestResults => &mut self.test_results,
+            Section::CarePlans => &mut self.care_plans,
+            Section::Documents => &mut self.documents,
+            Section::Encounters => &mut self.encounters,
+            Section::Appointments => &mut self.appointments,
+        })
+    }
+
+    /// Number of entries across all sections.
+    pub fn entry_count(&self) -> usize {
+        Section::ALL.iter().map(|s| self.section(*s).len()).sum()
+    }
+}
