@@ -7,7 +7,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // The same descriptor set feeds server reflection.
-    std::fs::write(out.join("carerecord_descriptor.bin"), fds.encode_to_vec())?;
+    let encoded = fds.encode_to_vec();
+    std::fs::write(out.join("carerecord_descriptor.bin"), &encoded)?;
+    // Canonical proto3 JSON (camelCase names, enums by name) for `--json` output and logs.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .build(&[".carerecord"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

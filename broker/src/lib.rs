@@ -1,1 +1,21 @@
-//! placeholder
+//! The carerecord broker: answers an EHR's gRPC request for a patient's care record by asking
+//! every source organisation concurrently, within the caller's deadline, and merging what
+//! comes back. See `ARCHITECTURE.md` for the code map and invariants.
+#![forbid(unsafe_code)]
+
+pub mod budget;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod fanout;
+pub mod flight;
+pub mod lookup;
+pub mod merge;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod time;
+pub mod validate;
+
+pub use lookup::Broker;
+pub mod render;

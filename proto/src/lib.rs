@@ -8,6 +8,7 @@
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("carerecord.v1");
+    include!(concat!(env!("OUT_DIR"), "/carerecord.v1.serde.rs"));
 
     /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -1,0 +1,164 @@
+//! `carerecord lookup`: a terminal client for a running broker.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use carerecord_broker::render;
+use carerecord_proto::care_record_event::Event;
+use carerecord_proto::care_record_service_client::CareRecordServiceClient;
+use carerecord_proto::{CacheDirective, GetCareRecordRequest, Purpose, Requester, Section};
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct LookupArgs {
+    /// The patient's NHS number (spaces or hyphens allowed).
+    pub nhs_number: String,
+    /// The broker's address.
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "CARERECORD_BROKER")]
+    pub broker: String,
+    /// Print the response as JSON (proto3 JSON mapping).
+    #[arg(long)]
+    pub json: bool,
+    /// Stream: show each organisation as it answers.
+    #[arg(long)]
+    pub stream: bool,
+    /// Your user id.
+    #[arg(long, env = "CARERECORD_USER", default_value = "cli-user")]
+    pub user: String,
+    /// Your RBAC role code.
+    #[arg(long, env = "CARERECORD_ROLE", default_value = "R8000")]
+    pub role: String,
+    /// Your organisation's ODS code.
+    #[arg(long, env = "CARERECORD_ORG", default_value = "CLI")]
+    pub org: String,
+    /// Emergency (break-glass) access, with this reason.
+    #[arg(long)]
+    pub emergency: Option<String>,
+    /// Only these sections (comma separated: conditions, medications, allergies, test_results,
+    /// care_plans, documents, encounters, appointments).
+    #[arg(long, value_delimiter = ',')]
+    pub sections: Vec<String>,
+    /// Ask the sources now rather than accept a cached record.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Deadline for the whole lookup, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+}
+
+impl LookupArgs {
+    /// Arguments for a lookup with defaults, as the demo uses them.
+    pub fn for_patient(nhs_number: &str, broker: &str) -> Self {
+        LookupArgs {
+            nhs_number: nhs_number.to_owned(),
+            broker: broker.to_owned(),
+            json: false,
+            stream: false,
+            user: "demo-user".into(),
+            role: "R8000".into(),
+            org: "DEMO".into(),
+            emergency: None,
+            sections: Vec::new(),
+            fresh: false,
+            timeout_ms: 5000,
+        }
+    }
+
+    fn request(&self) -> anyhow::Result<tonic::Request<GetCareRecordRequest>> {
+        let sections = self
+            .sections
+            .iter()
+            .map(|s| {
+                Section::from_short_name(s)
+                    .map(|s| s as i32)
+                    .with_context(|| format!("unknown section {s:?}"))
+            })
+            .collect::<anyhow::Result<Vec<i32>>>()?;
+        let (purpose, reason) = match &self.emergency {
+            Some(reason) => (Purpose::EmergencyAccess, reason.clone()),
+            None => (Purpose::DirectCare, String::new()),
+        };
+        let mut request = tonic::Request::new(GetCareRecordRequest {
+            nhs_number: self.nhs_number.clone(),
+            requester: Some(Requester {
+                user_id: self.user.clone(),
+                role_code: self.role.clone(),
+                organisation_code: self.org.clone(),
+                purpose: purpose as i32,
+                emergency_reason: reason,
+                ..Requester::default()
+            }),
+            sections,
+            cache: if self.fresh {
+                CacheDirective::RequireFresh
+            } else {
+                CacheDirective::AllowCached
+            } as i32,
+            via_brokers: Vec::new(),
+        });
+        request.set_timeout(Duration::from_millis(self.timeout_ms));
+        Ok(request)
+    }
+}
+
+pub async fn run(args: LookupArgs) -> anyhow::Result<()> {
+    print!("{}", lookup_text(&args).await?);
+    Ok(())
+}
+
+/// Performs the lookup and renders it as the terminal shows it.
+pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
+    let mut client = CareRecordServiceClient::connect(args.broker.clone())
+        .await
+        .with_context(|| format!("cannot connect to the broker at {}", args.broker))?;
+    let request = args.request()?;
+    let mut out = String::new();
+    if args.stream {
+        let mut stream = client
+            .stream_care_record(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        while let Some(event) = stream.message().await.map_err(status_error)? {
+            match event.event {
+                Some(Event::Source(s)) => {
+                    if let Some(status) = &s.status {
+                        if args.json {
+                            out.push_str(&serde_json::to_string(&s)?);
+                            out.push('\n');
+                        } else {
+                            out.push_str(&format!("arrived: {}", render::source_line(status, 0)));
+                        }
+                    }
+                }
+                Some(Event::Complete(r)) => {
+                    if args.json {
+                        out.push_str(&serde_json::to_string_pretty(&r)?);
+                        out.push('\n');
+                    } else {
+                        out.push('\n');
+                        out.push_str(&render::response(&r));
+                    }
+                }
+                None => {}
+            }
+        }
+    } else {
+        let response = client
+            .get_care_record(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if args.json {
+            out.push_str(&serde_json::to_string_pretty(&response)?);
+            out.push('\n');
+        } else {
+            out.push_str(&render::response(&response));
+        }
+    }
+    Ok(out)
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the broker refused the lookup ({:?}): {}", s.code(), s.message())
+}

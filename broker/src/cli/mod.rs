@@ -1,0 +1,5 @@
+//! The command-line subcommands, each a thin edge over the library with context-rich errors.
+
+pub mod demo;
+pub mod lookup;
+pub mod serve;

@@ -1,0 +1,274 @@
+//! The broker's one configuration file (TOML), parsed strictly: an unknown key or a bad value is
+//! an error naming the line at fault, because a typo in a timeout must not silently become a
+//! default in production.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+type FhirConfig = toml::Table; // TEMP-FHIR
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where and how the gRPC server listens.
+    pub server: ServerConfig,
+    /// Time limits for a lookup.
+    #[serde(default)]
+    pub budget: BudgetConfig,
+    /// The merged-record cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// The organisations asked for every lookup, in priority order (the first source that knows
+    /// the patient supplies the demographics shown).
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address, e.g. `127.0.0.1:50051`.
+    pub listen: SocketAddr,
+    /// Serve gRPC without TLS. Only for local development; the broker warns loudly at start.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// This broker's identifier in federation chains (loop detection).
+    #[serde(default = "default_broker_id")]
+    pub broker_id: String,
+}
+
+fn default_broker_id() -> String {
+    "carerecord".to_owned()
+}
+
+/// `[budget]`: how long a lookup may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Upper bound on a lookup whatever deadline the caller sets (or when it sets none).
+    pub max_lookup_ms: u64,
+    /// Time kept back from the caller's deadline to merge and send the answer.
+    pub merge_headroom_ms: u64,
+    /// Per-source timeout for sources that do not set `timeout_ms`.
+    pub default_source_timeout_ms: u64,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            max_lookup_ms: 5_000,
+            merge_headroom_ms: 20,
+            default_source_timeout_ms: 3_000,
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// How long a complete merged record is served from cache.
+    pub ttl_secs: u64,
+    /// How long a partial record (some source did not answer) is served: shorter, so the missing
+    /// organisation is asked again soon.
+    pub partial_ttl_secs: u64,
+    /// Upper bound on the cache's size, in bytes of encoded records.
+    pub max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            ttl_secs: 60,
+            partial_ttl_secs: 10,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl CacheConfig {
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs)
+    }
+    pub fn partial_ttl(&self) -> Duration {
+        Duration::from_secs(self.partial_ttl_secs)
+    }
+}
+
+/// One `[[sources]]` entry: exactly one of the `fhir`, `broker` or `memory` tables says how to
+/// reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Unique id within this configuration (appears in responses, metrics and audit).
+    pub id: String,
+    /// ODS code of the organisation.
+    pub organisation_code: String,
+    /// Name of the organisation.
+    pub organisation_name: String,
+    /// Time budget for this source; defaults to `budget.default_source_timeout_ms`.
+    pub timeout_ms: Option<u64>,
+    /// A FHIR R4 server.
+    pub fhir: Option<FhirConfig>,
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(text, &e),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.budget.max_lookup_ms == 0 {
+            return Err("budget.max_lookup_ms must be greater than 0".into());
+        }
+        if self.budget.merge_headroom_ms >= self.budget.max_lookup_ms {
+            return Err("budget.merge_headroom_ms must be less than budget.max_lookup_ms".into());
+        }
+        if self.server.broker_id.trim().is_empty() {
+            return Err("server.broker_id must not be empty".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            let at = format!("sources[{i}] (id {:?})", s.id);
+            if s.id.trim().is_empty() {
+                return Err(format!("sources[{i}]: id must not be empty"));
+            }
+            if !seen.insert(s.id.as_str()) {
+                return Err(format!("{at}: duplicate source id"));
+            }
+            if s.organisation_code.trim().is_empty() {
+                return Err(format!("{at}: organisation_code must not be empty"));
+            }
+            if s.timeout_ms == Some(0) {
+                return Err(format!("{at}: timeout_ms must be greater than 0"));
+            }
+            // One kind of source today; `broker` (federation) joins it as a sibling table.
+            if s.fhir.is_none() {
+                return Err(format!("{at}: a [sources.fhir] table must say how to reach it"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The timeout for one source.
+    pub fn source_timeout(&self, source: &SourceConfig) -> Duration {
+        Duration::from_millis(
+            source
+                .timeout_ms
+                .unwrap_or(self.budget.default_source_timeout_ms),
+        )
+    }
+}
+
+/// Renders a TOML error with its line number and the offending line, so ops can find it.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let source_line = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("line {line}: {message}\n  | {source_line}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:50051"
+plaintext = true
+
+[[sources]]
+id = "gp"
+organisation_code = "A81001"
+organisation_name = "Riverside GP"
+timeout_ms = 1500
+[sources.fhir]
+base_url = "http://127.0.0.1:8080/fhir"
+"#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("t.toml")).expect("valid");
+        assert_eq!(c.sources.len(), 1);
+        assert_eq!(c.cache.ttl_secs, 60);
+        assert_eq!(c.budget.max_lookup_ms, 5_000);
+        assert_eq!(c.source_timeout(&c.sources[0]), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_its_line() {
+        let text = MINIMAL.replace("timeout_ms = 1500", "timeout_msec = 1500");
+        let err = Config::parse(&text, Path::new("t.toml")).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("line 10"), "{msg}");
+        assert!(msg.contains("timeout_msec"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_its_line() {
+        let text = MINIMAL.replace("timeout_ms = 1500", "timeout_ms = \"fast\"");
+        let msg = Config::parse(&text, Path::new("t.toml"))
+            .expect_err("bad type")
+            .to_string();
+        assert!(msg.contains("line 10"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_source_ids_are_refused() {
+        let text = format!("{MINIMAL}\n{}", &MINIMAL[MINIMAL.find("[[sources]]").unwrap_or(0)..]);
+        let msg = Config::parse(&text, Path::new("t.toml"))
+            .expect_err("duplicate")
+            .to_string();
+        assert!(msg.contains("duplicate source id"), "{msg}");
+    }
+
+    #[test]
+    fn a_source_needs_exactly_one_kind() {
+        let text = &MINIMAL[..MINIMAL.find("[sources.fhir]").unwrap_or(MINIMAL.len())];
+        let msg = Config::parse(text, Path::new("t.toml"))
+            .expect_err("no kind")
+            .to_string();
+        assert!(msg.contains("[sources.fhir]"), "{msg}");
+    }
+}

@@ -1,0 +1,152 @@
+//! Single flight: concurrent lookups for the same record share one fan-out.
+//!
+//! The fan-out runs in its own task, owned by no caller, so it survives any caller cancelling
+//! (tonic drops a handler's future when the client goes away). Callers subscribe to its
+//! progress: a unary caller waits for the merged record or its own deadline, whichever is first,
+//! and at its deadline merges whatever has arrived; a streaming caller sees each source's answer
+//! as it lands.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use carerecord_adapters::{NhsNumber, SourceRequest};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::budget::Budget;
+use crate::cache::{CacheKey, RecordCache};
+use crate::fanout::{self, Answer, SourceSet};
+use crate::merge::{self, MergedRecord};
+
+/// What a flight has so far.
+#[derive(Default)]
+pub struct Progress {
+    /// Answers in completion order.
+    pub answers: Vec<Arc<Answer>>,
+    /// The merged record, once every source has answered or timed out.
+    pub merged: Option<Arc<MergedRecord>>,
+}
+
+/// One shared fan-out.
+pub struct Flight {
+    pub nhs_number: NhsNumber,
+    pub sources: Arc<SourceSet>,
+    pub budget: Budget,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Flight {
+    /// A fresh view of the flight's progress.
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// The merged record, or — when `deadline` comes first — a merge of what has arrived, with
+    /// the rest marked TIMEOUT.
+    pub async fn wait(&self, deadline: Instant) -> Arc<MergedRecord> {
+        let mut rx = self.subscribe();
+        loop {
+            if let Some(merged) = rx.borrow_and_update().merged.clone() {
+                return merged;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                // The flight task is gone (it cannot panic, but be safe) or our time is up.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        self.merge_so_far(&rx.borrow())
+    }
+
+    /// Merges the answers in `progress`, marking missing sources TIMEOUT.
+    pub fn merge_so_far(&self, progress: &Progress) -> Arc<MergedRecord> {
+        if let Some(merged) = &progress.merged {
+            return merged.clone();
+        }
+        Arc::new(merge::merge(
+            self.nhs_number,
+            &self.sources,
+            &progress.answers,
+            self.budget.started,
+        ))
+    }
+}
+
+/// Flights in progress, by cache key.
+#[derive(Default)]
+pub struct Flights {
+    in_flight: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+}
+
+impl Flights {
+    /// Joins the flight for `key`, or starts one. Returns the flight and whether this call
+    /// started it.
+    pub fn join_or_start(
+        self: &Arc<Self>,
+        key: CacheKey,
+        sources: Arc<SourceSet>,
+        request: SourceRequest,
+        budget: Budget,
+        cache: Arc<RecordCache>,
+    ) -> (Arc<Flight>, bool) {
+        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = map.get(&key) {
+            return (flight.clone(), false);
+        }
+        let (tx, rx) = watch::channel(Progress::default());
+        let flight = Arc::new(Flight {
+            nhs_number: request.nhs_number,
+            sources: sources.clone(),
+            budget,
+            progress: rx,
+        });
+        map.insert(key, flight.clone());
+        drop(map);
+
+        let flights = self.clone();
+        let span = tracing::info_span!("fanout", request_id = %request.request_id);
+        let task_flight = flight.clone();
+        tokio::spawn(
+            async move {
+                // Removes the flight from the map however this task ends.
+                let _guard = Leave { flights: &flights, key, flight: &task_flight };
+                fanout::run(&sources, &request, &budget, |answer| {
+                    tx.send_modify(|p| p.answers.push(Arc::new(answer)));
+                })
+                .await;
+                let merged = task_flight.merge_so_far(&tx.borrow());
+                cache.insert(key, merged.clone()).await;
+                tx.send_modify(|p| p.merged = Some(merged));
+            }
+            .instrument(span),
+        );
+        (flight, true)
+    }
+
+    /// Number of flights in progress.
+    pub fn len(&self) -> usize {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no flight is in progress.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Leave<'a> {
+    flights: &'a Flights,
+    key: CacheKey,
+    flight: &'a Arc<Flight>,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut map = self.flights.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        // Only remove our own flight: a newer one may have replaced it.
+        if map.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, self.flight)) {
+            map.remove(&self.key);
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Merge: many organisations' partial records into one care record, deterministically.
+//!
+//! - Sources are merged in configuration (priority) order, whatever order they answered in, so
+//!   the same answers always give the same record.
+//! - The same coded entry from several organisations becomes one entry listing every reporting
+//!   organisation. Standing facts (conditions, medicines, allergies, care plans) are the same entry
+//!   when their code is the same; events (results, documents, encounters, appointments) also need
+//!   the same date.
+//! - Entries are sorted most recent first.
+//! - Demographics come from the first source that knows the patient; any disagreement on name,
+//!   date of birth or sex is a warning (a wrong-patient risk), never silently overwritten.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use carerecord_adapters::NhsNumber;
+use carerecord_proto::{
+    CareRecord, Entry, Patient, Section, SourceOutcome, SourceStatus, Warning, WarningKind,
+};
+use tokio::time::Instant;
+
+use crate::fanout::{Answer, SourceSet, millis};
+
+/// A merged lookup: what the cache holds and every response is built from.
+#[derive(Debug, Clone)]
+pub struct MergedRecord {
+    pub record: CareRecord,
+    /// One status per source asked, in configuration order.
+    pub sources: Vec<SourceStatus>,
+    pub warnings: Vec<Warning>,
+    /// Every source answered OK or NOT_FOUND.
+    pub complete: bool,
+    /// Wall-clock time of assembly, for the response.
+    pub assembled_at: SystemTime,
+    /// Monotonic time of assembly, for cache age (tokio time, so tests can pause it).
+    pub assembled: Instant,
+}
+
+/// Merges the answers that arrived; sources with no answer are reported as TIMEOUT.
+pub fn merge(
+    nhs_number: NhsNumber,
+    set: &SourceSet,
+    answers: &[Arc<Answer>],
+    started: Instant,
+) -> MergedRecord {
+    let now = Instant::now();
+    let mut by_index: Vec<Option<&Answer>> = vec![None; set.sources.len()];
+    for answer in answers {
+        if let Some(slot) = by_index.get_mut(answer.index) {
+            *slot = Some(answer);
+        }
+    }
+
+    let mut sources = Vec::with_capacity(set.sources.len());
+    let mut warnings = Vec::new();
+    for (index, slot) in by_index.iter().enumerate() {
+        match slot {
+            Some(answer) => sources.push(answer.status.clone()),
+            None => {
+                let info = set.sources[index].source.info();
+                sources.push(SourceStatus {
+                    source_id: info.id.clone(),
+                    organisation_code: info.organisation_code.clone(),
+                    organisation_name: info.organisation_name.clone(),
+                    outcome: SourceOutcome::Timeout as i32,
+                    latency_ms: millis(now.saturating_duration_since(started)),
+                    message: "did not answer in time".into(),
+                    ..SourceStatus::default()
+                });
+            }
+        }
+    }
+
+    // Answers with data, in priority order.
+    let found: Vec<&Answer> = by_index
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|a| a.record.is_some())
+        .collect();
+
+    let mut record = CareRecord {
+        patient: merge_patient(nhs_number, &found, &mut warnings),
+        ..CareRecord::default()
+    };
+    for section in Section::ALL {
+        let merged = merge_section(section, &found);
+        if let Some(slot) = record.section_mut(section) {
+            *slot = merged;
+        }
+    }
+
+    for answer in &found {
+        if let Some(r) = &answer.record {
+            for w in &r.warnings {
+                warnings.push(Warning {
+                    kind: WarningKind::SourceDataInvalid as i32,
+                    message: format!("{}: {w}", answer.status.organisation_name),
+                    source_ids: vec![answer.status.source_id.clone()],
+                });
+            }
+        }
+    }
+
+    let missing: Vec<&SourceStatus> = sources
+        .iter()
+        .filter(|s| !answered(s.outcome))
+        .collect();
+    let complete = missing.is_empty();
+    if !complete {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|s| format!("{} ({})", s.organisation_name, outcome_word(s.outcome)))
+            .collect();
+        warnings.push(Warning {
+            kind: WarningKind::Incomplete as i32,
+            message: format!(
+                "{} of {} sources did not answer; their data is missing: {}",
+                missing.len(),
+                sources.len(),
+                names.join(", ")
+            ),
+            source_ids: missing.iter().map(|s| s.source_id.clone()).collect(),
+        });
+    }
+
+    MergedRecord {
+        record,
+        sources,
+        warnings,
+        complete,
+        assembled_at: SystemTime::now(),
+        assembled: now,
+    }
+}
+
+/// OK and NOT_FOUND are answers; everything else means data may be missing.
+pub fn answered(outcome: i32) -> bool {
+    outcome == SourceOutcome::Ok as i32 || outcome == SourceOutcome::NotFound as i32
+}
+
+fn outcome_word(outcome: i32) -> &'static str {
+    match SourceOutcome::try_from(outcome) {
+        Ok(SourceOutcome::Timeout) => "not answered in time",
+        Ok(SourceOutcome::Error) => "error",
+        Ok(SourceOutcome::Unavailable) => "unavailable",
+        Ok(SourceOutcome::CircuitOpen) => "circuit open",
+        Ok(SourceOutcome::Refused) => "refused",
+        _ => "unknown",
+    }
+}
+
+/// Demographics from the first source that has them; disagreements become warnings.
+fn merge_patient(nhs: NhsNumber, found: &[&Answer], warnings: &mut Vec<Warning>) -> Option<Patient> {
+    let reported: Vec<(&Answer, &Patient)> = found
+        .iter()
+        .filter_map(|a| Some((*a, a.record.as_ref()?.record.patient.as_ref()?)))
+        .collect();
+    let (_, first) = reported.first()?;
+    let mut patient = (*first).clone();
+    patient.nhs_number = nhs.as_digits();
+    for (_, other) in reported.iter().skip(1) {
+        if patient.address.is_empty() {
+            patient.address.clone_from(&other.address);
+        }
+        if patient.registered_gp_code.is_empty() {
+            patient.registered_gp_code.clone_from(&other.registered_gp_code);
+        }
+        patient.provenance.extend(other.provenance.iter().cloned());
+    }
+
+    type Field = (&'static str, fn(&Patient) -> String);
+    let fields: [Field; 4] = [
+        ("Date of birth", |p| p.birth_date.trim().to_owned()),
+        ("Family name", |p| p.family_name.trim().to_uppercase()),
+        ("Given name", |p| {
+            p.given_names
+                .first()
+                .map(|g| g.trim().to_uppercase())
+                .unwrap_or_default()
+        }),
+        ("Sex", |p| match p.gender.trim() {
+            "unknown" => String::new(),
+            g => g.to_lowercase(),
+        }),
+    ];
+    for (label, value) in fields {
+        let mut distinct: Vec<(String, Vec<&Answer>)> = Vec::new();
+        for (answer, p) in &reported {
+            let v = value(p);
+            if v.is_empty() {
+                continue;
+            }
+            match distinct.iter_mut().find(|(d, _)| *d == v) {
+                Some((_, who)) => who.push(answer),
+                None => distinct.push((v, vec![answer])),
+            }
+        }
+        if distinct.len() > 1 {
+            let parts: Vec<String> = distinct
+                .iter()
+                .map(|(v, who)| {
+                    let names: Vec<&str> = who
+                        .iter()
+                        .map(|a| a.status.organisation_name.as_str())
+                        .collect();
+                    format!("{v} ({})", names.join(", "))
+                })
+                .collect();
+            warnings.push(Warning {
+                kind: WarningKind::DemographicsMismatch as i32,
+                message: format!(
+                    "{label} differs between sources: {}. Check this is the same person before acting on their data.",
+                    parts.join(" vs ")
+                ),
+                source_ids: distinct
+                    .iter()
+                    .flat_map(|(_, who)| who.iter().map(|a| a.status.source_id.clone()))
+                    .collect(),
+            });
+        }
+    }
+    Some(patient)
+}
+
+/// Whether entries of a section are events (same code at another date is another entry).
+fn is_event_section(section: Section) -> bool {
+    matches!(
+        section,
+        Section::TestResults | Section::Documents | Section::Encounters | Section::Appointments
+    )
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct DedupKey<'a> {
+    system: &'a str,
+    code: &'a str,
+    /// The day of the event, for event sections; empty otherwise.
+    day: &'a str,
+}
+
+fn dedup_key(section: Section, entry: &Entry) -> Option<DedupKey<'_>> {
+    let concept = entry.concept.as_ref()?;
+    if concept.code.trim().is_empty() {
+        return None;
+    }
+    let day = if is_event_section(section) {
+        entry.effective.get(..10).unwrap_or(&entry.effective)
+    } else {
+        ""
+    };
+    Some(DedupKey {
+        system: concept.system.trim_end_matches('/'),
+        code: concept.code.trim(),
+        day,
+    })
+}
+
+fn merge_section(section: Section, found: &[&Answer]) -> Vec<Entry> {
+    let total: usize = found
+        .iter()
+        .filter_map(|a| a.record.as_ref())
+        .map(|r| r.record.section(section).len())
+        .sum();
+    let mut out: Vec<Entry> = Vec::with_capacity(total);
+    let mut index: HashMap<DedupKey<'_>, usize> = HashMap::with_capacity(total);
+    for answer in found {
+        let Some(record) = &answer.record else { continue };
+        for entry in record.record.section(section) {
+            match dedup_key(section, entry).and_then(|k| index.get(&k).copied().map(|i| (k, i))) {
+                Some((_, i)) => absorb(&mut out[i], entry),
+                None => {
+                    if let Some(key) = dedup_key(section, entry) {
+                        index.insert(key, out.len());
+                    }
+                    out.push(entry.clone());
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        // Most recent first; undated last; then a stable, content-based order.
+        let date = |e: &Entry| (!e.effective.is_empty(), e.effective.clone());
+        date(b)
+            .cmp(&date(a))
+            .then_with(|| code_of(a).cmp(code_of(b)))
+            .then_with(|| a.summary.cmp(&b.summary))
+            .then_with(|| first_provenance(a).cmp(&first_provenance(b)))
+    });
+    out
+}
+
+fn code_of(e: &Entry) -> &str {
+    e.concept.as_ref().map(|c| c.code.as_str()).unwrap_or("")
+}
+
+fn first_provenance(e: &Entry) -> (&str, &str) {
+    e.provenance
+        .first()
+        .map(|p| (p.source_id.as_str(), p.source_entry_id.as_str()))
+        .unwrap_or(("", ""))
+}
+
+/// Folds a duplicate into the entry kept: its provenance is added; fields the kept entry lacks
+/// are filled; nothing the kept (higher-priority) entry says is overwritten.
+fn absorb(kept: &mut Entry, dup: &Entry) {
+    kept.provenance.extend(dup.provenance.iter().cloned());
+    let fill = |k: &mut String, d: &String| {
+        if k.is_empty() {
+            k.clone_from(d);
+        }
+    };
+    fill(&mut kept.summary, &dup.summary);
+    fill(&mut kept.status, &dup.status);
+    fill(&mut kept.effective, &dup.effective);
+    fill(&mut kept.ended, &dup.ended);
+    fill(&mut kept.recorded, &dup.recorded);
+    if kept.detail.is_none() {
+        kept.detail.clone_from(&dup.detail);
+    }
+    for label in &dup.security_labels {
+        if !kept.security_labels.contains(label) {
+            kept.security_labels.push(label.clone());
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Builds the running source set from configuration: one adapter per `[[sources]]` entry.
+
+use std::sync::Arc;
+
+use carerecord_adapters::SourceInfo;
+
+use crate::config::Config;
+use crate::fanout::{ConfiguredSource, SourceSet};
+
+/// A source that could not be built (bad certificate, missing token variable, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("source {id}: {message}")]
+pub struct BuildError {
+    pub id: String,
+    pub message: String,
+}
+
+/// Builds every configured source. `epoch` distinguishes this set from earlier ones.
+pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
+    let mut sources = Vec::with_capacity(config.sources.len());
+    for s in &config.sources {
+        let info = SourceInfo {
+            id: s.id.clone(),
+            organisation_code: s.organisation_code.clone(),
+            organisation_name: s.organisation_name.clone(),
+        };
+        let source: Arc<dyn carerecord_adapters::Source> = match &s.fhir {
+            Some(_fhir) => { let _ = info; return Err(BuildError { id: s.id.clone(), message: "TEMP-FHIR".into() }) }
+            None => {
+                return Err(BuildError {
+                    id: s.id.clone(),
+                    message: "no source kind configured".into(),
+                });
+            }
+        };
+        sources.push(ConfiguredSource {
+            source,
+            timeout: config.source_timeout(s),
+        });
+    }
+    Ok(SourceSet { sources, epoch })
+}

@@ -1,0 +1,176 @@
+//! Turns a wire request into a checked [`LookupRequest`]: nothing past this point sees an
+//! unchecked NHS number, an anonymous requester or an unknown enum value.
+
+use std::time::Duration;
+
+use carerecord_adapters::{NhsNumber, SectionSet};
+use carerecord_proto::{CacheDirective, GetCareRecordRequest, Purpose, Requester};
+
+use crate::error::LookupError;
+
+/// A checked lookup request.
+#[derive(Debug, Clone)]
+pub struct LookupRequest {
+    pub request_id: String,
+    pub nhs_number: NhsNumber,
+    pub sections: SectionSet,
+    pub requester: Requester,
+    pub purpose: Purpose,
+    pub require_fresh: bool,
+    pub via_brokers: Vec<String>,
+    /// From the caller's `grpc-timeout`, if it set one.
+    pub caller_timeout: Option<Duration>,
+}
+
+/// Longest identifier we accept in requester fields: long enough for any real id, short enough
+/// that nobody stuffs a document into the audit trail.
+const MAX_FIELD: usize = 256;
+
+pub fn check(
+    request: GetCareRecordRequest,
+    request_id: String,
+    caller_timeout: Option<Duration>,
+) -> Result<LookupRequest, LookupError> {
+    let requester = request.requester.ok_or(LookupError::MissingRequester)?;
+    let required = [
+        ("user_id", &requester.user_id),
+        ("role_code", &requester.role_code),
+        ("organisation_code", &requester.organisation_code),
+    ];
+    for (field, value) in required {
+        if value.trim().is_empty() {
+            return Err(LookupError::MissingRequesterField(field));
+        }
+    }
+    for (field, value) in [
+        ("user_id", &requester.user_id),
+        ("user_name", &requester.user_name),
+        ("role_code", &requester.role_code),
+        ("organisation_code", &requester.organisation_code),
+        ("emergency_reason", &requester.emergency_reason),
+    ] {
+        if value.len() > MAX_FIELD {
+            return Err(LookupError::MalformedRequesterField {
+                field,
+                why: "longer than 256 bytes",
+            });
+        }
+        if value.chars().any(char::is_control) {
+            return Err(LookupError::MalformedRequesterField {
+                field,
+                why: "contains control characters",
+            });
+        }
+    }
+    let purpose = match Purpose::try_from(requester.purpose) {
+        Ok(Purpose::Unspecified) => Purpose::DirectCare,
+        Ok(p) => p,
+        Err(_) => return Err(LookupError::UnknownPurpose(requester.purpose)),
+    };
+    if purpose == Purpose::EmergencyAccess && requester.emergency_reason.trim().is_empty() {
+        return Err(LookupError::EmergencyWithoutReason);
+    }
+    let require_fresh = match CacheDirective::try_from(request.cache) {
+        Ok(CacheDirective::RequireFresh) => true,
+        Ok(_) => false,
+        Err(_) => return Err(LookupError::UnknownCacheDirective(request.cache)),
+    };
+    let nhs_number = NhsNumber::parse(&request.nhs_number)?;
+    let sections = SectionSet::from_request(&request.sections)?;
+    Ok(LookupRequest {
+        request_id,
+        nhs_number,
+        sections,
+        requester,
+        purpose,
+        require_fresh,
+        via_brokers: request.via_brokers,
+        caller_timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn valid() -> GetCareRecordRequest {
+        GetCareRecordRequest {
+            nhs_number: "943 476 5919".into(),
+            requester: Some(Requester {
+                user_id: "u1".into(),
+                role_code: "R8000".into(),
+                organisation_code: "RJ1".into(),
+                ..Requester::default()
+            }),
+            ..GetCareRecordRequest::default()
+        }
+    }
+
+    fn code_of(r: GetCareRecordRequest) -> Code {
+        check(r, "id".into(), None).map(|_| Code::Ok).unwrap_or_else(|e| e.code())
+    }
+
+    #[test]
+    fn a_complete_request_passes_and_defaults_to_direct_care_and_all_sections() {
+        let ok = check(valid(), "id".into(), None).expect("valid");
+        assert_eq!(ok.nhs_number.as_digits(), "9434765919");
+        assert_eq!(ok.purpose, Purpose::DirectCare);
+        assert_eq!(ok.sections, SectionSet::ALL);
+        assert!(!ok.require_fresh);
+    }
+
+    #[test]
+    fn each_bad_request_gets_its_code() {
+        let mut cases: Vec<(&str, GetCareRecordRequest, Code)> = Vec::new();
+        let mut r = valid();
+        r.nhs_number = "9434765918".into();
+        cases.push(("bad check digit", r, Code::InvalidArgument));
+        let mut r = valid();
+        r.nhs_number = "".into();
+        cases.push(("empty nhs", r, Code::InvalidArgument));
+        let mut r = valid();
+        r.requester = None;
+        cases.push(("no requester", r, Code::Unauthenticated));
+        for field in ["user", "role", "org"] {
+            let mut r = valid();
+            if let Some(q) = r.requester.as_mut() {
+                match field {
+                    "user" => q.user_id = " ".into(),
+                    "role" => q.role_code.clear(),
+                    _ => q.organisation_code.clear(),
+                }
+            }
+            cases.push(("missing requester field", r, Code::Unauthenticated));
+        }
+        let mut r = valid();
+        if let Some(q) = r.requester.as_mut() {
+            q.purpose = Purpose::EmergencyAccess as i32;
+        }
+        cases.push(("emergency without reason", r, Code::InvalidArgument));
+        let mut r = valid();
+        if let Some(q) = r.requester.as_mut() {
+            q.purpose = 42;
+        }
+        cases.push(("unknown purpose", r, Code::InvalidArgument));
+        let mut r = valid();
+        r.sections = vec![1, 77];
+        cases.push(("unknown section", r, Code::InvalidArgument));
+        let mut r = valid();
+        r.cache = 9;
+        cases.push(("unknown cache directive", r, Code::InvalidArgument));
+        let mut r = valid();
+        if let Some(q) = r.requester.as_mut() {
+            q.user_id = "x".repeat(300);
+        }
+        cases.push(("oversized field", r, Code::InvalidArgument));
+        let mut r = valid();
+        if let Some(q) = r.requester.as_mut() {
+            q.role_code = "R80\n00".into();
+        }
+        cases.push(("control character", r, Code::InvalidArgument));
+        for (name, request, want) in cases {
+            assert_eq!(code_of(request), want, "{name}");
+        }
+    }
+}

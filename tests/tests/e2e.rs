@@ -1,0 +1,7 @@
+//! End-to-end tests: one binary (linking is the slow part of a test build), one module per
+//! capability.
+
+mod e2e {
+    pub mod foundation;
+    pub mod pipeline;
+}
