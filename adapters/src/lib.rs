@@ -5,6 +5,7 @@
 //! - [`NhsNumber`] and [`SectionSet`]: the request vocabulary sources receive.
 #![forbid(unsafe_code)]
 
+pub mod federation;
 pub mod memory;
 mod nhs;
 mod sections;

@@ -130,8 +130,14 @@ mod tests {
     fn source_timeout_is_bounded_by_the_overall_budget() {
         let now = Instant::now();
         let b = Budget::new(now, Some(Duration::from_millis(300)), CAP, HEADROOM).expect("ok");
-        assert_eq!(b.source_deadline(Duration::from_millis(100)) - now, Duration::from_millis(100));
-        assert_eq!(b.source_deadline(Duration::from_secs(2)) - now, Duration::from_millis(280));
+        assert_eq!(
+            b.source_deadline(Duration::from_millis(100)) - now,
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            b.source_deadline(Duration::from_secs(2)) - now,
+            Duration::from_millis(280)
+        );
     }
 
     #[test]

@@ -99,7 +99,12 @@ impl RecordCache {
     /// Keeps a merged record. Records with no source answering at all are not kept: they carry
     /// no data and would only hide a recovered source.
     pub async fn insert(&self, key: CacheKey, record: Arc<MergedRecord>) {
-        if record.sources.iter().any(|s| crate::merge::answered(s.outcome)) && !self.ttl.is_zero() {
+        if record
+            .sources
+            .iter()
+            .any(|s| crate::merge::answered(s.outcome))
+            && !self.ttl.is_zero()
+        {
             self.entries.insert(key, record).await;
         }
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 type FhirConfig = toml::Table; // TEMP-FHIR
+use carerecord_adapters::federation::BrokerSourceConfig;
 use serde::Deserialize;
 
 /// The whole configuration.
@@ -114,6 +115,8 @@ pub struct SourceConfig {
     pub timeout_ms: Option<u64>,
     /// A FHIR R4 server.
     pub fhir: Option<FhirConfig>,
+    /// Another carerecord broker (federation).
+    pub broker: Option<BrokerSourceConfig>,
 }
 
 /// A configuration that cannot be used, with where and why.
@@ -178,9 +181,10 @@ impl Config {
             if s.timeout_ms == Some(0) {
                 return Err(format!("{at}: timeout_ms must be greater than 0"));
             }
-            // One kind of source today; `broker` (federation) joins it as a sibling table.
-            if s.fhir.is_none() {
-                return Err(format!("{at}: a [sources.fhir] table must say how to reach it"));
+            if s.fhir.is_some() == s.broker.is_some() {
+                return Err(format!(
+                    "{at}: exactly one of [sources.fhir] or [sources.broker] must say how to reach it"
+                ));
             }
         }
         Ok(())
@@ -256,7 +260,10 @@ base_url = "http://127.0.0.1:8080/fhir"
 
     #[test]
     fn duplicate_source_ids_are_refused() {
-        let text = format!("{MINIMAL}\n{}", &MINIMAL[MINIMAL.find("[[sources]]").unwrap_or(0)..]);
+        let text = format!(
+            "{MINIMAL}\n{}",
+            &MINIMAL[MINIMAL.find("[[sources]]").unwrap_or(0)..]
+        );
         let msg = Config::parse(&text, Path::new("t.toml"))
             .expect_err("duplicate")
             .to_string();
@@ -269,6 +276,6 @@ base_url = "http://127.0.0.1:8080/fhir"
         let msg = Config::parse(text, Path::new("t.toml"))
             .expect_err("no kind")
             .to_string();
-        assert!(msg.contains("[sources.fhir]"), "{msg}");
+        assert!(msg.contains("exactly one of"), "{msg}");
     }
 }

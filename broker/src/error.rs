@@ -14,12 +14,17 @@ pub enum LookupError {
     InvalidNhsNumber(#[from] NhsNumberError),
     #[error("sections: {0}")]
     UnknownSection(#[from] UnknownSection),
-    #[error("requester is missing: every request must say who is asking (user_id, role_code, organisation_code)")]
+    #[error(
+        "requester is missing: every request must say who is asking (user_id, role_code, organisation_code)"
+    )]
     MissingRequester,
     #[error("requester.{0} is missing")]
     MissingRequesterField(&'static str),
     #[error("requester.{field} is malformed: {why}")]
-    MalformedRequesterField { field: &'static str, why: &'static str },
+    MalformedRequesterField {
+        field: &'static str,
+        why: &'static str,
+    },
     #[error("emergency access requires requester.emergency_reason")]
     EmergencyWithoutReason,
     #[error("unknown purpose {0}")]

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use carerecord_adapters::{Source, SourceError, SourceRecord, SourceReply, SourceRequest};
 use carerecord_proto::{SourceOutcome, SourceStatus};
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -99,12 +99,19 @@ async fn ask(
             status.outcome = SourceOutcome::Ok as i32;
             status.entries = record.record.entry_count().try_into().unwrap_or(u32::MAX);
             status.nested = std::mem::take(&mut record.nested);
-            tracing::debug!(entries = status.entries, latency_ms = status.latency_ms, "source answered");
+            tracing::debug!(
+                entries = status.entries,
+                latency_ms = status.latency_ms,
+                "source answered"
+            );
             Some(record)
         }
         Ok(SourceReply::NotFound) => {
             status.outcome = SourceOutcome::NotFound as i32;
-            tracing::debug!(latency_ms = status.latency_ms, "patient not known to source");
+            tracing::debug!(
+                latency_ms = status.latency_ms,
+                "patient not known to source"
+            );
             None
         }
         Err(error) => {

@@ -110,7 +110,11 @@ impl Flights {
         tokio::spawn(
             async move {
                 // Removes the flight from the map however this task ends.
-                let _guard = Leave { flights: &flights, key, flight: &task_flight };
+                let _guard = Leave {
+                    flights: &flights,
+                    key,
+                    flight: &task_flight,
+                };
                 fanout::run(&sources, &request, &budget, |answer| {
                     tx.send_modify(|p| p.answers.push(Arc::new(answer)));
                 })
@@ -126,7 +130,10 @@ impl Flights {
 
     /// Number of flights in progress.
     pub fn len(&self) -> usize {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Whether no flight is in progress.
@@ -143,9 +150,16 @@ struct Leave<'a> {
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
-        let mut map = self.flights.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .flights
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         // Only remove our own flight: a newer one may have replaced it.
-        if map.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, self.flight)) {
+        if map
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, self.flight))
+        {
             map.remove(&self.key);
         }
     }

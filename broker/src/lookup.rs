@@ -165,7 +165,11 @@ impl Broker {
             sources: merged.sources.clone(),
             complete: merged.complete,
             from_cache,
-            cache_age_ms: if from_cache { age.as_millis() as u64 } else { 0 },
+            cache_age_ms: if from_cache {
+                age.as_millis() as u64
+            } else {
+                0
+            },
             warnings: merged.warnings.clone(),
             emergency_access: false,
             withheld: false,
@@ -193,16 +197,26 @@ impl Broker {
             .iter()
             .map(|status| {
                 let mut contribution = CareRecord::default();
+                // A federated broker's entries carry "its-id/remote-id".
+                let nested_prefix = format!("{}/", status.source_id);
+                let ours = |id: &str| id == status.source_id || id.starts_with(&nested_prefix);
                 let reported_by = |e: &&carerecord_proto::Entry| {
-                    e.provenance.iter().any(|p| p.source_id == status.source_id)
+                    e.provenance.iter().any(|p| ours(&p.source_id))
                 };
                 for section in Section::ALL {
                     if let Some(slot) = contribution.section_mut(section) {
-                        slot.extend(merged.record.section(section).iter().filter(reported_by).cloned());
+                        slot.extend(
+                            merged
+                                .record
+                                .section(section)
+                                .iter()
+                                .filter(reported_by)
+                                .cloned(),
+                        );
                     }
                 }
                 if let Some(p) = &merged.record.patient {
-                    if p.provenance.iter().any(|p| p.source_id == status.source_id) {
+                    if p.provenance.iter().any(|p| ours(&p.source_id)) {
                         contribution.patient = Some(p.clone());
                     }
                 }

@@ -103,10 +103,7 @@ pub fn merge(
         }
     }
 
-    let missing: Vec<&SourceStatus> = sources
-        .iter()
-        .filter(|s| !answered(s.outcome))
-        .collect();
+    let missing: Vec<&SourceStatus> = sources.iter().filter(|s| !answered(s.outcome)).collect();
     let complete = missing.is_empty();
     if !complete {
         let names: Vec<String> = missing
@@ -152,7 +149,11 @@ fn outcome_word(outcome: i32) -> &'static str {
 }
 
 /// Demographics from the first source that has them; disagreements become warnings.
-fn merge_patient(nhs: NhsNumber, found: &[&Answer], warnings: &mut Vec<Warning>) -> Option<Patient> {
+fn merge_patient(
+    nhs: NhsNumber,
+    found: &[&Answer],
+    warnings: &mut Vec<Warning>,
+) -> Option<Patient> {
     let reported: Vec<(&Answer, &Patient)> = found
         .iter()
         .filter_map(|a| Some((*a, a.record.as_ref()?.record.patient.as_ref()?)))
@@ -165,7 +166,9 @@ fn merge_patient(nhs: NhsNumber, found: &[&Answer], warnings: &mut Vec<Warning>)
             patient.address.clone_from(&other.address);
         }
         if patient.registered_gp_code.is_empty() {
-            patient.registered_gp_code.clone_from(&other.registered_gp_code);
+            patient
+                .registered_gp_code
+                .clone_from(&other.registered_gp_code);
         }
         patient.provenance.extend(other.provenance.iter().cloned());
     }
@@ -266,7 +269,9 @@ fn merge_section(section: Section, found: &[&Answer]) -> Vec<Entry> {
     let mut out: Vec<Entry> = Vec::with_capacity(total);
     let mut index: HashMap<DedupKey<'_>, usize> = HashMap::with_capacity(total);
     for answer in found {
-        let Some(record) = &answer.record else { continue };
+        let Some(record) = &answer.record else {
+            continue;
+        };
         for entry in record.record.section(section) {
             match dedup_key(section, entry).and_then(|k| index.get(&k).copied().map(|i| (k, i))) {
                 Some((_, i)) => absorb(&mut out[i], entry),

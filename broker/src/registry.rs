@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use carerecord_adapters::SourceInfo;
+use carerecord_adapters::federation::BrokerSource;
+use carerecord_adapters::{Source, SourceInfo};
 
 use crate::config::Config;
 use crate::fanout::{ConfiguredSource, SourceSet};
@@ -24,14 +25,16 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
             organisation_code: s.organisation_code.clone(),
             organisation_name: s.organisation_name.clone(),
         };
-        let source: Arc<dyn carerecord_adapters::Source> = match &s.fhir {
-            Some(_fhir) => { let _ = info; return Err(BuildError { id: s.id.clone(), message: "TEMP-FHIR".into() }) }
-            None => {
-                return Err(BuildError {
-                    id: s.id.clone(),
-                    message: "no source kind configured".into(),
-                });
+        let failed = |message: String| BuildError {
+            id: s.id.clone(),
+            message,
+        };
+        let source: Arc<dyn Source> = match (&s.fhir, &s.broker) {
+            (Some(_fhir), _) => return Err(failed("TEMP-FHIR".into())),
+            (None, Some(remote)) => {
+                Arc::new(BrokerSource::new(info, remote).map_err(|e| failed(e.to_string()))?)
             }
+            (None, None) => return Err(failed("no source kind configured".into())),
         };
         sources.push(ConfiguredSource {
             source,

@@ -129,7 +129,11 @@ pub fn entry_line(e: &Entry) -> String {
     } else {
         format!(" ({})", e.status)
     };
-    format!("{:<10}  {what}{status}  [{}]", or_dash(date), who.join(", "))
+    format!(
+        "{:<10}  {what}{status}  [{}]",
+        or_dash(date),
+        who.join(", ")
+    )
 }
 
 /// One source status line, with nested broker sources indented beneath.

@@ -4,9 +4,7 @@ use std::time::SystemTime;
 
 /// Formats a time as RFC 3339 UTC with milliseconds, e.g. `2026-11-25T12:36:32.123Z`.
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);

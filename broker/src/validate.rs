@@ -108,7 +108,9 @@ mod tests {
     }
 
     fn code_of(r: GetCareRecordRequest) -> Code {
-        check(r, "id".into(), None).map(|_| Code::Ok).unwrap_or_else(|e| e.code())
+        check(r, "id".into(), None)
+            .map(|_| Code::Ok)
+            .unwrap_or_else(|e| e.code())
     }
 
     #[test]

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use carerecord_adapters::memory::InMemorySource;
-use carerecord_adapters::{
-    NhsNumber, Source, SourceError, SourceInfo, SourceReply, SourceRequest,
-};
+use carerecord_adapters::{NhsNumber, Source, SourceError, SourceInfo, SourceReply, SourceRequest};
 use carerecord_broker::Broker;
 use carerecord_broker::config::{BudgetConfig, CacheConfig};
 use carerecord_broker::fanout::{ConfiguredSource, SourceSet};
@@ -79,21 +77,11 @@ impl Default for Settings {
 }
 
 /// Starts a broker over `sources` (each with its timeout).
-pub async fn start_broker(sources: Vec<(Arc<dyn Source>, Duration)>, settings: Settings) -> TestBroker {
-    let set = SourceSet {
-        sources: sources
-            .into_iter()
-            .map(|(source, timeout)| ConfiguredSource { source, timeout })
-            .collect(),
-        epoch: 1,
-    };
-    let broker = Arc::new(Broker::new(
-        settings.broker_id,
-        settings.budget,
-        &settings.cache,
-        set,
-    ));
-    start_with(broker).await
+pub async fn start_broker(
+    sources: Vec<(Arc<dyn Source>, Duration)>,
+    settings: Settings,
+) -> TestBroker {
+    start_with(build_broker(sources, settings)).await
 }
 
 /// Serves an already-built broker on loopback.
@@ -101,6 +89,29 @@ pub async fn start_with(broker: Arc<Broker>) -> TestBroker {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
+    serve_on(listener, broker)
+}
+
+/// A broker built over `sources` with `settings`, not yet serving.
+pub fn build_broker(sources: Vec<(Arc<dyn Source>, Duration)>, settings: Settings) -> Arc<Broker> {
+    let set = SourceSet {
+        sources: sources
+            .into_iter()
+            .map(|(source, timeout)| ConfiguredSource { source, timeout })
+            .collect(),
+        epoch: 1,
+    };
+    Arc::new(Broker::new(
+        settings.broker_id,
+        settings.budget,
+        &settings.cache,
+        set,
+    ))
+}
+
+/// Serves `broker` on an already-bound listener (so two brokers can know each other's address
+/// before either starts).
+pub fn serve_on(listener: tokio::net::TcpListener, broker: Arc<Broker>) -> TestBroker {
     let addr = listener.local_addr().expect("local addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let serving = broker.clone();

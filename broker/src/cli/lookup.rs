@@ -14,7 +14,11 @@ pub struct LookupArgs {
     /// The patient's NHS number (spaces or hyphens allowed).
     pub nhs_number: String,
     /// The broker's address.
-    #[arg(long, default_value = "http://127.0.0.1:50051", env = "CARERECORD_BROKER")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:50051",
+        env = "CARERECORD_BROKER"
+    )]
     pub broker: String,
     /// Print the response as JSON (proto3 JSON mapping).
     #[arg(long)]
@@ -160,5 +164,9 @@ pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("the broker refused the lookup ({:?}): {}", s.code(), s.message())
+    anyhow::anyhow!(
+        "the broker refused the lookup ({:?}): {}",
+        s.code(),
+        s.message()
+    )
 }

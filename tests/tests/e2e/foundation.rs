@@ -42,7 +42,11 @@ async fn duplicates_across_organisations_merge_into_one_entry_with_both_provenan
         .into_inner();
     let record = r.record.clone().expect("record");
     assert!(r.complete);
-    assert_eq!(record.allergies.len(), 1, "the same penicillin allergy from two organisations");
+    assert_eq!(
+        record.allergies.len(),
+        1,
+        "the same penicillin allergy from two organisations"
+    );
     let orgs: Vec<&str> = record.allergies[0]
         .provenance
         .iter()
@@ -66,7 +70,10 @@ async fn duplicates_across_organisations_merge_into_one_entry_with_both_provenan
     assert_eq!(outcome_of(&r, "gp"), SourceOutcome::Ok);
     assert_eq!(r.sources[0].entries, 3);
     assert_eq!(r.sources[1].entries, 3);
-    assert_eq!(record.patient.expect("patient").nhs_number, shared_patient().as_digits());
+    assert_eq!(
+        record.patient.expect("patient").nhs_number,
+        shared_patient().as_digits()
+    );
     assert!(!r.request_id.is_empty());
 }
 
@@ -99,7 +106,10 @@ async fn conflicting_dates_of_birth_are_a_visible_warning_not_overwritten() {
     // Family names differ only in case: not a mismatch.
     assert!(!r.warnings.iter().any(|w| w.message.contains("Family name")));
     let patient = r.record.and_then(|r| r.patient).expect("patient");
-    assert_eq!(patient.birth_date, "1957-03-02", "highest-priority source shown");
+    assert_eq!(
+        patient.birth_date, "1957-03-02",
+        "highest-priority source shown"
+    );
 }
 
 #[tokio::test]
@@ -127,8 +137,16 @@ async fn a_slow_source_times_out_and_the_answer_arrives_by_its_timeout() {
     assert_eq!(outcome_of(&r, "slow"), SourceOutcome::Timeout);
     assert_eq!(outcome_of(&r, "gp"), SourceOutcome::Ok);
     assert!(!r.complete);
-    assert!(r.warnings.iter().any(|w| w.kind == WarningKind::Incomplete as i32));
-    assert_eq!(r.record.expect("record").allergies.len(), 1, "the GP's data is kept");
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::Incomplete as i32)
+    );
+    assert_eq!(
+        r.record.expect("record").allergies.len(),
+        1,
+        "the GP's data is kept"
+    );
     // Bounded by the slow source's 300 ms timeout, far below its 10 s delay.
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
@@ -151,14 +169,25 @@ async fn a_caller_deadline_shorter_than_source_timeouts_is_honoured() {
     let r = b
         .client()
         .await
-        .get_care_record(request(&shared_patient().as_digits(), Duration::from_millis(400)))
+        .get_care_record(request(
+            &shared_patient().as_digits(),
+            Duration::from_millis(400),
+        ))
         .await
         .expect("answered within the caller's deadline")
         .into_inner();
     assert_eq!(outcome_of(&r, "slow"), SourceOutcome::Timeout);
     assert_eq!(outcome_of(&r, "gp"), SourceOutcome::Ok);
-    let slow_status = r.sources.iter().find(|s| s.source_id == "slow").expect("slow");
-    assert!(slow_status.latency_ms < 400, "waited {} ms", slow_status.latency_ms);
+    let slow_status = r
+        .sources
+        .iter()
+        .find(|s| s.source_id == "slow")
+        .expect("slow");
+    assert!(
+        slow_status.latency_ms < 400,
+        "waited {} ms",
+        slow_status.latency_ms
+    );
 }
 
 #[tokio::test]
@@ -185,9 +214,8 @@ async fn outstanding_source_calls_are_cancelled_at_the_deadline() {
 
 #[tokio::test]
 async fn a_failing_source_is_an_error_outcome_while_the_rest_is_served() {
-    let failing = InMemorySource::new("broken", "RX2", "Broken Trust").with_behaviour(
-        Behaviour::Fail(SourceError::Status(503)),
-    );
+    let failing = InMemorySource::new("broken", "RX2", "Broken Trust")
+        .with_behaviour(Behaviour::Fail(SourceError::Status(503)));
     let panicking = Panicking(SourceInfo {
         id: "buggy".into(),
         organisation_code: "RX3".into(),
@@ -211,7 +239,11 @@ async fn a_failing_source_is_an_error_outcome_while_the_rest_is_served() {
         .into_inner();
     assert_eq!(outcome_of(&r, "broken"), SourceOutcome::Error);
     assert_eq!(outcome_of(&r, "buggy"), SourceOutcome::Error);
-    let broken = r.sources.iter().find(|s| s.source_id == "broken").expect("status");
+    let broken = r
+        .sources
+        .iter()
+        .find(|s| s.source_id == "broken")
+        .expect("status");
     assert_eq!(broken.message, "source answered with status 503");
     assert!(!r.complete);
     assert_eq!(r.record.expect("record").conditions.len(), 1);
@@ -287,7 +319,11 @@ async fn fifty_concurrent_identical_lookups_make_one_call_per_source() {
 #[tokio::test]
 async fn a_second_lookup_is_served_from_cache_unless_fresh_is_required() {
     let gp = Arc::new(gp_source());
-    let b = start_broker(vec![(gp.clone() as Arc<dyn Source>, LONG)], Settings::default()).await;
+    let b = start_broker(
+        vec![(gp.clone() as Arc<dyn Source>, LONG)],
+        Settings::default(),
+    )
+    .await;
     let mut c = b.client().await;
     let first = c
         .get_care_record(request(&shared_patient().as_digits(), LONG))
@@ -314,7 +350,11 @@ async fn a_second_lookup_is_served_from_cache_unless_fresh_is_required() {
     // Another section selection is another record.
     let mut allergies = request(&shared_patient().as_digits(), LONG);
     allergies.get_mut().sections = vec![Section::Allergies as i32];
-    let only = c.get_care_record(allergies).await.expect("lookup").into_inner();
+    let only = c
+        .get_care_record(allergies)
+        .await
+        .expect("lookup")
+        .into_inner();
     assert!(!only.from_cache);
     let only = only.record.expect("record");
     assert_eq!(only.allergies.len(), 1);
@@ -323,7 +363,11 @@ async fn a_second_lookup_is_served_from_cache_unless_fresh_is_required() {
 
 #[tokio::test]
 async fn invalid_nhs_numbers_are_invalid_argument_with_the_reason() {
-    let b = start_broker(vec![(Arc::new(gp_source()) as Arc<dyn Source>, LONG)], Settings::default()).await;
+    let b = start_broker(
+        vec![(Arc::new(gp_source()) as Arc<dyn Source>, LONG)],
+        Settings::default(),
+    )
+    .await;
     let mut c = b.client().await;
     let cases = [
         ("9434765918", "check digit"),
@@ -338,7 +382,11 @@ async fn invalid_nhs_numbers_are_invalid_argument_with_the_reason() {
             .await
             .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{nhs:?}");
-        assert!(status.message().contains(says), "{nhs:?}: {}", status.message());
+        assert!(
+            status.message().contains(says),
+            "{nhs:?}: {}",
+            status.message()
+        );
     }
     let mut anonymous = request(&shared_patient().as_digits(), LONG);
     anonymous.get_mut().requester = None;
@@ -429,5 +477,8 @@ async fn health_reports_serving() {
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }

@@ -70,9 +70,17 @@ async fn a_cached_record_expires_after_its_ttl() {
     let broker = broker_over(vec![gp.clone()], cache);
     assert_eq!(lookup(&broker, false).await, (false, true));
     tokio::time::advance(Duration::from_secs(59)).await;
-    assert_eq!(lookup(&broker, false).await, (true, true), "still fresh at 59 s");
+    assert_eq!(
+        lookup(&broker, false).await,
+        (true, true),
+        "still fresh at 59 s"
+    );
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert_eq!(lookup(&broker, false).await, (false, true), "expired at 61 s");
+    assert_eq!(
+        lookup(&broker, false).await,
+        (false, true),
+        "expired at 61 s"
+    );
     assert_eq!(gp.calls(), 2);
 }
 
@@ -92,7 +100,11 @@ async fn a_partial_record_expires_sooner_than_a_complete_one() {
     tokio::time::advance(Duration::from_secs(4)).await;
     assert_eq!(lookup(&broker, false).await, (true, false));
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert_eq!(lookup(&broker, false).await.0, false, "partial TTL of 5 s passed");
+    assert_eq!(
+        lookup(&broker, false).await.0,
+        false,
+        "partial TTL of 5 s passed"
+    );
 }
 
 #[tokio::test(start_paused = true)]
