@@ -330,3 +330,192 @@ fn absorb(kept: &mut Entry, dup: &Entry) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::ConfiguredSource;
+    use carerecord_adapters::memory::InMemorySource;
+    use carerecord_adapters::{Source, SourceRecord};
+    use carerecord_proto::{Coding, Provenance};
+    use std::time::Duration;
+
+    fn set(n: usize) -> SourceSet {
+        SourceSet {
+            sources: (0..n)
+                .map(|i| ConfiguredSource {
+                    source: Arc::new(InMemorySource::new(
+                        &format!("s{i}"),
+                        &format!("ORG{i}"),
+                        "Org",
+                    )) as Arc<dyn Source>,
+                    timeout: Duration::from_secs(1),
+                })
+                .collect(),
+            epoch: 1,
+        }
+    }
+
+    fn entry(code: &str, effective: &str, source: &str) -> Entry {
+        Entry {
+            concept: (!code.is_empty()).then(|| Coding {
+                system: "http://snomed.info/sct".into(),
+                code: code.into(),
+                display: format!("concept {code}"),
+            }),
+            summary: format!("{code} at {effective}"),
+            effective: effective.into(),
+            provenance: vec![Provenance {
+                source_id: source.into(),
+                source_entry_id: format!("{source}-{code}-{effective}"),
+                ..Provenance::default()
+            }],
+            ..Entry::default()
+        }
+    }
+
+    fn answer(index: usize, record: CareRecord) -> Arc<Answer> {
+        Arc::new(Answer {
+            index,
+            status: SourceStatus {
+                source_id: format!("s{index}"),
+                organisation_name: format!("Org {index}"),
+                outcome: SourceOutcome::Ok as i32,
+                ..SourceStatus::default()
+            },
+            record: Some(SourceRecord {
+                record,
+                ..SourceRecord::default()
+            }),
+        })
+    }
+
+    fn nhs() -> NhsNumber {
+        NhsNumber::parse("9434765919").expect("valid")
+    }
+
+    #[test]
+    fn dedup_rules_per_section() {
+        // (section, entries from s0, entries from s1, expected merged count)
+        type Case = (
+            Section,
+            Vec<(&'static str, &'static str)>,
+            Vec<(&'static str, &'static str)>,
+            usize,
+        );
+        let cases: Vec<Case> = vec![
+            // Standing facts: same code is the same entry whatever the date.
+            (
+                Section::Conditions,
+                vec![("44054006", "2015")],
+                vec![("44054006", "2019-03-01")],
+                1,
+            ),
+            // Events: same code on another day is another result.
+            (
+                Section::TestResults,
+                vec![("4548-4", "2024-01-01")],
+                vec![("4548-4", "2024-06-01")],
+                2,
+            ),
+            // Events: same code same day (times differ) is the same result.
+            (
+                Section::TestResults,
+                vec![("4548-4", "2024-01-01T09:00:00Z")],
+                vec![("4548-4", "2024-01-01")],
+                1,
+            ),
+            // Uncoded entries are never merged.
+            (
+                Section::Documents,
+                vec![("", "2024-01-01")],
+                vec![("", "2024-01-01")],
+                2,
+            ),
+        ];
+        for (section, a, b, want) in cases {
+            let mut r0 = CareRecord::default();
+            let mut r1 = CareRecord::default();
+            if let Some(s) = r0.section_mut(section) {
+                s.extend(a.iter().map(|(c, d)| entry(c, d, "s0")));
+            }
+            if let Some(s) = r1.section_mut(section) {
+                s.extend(b.iter().map(|(c, d)| entry(c, d, "s1")));
+            }
+            let merged = merge(
+                nhs(),
+                &set(2),
+                &[answer(0, r0), answer(1, r1)],
+                Instant::now(),
+            );
+            assert_eq!(
+                merged.record.section(section).len(),
+                want,
+                "{section:?} {a:?} {b:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_result_does_not_depend_on_completion_order() {
+        let r0 = CareRecord {
+            conditions: vec![entry("1", "2020", "s0"), entry("2", "2021-05", "s0")],
+            ..CareRecord::default()
+        };
+        let r1 = CareRecord {
+            conditions: vec![
+                entry("2", "2022", "s1"),
+                entry("3", "", "s1"),
+                entry("4", "2021-05-02", "s1"),
+            ],
+            ..CareRecord::default()
+        };
+        let s = set(2);
+        let forward = merge(
+            nhs(),
+            &s,
+            &[answer(0, r0.clone()), answer(1, r1.clone())],
+            Instant::now(),
+        );
+        let backward = merge(nhs(), &s, &[answer(1, r1), answer(0, r0)], Instant::now());
+        assert_eq!(forward.record, backward.record);
+        let order: Vec<&str> = forward
+            .record
+            .conditions
+            .iter()
+            .map(|e| e.concept.as_ref().map(|c| c.code.as_str()).unwrap_or(""))
+            .collect();
+        // Most recent first (partial dates compare sensibly), undated last.
+        assert_eq!(order, ["4", "2", "1", "3"]);
+        // The kept entry is the higher-priority source's, with both provenances.
+        let two = &forward.record.conditions[1];
+        assert_eq!(two.effective, "2021-05");
+        assert_eq!(two.provenance.len(), 2);
+    }
+
+    #[test]
+    fn missing_sources_are_timeouts_and_make_the_record_incomplete() {
+        let merged = merge(
+            nhs(),
+            &set(3),
+            &[answer(1, CareRecord::default())],
+            Instant::now(),
+        );
+        let outcomes: Vec<i32> = merged.sources.iter().map(|s| s.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                SourceOutcome::Timeout as i32,
+                SourceOutcome::Ok as i32,
+                SourceOutcome::Timeout as i32
+            ]
+        );
+        assert!(!merged.complete);
+        let incomplete = merged
+            .warnings
+            .iter()
+            .find(|w| w.kind == WarningKind::Incomplete as i32)
+            .expect("incomplete warning");
+        assert_eq!(incomplete.source_ids, ["s0", "s2"]);
+    }
+}
