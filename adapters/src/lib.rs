@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod federation;
+pub mod fhir;
 pub mod memory;
 mod nhs;
 mod sections;

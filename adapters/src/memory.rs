@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use carerecord_proto::{CareRecord, Section};
+use carerecord_proto::CareRecord;
 
 use crate::{NhsNumber, Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest};
 
@@ -116,11 +116,9 @@ impl Source for InMemorySource {
             patient: full.patient.clone(),
             ..CareRecord::default()
         };
-        for section in Section::ALL {
-            if request.sections.contains(section) {
-                if let Some(entries) = record.section_mut(section) {
-                    entries.extend_from_slice(full.section(section));
-                }
+        for section in request.sections.iter() {
+            if let Some(entries) = record.section_mut(section) {
+                entries.extend_from_slice(full.section(section));
             }
         }
         let mut record = SourceRecord {

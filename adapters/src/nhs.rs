@@ -15,7 +15,9 @@ pub enum NhsNumberError {
     InvalidCharacter(char),
     #[error("NHS number must have 10 digits; found {0}")]
     WrongLength(usize),
-    #[error("NHS number check digit is wrong (expected {expected}, found {found}): check for a typing error")]
+    #[error(
+        "NHS number check digit is wrong (expected {expected}, found {found}): check for a typing error"
+    )]
     CheckDigitMismatch { expected: u8, found: u8 },
     #[error("NHS number is not valid: its first nine digits give no possible check digit")]
     NoValidCheckDigit,
@@ -125,8 +127,17 @@ mod tests {
 
     #[test]
     fn accepts_the_forms_people_type() {
-        for s in ["9434765919", "943 476 5919", "943-476-5919", " 943 476 5919 "] {
-            assert_eq!(NhsNumber::parse(s).map(|n| n.as_digits()), Ok("9434765919".into()), "{s}");
+        for s in [
+            "9434765919",
+            "943 476 5919",
+            "943-476-5919",
+            " 943 476 5919 ",
+        ] {
+            assert_eq!(
+                NhsNumber::parse(s).map(|n| n.as_digits()),
+                Ok("9434765919".into()),
+                "{s}"
+            );
         }
     }
 
@@ -178,7 +189,10 @@ mod tests {
                 made += 1;
             }
         }
-        assert!(made > 150, "about 10/11 of stems give a valid number, got {made}");
+        assert!(
+            made > 150,
+            "about 10/11 of stems give a valid number, got {made}"
+        );
     }
 
     #[test]

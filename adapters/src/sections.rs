@@ -94,8 +94,9 @@ mod tests {
 
     #[test]
     fn listed_sections_only() {
-        let set = SectionSet::from_request(&[Section::Allergies as i32, Section::Medications as i32])
-            .expect("valid");
+        let set =
+            SectionSet::from_request(&[Section::Allergies as i32, Section::Medications as i32])
+                .expect("valid");
         assert!(set.contains(Section::Allergies));
         assert!(set.contains(Section::Medications));
         assert!(!set.contains(Section::Conditions));

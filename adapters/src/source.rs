@@ -50,6 +50,8 @@ impl SourceRequest {
 }
 
 /// What a source knows about the patient.
+// Boxing `Found` would cost an allocation on the common path to save bytes on the rarer one.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum SourceReply {
     /// The source knows the patient: here is its part of the record.
@@ -98,7 +100,9 @@ impl SourceRecord {
         }
         for section in carerecord_proto::Section::ALL {
             if let Some(entries) = self.record.section_mut(section) {
-                entries.iter_mut().for_each(|e: &mut Entry| fill(&mut e.provenance));
+                entries
+                    .iter_mut()
+                    .for_each(|e: &mut Entry| fill(&mut e.provenance));
             }
         }
     }

@@ -1,0 +1,608 @@
+//! Mapping tests. Resource shapes follow the UK Core examples (NHSDigital/FHIR-R4-UKCORE-STAGING-MAIN
+//! `examples/`, e.g. `UKCore-AllergyIntolerance-Amoxicillin-Example`,
+//! `UKCore-MedicationStatement-Example`), converted to JSON, plus odd-but-valid and invalid
+//! variants.
+
+use super::*;
+use crate::fhir::model::parse_resource;
+
+fn ctx() -> MapContext {
+    MapContext {
+        sections: SectionSet::ALL,
+        medications: MedicationKinds::Both,
+        today: "2026-06-01".to_owned(),
+    }
+}
+
+/// Maps a JSON array of resources as one page.
+fn map_resources(json: &str, ctx: &MapContext) -> Collected {
+    let values: Vec<serde_json::Value> = serde_json::from_str(json).expect("test JSON is an array");
+    let resources: Vec<PageResource> = values
+        .iter()
+        .map(|v| PageResource {
+            full_url: v
+                .get("id")
+                .and_then(|id| id.as_str())
+                .map(|id| format!("https://fhir.example/{}", id)),
+            resource: Box::new(parse_resource(v.to_string().as_bytes()).expect("object")),
+        })
+        .collect();
+    let mut out = Collected::default();
+    map_page(&resources, ctx, &mut out);
+    out
+}
+
+fn only(entries: &[Entry]) -> &Entry {
+    assert_eq!(entries.len(), 1, "expected one entry: {entries:#?}");
+    &entries[0]
+}
+
+fn concept(entry: &Entry) -> (&str, &str, &str) {
+    let c = entry.concept.as_ref().expect("a concept");
+    (c.system.as_str(), c.code.as_str(), c.display.as_str())
+}
+
+#[test]
+fn uk_core_allergy_example_maps_with_reactions_type_and_dates() {
+    let out = map_resources(
+        r#"[{
+          "resourceType": "AllergyIntolerance",
+          "id": "UKCore-AllergyIntolerance-Amoxicillin-Example",
+          "meta": {"profile": ["https://fhir.nhs.uk/R4/StructureDefinition/UKCore-AllergyIntolerance"],
+                   "lastUpdated": "2019-12-10T13:05:00+00:00"},
+          "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active", "display": "Active"}]},
+          "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "confirmed", "display": "Confirmed"}]},
+          "type": "allergy",
+          "category": ["medication"],
+          "code": {"coding": [{"system": "http://snomed.info/sct", "code": "372687004", "display": "Amoxicillin"}]},
+          "patient": {"reference": "Patient/UKCore-RichardSmith-Patient-Example"},
+          "encounter": {"reference": "Encounter/UKCore-Encounter-InpatientEncounter-Example"},
+          "recordedDate": "2019-12-10T13:00:00+00:00",
+          "recorder": {"reference": "Practitioner/UKCore-Practitioner-ConsultantSandraGose-Example"},
+          "reaction": [{"manifestation": [{"coding": [{"system": "http://snomed.info/sct", "code": "247472004", "display": "Urticarial rash"}]}],
+                        "severity": "mild"}]
+        }]"#,
+        &ctx(),
+    );
+    let (record, warnings) = out.into_parts();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let entry = only(&record.allergies);
+    assert_eq!(concept(entry), (SNOMED, "372687004", "Amoxicillin"));
+    assert_eq!(entry.summary, "Amoxicillin — Urticarial rash");
+    assert_eq!(entry.status, "active");
+    assert_eq!(entry.effective, "2019-12-10T13:00:00+00:00");
+    assert_eq!(entry.recorded, "2019-12-10T13:00:00+00:00");
+    assert_eq!(
+        entry.provenance,
+        vec![Provenance {
+            source_entry_id: "UKCore-AllergyIntolerance-Amoxicillin-Example".into(),
+            last_updated: "2019-12-10T13:05:00+00:00".into(),
+            ..Provenance::default()
+        }]
+    );
+    let Some(Detail::Allergy(detail)) = &entry.detail else {
+        panic!("allergy detail");
+    };
+    assert_eq!(detail.reactions, vec!["Urticarial rash".to_owned()]);
+    assert_eq!(detail.allergy_type, "allergy");
+    assert_eq!(detail.criticality, "");
+}
+
+#[test]
+fn allergy_summary_names_reaction_and_criticality() {
+    let out = map_resources(
+        r#"[{"resourceType": "AllergyIntolerance", "id": "a1", "criticality": "high",
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91936005", "display": "Penicillin allergy"}]},
+             "reaction": [{"manifestation": [{"coding": [{"system": "http://snomed.info/sct", "code": "39579001", "display": "Anaphylaxis"}]}]}],
+             "onsetDateTime": "2008"}]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.allergies);
+    assert_eq!(entry.summary, "Penicillin allergy — Anaphylaxis (high)");
+    assert_eq!(entry.effective, "2008", "partial dates are kept as written");
+}
+
+#[test]
+fn uk_core_medication_statement_example_maps() {
+    let out = map_resources(
+        r#"[{
+          "resourceType": "MedicationStatement",
+          "id": "UKCore-MedicationStatement-Example",
+          "status": "active",
+          "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "27658006", "display": "Amoxicillin (product)"}]},
+          "subject": {"reference": "Patient/UKCore-Patient-Example", "display": "Richard SMITH"},
+          "effectiveDateTime": "2017-01-23",
+          "dateAsserted": "2017-02-22",
+          "reasonCode": [{"coding": [{"system": "http://snomed.info/sct", "code": "65363002", "display": "Otitis Media"}]}],
+          "dosage": [{"text": "500mg three times a day"}]
+        }]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.medications);
+    assert_eq!(
+        concept(entry),
+        (SNOMED, "27658006", "Amoxicillin (product)")
+    );
+    assert_eq!(
+        entry.summary,
+        "Amoxicillin (product) — 500mg three times a day"
+    );
+    assert_eq!(entry.status, "active");
+    assert_eq!(entry.effective, "2017-01-23");
+    assert_eq!(entry.recorded, "2017-02-22");
+    assert_eq!(
+        entry.detail,
+        Some(Detail::Medication(MedicationDetail {
+            dosage: "500mg three times a day".into(),
+            kind: "statement".into(),
+        }))
+    );
+}
+
+#[test]
+fn medication_request_with_contained_dmd_medication() {
+    let out = map_resources(
+        r##"[{
+          "resourceType": "MedicationRequest", "id": "mr1", "status": "active", "intent": "order",
+          "contained": [{"resourceType": "Medication", "id": "med",
+                         "code": {"coding": [{"system": "https://dmd.nhs.uk", "code": "325278007", "display": "Metformin 500mg tablets"}]}}],
+          "medicationReference": {"reference": "#med"},
+          "authoredOn": "2024-02-01",
+          "dosageInstruction": [{"text": "One tablet twice a day"}]
+        }]"##,
+        &ctx(),
+    );
+    let entry = only(&out.record.medications);
+    assert_eq!(
+        concept(entry),
+        (DMD, "325278007", "Metformin 500mg tablets")
+    );
+    assert_eq!(
+        entry.summary,
+        "Metformin 500mg tablets — One tablet twice a day"
+    );
+    assert_eq!(entry.effective, "2024-02-01");
+    let Some(Detail::Medication(detail)) = &entry.detail else {
+        panic!("medication detail");
+    };
+    assert_eq!(detail.kind, "request");
+}
+
+#[test]
+fn medication_reference_resolves_to_an_included_medication_or_falls_back_to_display() {
+    let out = map_resources(
+        r#"[
+          {"resourceType": "MedicationRequest", "id": "mr1", "status": "active",
+           "medicationReference": {"reference": "Medication/m1"}},
+          {"resourceType": "Medication", "id": "m1",
+           "code": {"coding": [{"system": "https://dmd.nhs.uk", "code": "39732311000001104", "display": "Amlodipine 5mg tablets"}]}},
+          {"resourceType": "MedicationRequest", "id": "mr2", "status": "active",
+           "medicationReference": {"reference": "Medication/unknown", "display": "Ramipril 2.5mg capsules"}}
+        ]"#,
+        &ctx(),
+    );
+    assert_eq!(out.record.medications.len(), 2);
+    assert_eq!(
+        concept(&out.record.medications[0]).2,
+        "Amlodipine 5mg tablets"
+    );
+    assert_eq!(
+        concept(&out.record.medications[1]),
+        ("", "", "Ramipril 2.5mg capsules")
+    );
+}
+
+#[test]
+fn snomed_coding_is_preferred_even_when_not_first() {
+    let out = map_resources(
+        r#"[{"resourceType": "Condition", "id": "c1",
+             "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "resolved"}]},
+             "code": {"coding": [
+                 {"system": "http://read.info/ctv3", "code": "X40J5", "display": "Type II diabetes"},
+                 {"system": "http://snomed.info/sct", "code": "44054006"}],
+               "text": "Type 2 diabetes mellitus"},
+             "onsetDateTime": "2019",
+             "abatementDateTime": "2023-05",
+             "recordedDate": "2019-03-14"}]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.conditions);
+    assert_eq!(
+        concept(entry),
+        (SNOMED, "44054006", "Type 2 diabetes mellitus"),
+        "display falls back to code.text"
+    );
+    assert_eq!(entry.status, "resolved");
+    assert_eq!(entry.effective, "2019");
+    assert_eq!(entry.ended, "2023-05");
+    assert_eq!(entry.recorded, "2019-03-14");
+}
+
+#[test]
+fn condition_onset_period_and_text_only_code_are_accepted() {
+    let out = map_resources(
+        r#"[{"resourceType": "Condition", "id": "c2",
+             "code": {"text": "Chronic back pain"},
+             "onsetPeriod": {"start": "2015-06-01", "end": "2016-01-01"}},
+            {"resourceType": "Condition", "id": "c3",
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001", "display": "Asthma"}]},
+             "recordedDate": "2001-09-01"}]"#,
+        &ctx(),
+    );
+    assert_eq!(out.record.conditions.len(), 2);
+    assert_eq!(
+        concept(&out.record.conditions[0]),
+        ("", "", "Chronic back pain")
+    );
+    assert_eq!(out.record.conditions[0].effective, "2015-06-01");
+    assert_eq!(
+        out.record.conditions[1].effective, "2001-09-01",
+        "recordedDate as last resort"
+    );
+    assert_eq!(out.record.conditions[1].status, "");
+}
+
+#[test]
+fn observation_quantity_range_and_interpretation() {
+    let out = map_resources(
+        r#"[{"resourceType": "Observation", "id": "o1", "status": "final",
+             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+             "code": {"coding": [
+                 {"system": "http://loinc.org", "code": "4548-4", "display": "Hemoglobin A1c/Hemoglobin.total in Blood"},
+                 {"system": "http://snomed.info/sct", "code": "1049301000000100", "display": "HbA1c level (IFCC standardised)"}],
+               "text": "HbA1c"},
+             "effectiveDateTime": "2024-03-01T09:30:00+00:00",
+             "issued": "2024-03-01T15:02:11.123+00:00",
+             "valueQuantity": {"value": 48, "unit": "mmol/mol", "system": "http://unitsofmeasure.org", "code": "mmol/mol"},
+             "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "H", "display": "High"}]}],
+             "referenceRange": [{"low": {"value": 20, "unit": "mmol/mol"}, "high": {"value": 41.5, "unit": "mmol/mol"}}]}]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.test_results);
+    assert_eq!(
+        concept(entry),
+        (
+            SNOMED,
+            "1049301000000100",
+            "HbA1c level (IFCC standardised)"
+        )
+    );
+    assert_eq!(entry.summary, "HbA1c 48 mmol/mol (H)");
+    assert_eq!(entry.effective, "2024-03-01T09:30:00+00:00");
+    assert_eq!(entry.recorded, "2024-03-01T15:02:11.123+00:00");
+    assert_eq!(
+        entry.detail,
+        Some(Detail::Result(ResultDetail {
+            value: "48".into(),
+            unit: "mmol/mol".into(),
+            reference_range: "20-41.5".into(),
+            interpretation: "H".into(),
+            kind: "observation".into(),
+        }))
+    );
+}
+
+#[test]
+fn observation_value_string_components_and_issued_only() {
+    let out = map_resources(
+        r#"[{"resourceType": "Observation", "id": "o2", "status": "final",
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "365981007", "display": "Tobacco smoking behaviour - finding"}]},
+             "valueString": "Ex-smoker", "issued": "2022-01-05T10:00:00Z"},
+            {"resourceType": "Observation", "id": "o3", "status": "final",
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "75367002", "display": "Blood pressure"}]},
+             "effectivePeriod": {"start": "2024-04-02T10:00:00Z"},
+             "component": [
+               {"code": {"coding": [{"system": "http://snomed.info/sct", "code": "72313002"}]}, "valueQuantity": {"value": 128, "unit": "mmHg"}},
+               {"code": {"coding": [{"system": "http://snomed.info/sct", "code": "1091811000000102"}]}, "valueQuantity": {"value": 82, "unit": "mmHg"}}],
+             "referenceRange": [{"text": "below 140/90"}]}]"#,
+        &ctx(),
+    );
+    assert_eq!(out.record.test_results.len(), 2);
+    let smoking = &out.record.test_results[0];
+    assert_eq!(
+        smoking.summary,
+        "Tobacco smoking behaviour - finding Ex-smoker"
+    );
+    assert_eq!(
+        smoking.effective, "2022-01-05T10:00:00Z",
+        "issued when no effective time"
+    );
+    let bp = &out.record.test_results[1];
+    assert_eq!(bp.summary, "Blood pressure 128/82 mmHg");
+    assert_eq!(bp.effective, "2024-04-02T10:00:00Z");
+    let Some(Detail::Result(detail)) = &bp.detail else {
+        panic!("result detail");
+    };
+    assert_eq!(detail.reference_range, "below 140/90");
+}
+
+#[test]
+fn diagnostic_report_conclusion_is_the_value_and_long_text_is_shortened() {
+    let conclusion = "No acute abnormality. ".repeat(20);
+    let json = format!(
+        r#"[{{"resourceType": "DiagnosticReport", "id": "dr1", "status": "final",
+              "code": {{"coding": [{{"system": "http://snomed.info/sct", "code": "399208008", "display": "Plain chest X-ray"}}]}},
+              "effectiveDateTime": "2024-01-10", "issued": "2024-01-11T08:00:00Z",
+              "conclusion": "{conclusion}"}}]"#
+    );
+    let out = map_resources(&json, &ctx());
+    let entry = only(&out.record.test_results);
+    assert!(
+        entry
+            .summary
+            .starts_with("Plain chest X-ray — No acute abnormality.")
+    );
+    assert!(entry.summary.ends_with('…'));
+    assert!(entry.summary.chars().count() <= SUMMARY_MAX_CHARS + 1);
+    let Some(Detail::Result(detail)) = &entry.detail else {
+        panic!("result detail");
+    };
+    assert_eq!(detail.kind, "report");
+    assert_eq!(
+        detail.value, conclusion,
+        "the full conclusion is kept in the detail"
+    );
+}
+
+#[test]
+fn care_plan_document_composition_encounter_and_appointment() {
+    let out = map_resources(
+        r#"[
+          {"resourceType": "CarePlan", "id": "cp1", "status": "active", "intent": "plan",
+           "title": "Diabetes care plan",
+           "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "736285004", "display": "Hyperglycaemia care plan"}]}],
+           "period": {"start": "2023-01-01", "end": "2024-01-01"}, "created": "2022-12-20"},
+          {"resourceType": "DocumentReference", "id": "d1", "status": "current",
+           "type": {"coding": [{"system": "http://snomed.info/sct", "code": "373942005", "display": "Discharge summary"}]},
+           "date": "2024-02-03T12:00:00Z", "description": "Ward 7 discharge",
+           "author": [{"reference": "Organization/RJ1", "display": "Guy's and St Thomas'"}],
+           "content": [{"attachment": {"contentType": "application/pdf", "url": "https://fhir.example/Binary/b1"}}]},
+          {"resourceType": "Composition", "id": "comp1", "status": "final",
+           "type": {"coding": [{"system": "http://snomed.info/sct", "code": "371531000", "display": "Report of clinical encounter"}]},
+           "date": "2024-02-04", "title": "Clinic letter", "author": [{"display": "Dr A Jones"}]},
+          {"resourceType": "Encounter", "id": "e1", "status": "finished",
+           "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER", "display": "emergency"},
+           "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "1105781000000106", "display": "Ambulance service attendance"}]}],
+           "period": {"start": "2024-05-01T02:10:00Z", "end": "2024-05-01T03:00:00Z"},
+           "reasonCode": [{"text": "Fall"}],
+           "location": [{"location": {"display": "Patient's home"}}]},
+          {"resourceType": "Encounter", "id": "e2", "status": "finished",
+           "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+           "period": {"start": "2023-11-01"}},
+          {"resourceType": "Appointment", "id": "ap1", "status": "booked",
+           "serviceType": [{"coding": [{"system": "http://snomed.info/sct", "code": "310123008", "display": "Diabetic medicine service"}]}],
+           "start": "2026-07-14T09:30:00+01:00", "end": "2026-07-14T10:00:00+01:00",
+           "participant": [{"actor": {"reference": "Patient/p1", "display": "Mr Smith"}},
+                           {"actor": {"reference": "Location/l1", "display": "Diabetes Centre, St Thomas'"}},
+                           {"actor": {"reference": "Practitioner/pr1", "display": "Dr B Patel"}}]},
+          {"resourceType": "Appointment", "id": "ap-past", "status": "fulfilled",
+           "start": "2026-05-31T09:30:00Z", "description": "Yesterday's clinic"}
+        ]"#,
+        &ctx(),
+    );
+    let (record, warnings) = out.into_parts();
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    let plan = only(&record.care_plans);
+    assert_eq!(plan.summary, "Diabetes care plan");
+    assert_eq!(
+        (plan.effective.as_str(), plan.ended.as_str()),
+        ("2023-01-01", "2024-01-01")
+    );
+    assert_eq!(concept(plan).1, "736285004");
+
+    assert_eq!(record.documents.len(), 2);
+    let doc = &record.documents[0];
+    assert_eq!(doc.summary, "Discharge summary — Ward 7 discharge");
+    assert_eq!(
+        doc.detail,
+        Some(Detail::Document(DocumentDetail {
+            document_type: "Discharge summary".into(),
+            url: "https://fhir.example/Binary/b1".into(),
+            content_type: "application/pdf".into(),
+            author: "Guy's and St Thomas'".into(),
+        }))
+    );
+    assert_eq!(record.documents[1].summary, "Clinic letter");
+
+    assert_eq!(record.encounters.len(), 2);
+    let ambulance = &record.encounters[0];
+    assert_eq!(ambulance.summary, "Ambulance service attendance — Fall");
+    assert_eq!(
+        ambulance.detail,
+        Some(Detail::Encounter(EncounterDetail {
+            encounter_class: "ambulance".into(),
+            location: "Patient's home".into(),
+            reason: "Fall".into(),
+        }))
+    );
+    assert_eq!(ambulance.ended, "2024-05-01T03:00:00Z");
+    let inpatient = &record.encounters[1];
+    assert_eq!(inpatient.summary, "Inpatient");
+    assert_eq!(
+        concept(inpatient).1,
+        "IMP",
+        "class coding stands in for a missing type"
+    );
+
+    let appointment = only(&record.appointments);
+    assert_eq!(
+        appointment.summary,
+        "Diabetic medicine service with Dr B Patel"
+    );
+    assert_eq!(appointment.status, "booked");
+    assert_eq!(appointment.effective, "2026-07-14T09:30:00+01:00");
+    assert_eq!(
+        appointment.detail,
+        Some(Detail::Appointment(carerecord_proto::AppointmentDetail {
+            location: "Diabetes Centre, St Thomas'".into(),
+            service: "Diabetic medicine service".into(),
+        }))
+    );
+}
+
+#[test]
+fn malformed_resources_are_counted_and_good_siblings_kept() {
+    let out = map_resources(
+        r#"[
+          {"resourceType": "Condition", "id": "good",
+           "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertension"}]}},
+          {"resourceType": "Condition", "id": "code-is-a-string", "code": "38341003"},
+          {"resourceType": "Condition", "id": "no-code", "clinicalStatus": {"coding": [{"code": "active"}]}},
+          {"resourceType": "Condition", "id": "numeric-code",
+           "code": {"coding": [{"system": "http://snomed.info/sct", "code": 38341003}]}},
+          {"resourceType": "Condition", "id": "bad-date",
+           "code": {"text": "Asthma"}, "onsetDateTime": "last winter"},
+          {"resourceType": "Observation", "id": "value-as-text",
+           "code": {"text": "HbA1c"}, "valueQuantity": {"value": "48", "unit": "mmol/mol"}},
+          {"resourceType": "Observation", "id": "fine", "code": {"text": "Weight"},
+           "valueQuantity": {"value": 72.5, "unit": "kg"}},
+          {"resourceType": "AllergyIntolerance", "id": "reaction-not-a-list",
+           "code": {"text": "Latex"}, "reaction": {"manifestation": []}},
+          {"resourceType": 42, "id": "who-knows"},
+          {"resourceType": "Practitioner", "id": "ignored", "name": "not even a list"}
+        ]"#,
+        &ctx(),
+    );
+    assert_eq!(out.unreadable_count("Condition"), 4);
+    assert_eq!(out.unreadable_count("Observation"), 1);
+    let (record, warnings) = out.into_parts();
+    assert_eq!(
+        only(&record.conditions).provenance[0].source_entry_id,
+        "good"
+    );
+    assert_eq!(only(&record.test_results).summary, "Weight 72.5 kg");
+    assert!(record.allergies.is_empty());
+    assert_eq!(
+        warnings,
+        vec![
+            "1 AllergyIntolerance resource could not be read".to_owned(),
+            "4 Condition resources could not be read".to_owned(),
+            "1 Observation resource could not be read".to_owned(),
+            "1 unidentified resource could not be read".to_owned(),
+        ]
+    );
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.contains("38341003") || w.contains("winter")),
+        "warnings carry counts, not content"
+    );
+}
+
+#[test]
+fn entered_in_error_is_dropped_without_a_warning() {
+    let out = map_resources(
+        r#"[{"resourceType": "AllergyIntolerance", "id": "a1",
+             "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "entered-in-error"}]},
+             "code": {"text": "Peanut"}},
+            {"resourceType": "MedicationStatement", "id": "m1", "status": "entered-in-error",
+             "medicationCodeableConcept": {"text": "Aspirin"}}]"#,
+        &ctx(),
+    );
+    let (record, warnings) = out.into_parts();
+    assert_eq!(record.entry_count(), 0);
+    assert!(warnings.is_empty());
+}
+
+#[test]
+fn unwanted_sections_and_medication_kinds_are_neither_mapped_nor_counted() {
+    let ctx = MapContext {
+        sections: SectionSet::NONE.with(Section::Medications),
+        medications: MedicationKinds::Statement,
+        today: "2026-06-01".into(),
+    };
+    let out = map_resources(
+        r#"[{"resourceType": "Condition", "id": "c1", "code": "broken"},
+            {"resourceType": "MedicationRequest", "id": "r1", "medicationCodeableConcept": {"text": "Aspirin"}},
+            {"resourceType": "MedicationStatement", "id": "s1", "medicationCodeableConcept": {"text": "Aspirin"}}]"#,
+        &ctx,
+    );
+    let (record, warnings) = out.into_parts();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(record.entry_count(), 1);
+    assert_eq!(
+        only(&record.medications).provenance[0].source_entry_id,
+        "s1"
+    );
+}
+
+#[test]
+fn security_labels_come_from_meta() {
+    let out = map_resources(
+        r#"[{"resourceType": "Condition", "id": "c1",
+             "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R", "display": "restricted"}]},
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "63650001", "display": "Cholera"}]}}]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.conditions);
+    assert_eq!(entry.security_labels.len(), 1);
+    assert_eq!(entry.security_labels[0].code, "R");
+    assert_eq!(
+        entry.security_labels[0].system,
+        "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+    );
+}
+
+const UK_CORE_PATIENT: &str = r#"{
+  "resourceType": "Patient",
+  "id": "UKCore-Patient-RichardSmith-Example",
+  "meta": {"lastUpdated": "2024-01-01T00:00:00Z"},
+  "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018"}],
+  "active": true,
+  "name": [{"use": "usual", "family": "Smith", "given": ["Dick"]},
+           {"use": "official", "family": "Smith", "given": ["Richard", "Albert"], "prefix": ["Mr"]}],
+  "gender": "male",
+  "birthDate": "1954-10-03",
+  "address": [{"use": "old", "line": ["1 Old Road"], "postalCode": "LS1 1AA"},
+              {"use": "home", "line": ["100 Chequers Lane", ""], "city": "Leeds", "postalCode": "LS10 1AB"}],
+  "generalPractitioner": [{"identifier": {"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "Y12345"}}]
+}"#;
+
+#[test]
+fn uk_core_patient_demographics() {
+    let resource = parse_resource(UK_CORE_PATIENT.as_bytes()).expect("object");
+    let nhs = NhsNumber::parse("9990000018").expect("valid");
+    assert!(patient_has_nhs_number(&resource, &nhs));
+    let other = NhsNumber::parse("9434765919").expect("valid");
+    assert!(!patient_has_nhs_number(&resource, &other));
+    let patient = patient(&resource, &nhs).expect("readable");
+    assert_eq!(patient.nhs_number, "9990000018");
+    assert_eq!(patient.family_name, "Smith");
+    assert_eq!(
+        patient.given_names,
+        vec!["Richard".to_owned(), "Albert".to_owned()]
+    );
+    assert_eq!(patient.birth_date, "1954-10-03");
+    assert_eq!(patient.gender, "male");
+    assert_eq!(patient.address, "100 Chequers Lane, Leeds, LS10 1AB");
+    assert_eq!(patient.registered_gp_code, "Y12345");
+    assert_eq!(
+        patient.provenance[0].source_entry_id,
+        "UKCore-Patient-RichardSmith-Example"
+    );
+}
+
+#[test]
+fn restricted_patient_has_no_address() {
+    let json = UK_CORE_PATIENT.replace(
+        r#""meta": {"lastUpdated": "2024-01-01T00:00:00Z"}"#,
+        r#""meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}]}"#,
+    );
+    let resource = parse_resource(json.as_bytes()).expect("object");
+    let nhs = NhsNumber::parse("9990000018").expect("valid");
+    let patient = patient(&resource, &nhs).expect("readable");
+    assert_eq!(patient.address, "");
+    assert_eq!(patient.family_name, "Smith");
+}
+
+#[test]
+fn today_is_a_calendar_date() {
+    assert_eq!(civil_from_days(0), (1970, 1, 1));
+    assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+    assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    let today = today_utc();
+    assert_eq!(today.len(), 10);
+    assert!(today.as_str() > "2024-01-01");
+}

@@ -1,0 +1,98 @@
+//! The FHIR R4 source adapter: reads one organisation's FHIR API (UK Core) as a [`Source`].
+//!
+//! Most organisations carerecord reads expose FHIR R4 over HTTPS, so this is the adapter most
+//! sources use. It finds the patient by NHS number, reads the wanted sections (by search,
+//! `$everything` or batch, see [`QueryMode`]), and maps the resources to carerecord entries.
+//! A resource it cannot read costs a warning, not the source's answer.
+//!
+//! Code map: `config` (settings, config errors), `client` (HTTP, TLS, limits, redaction),
+//! `query` (the lookup flows), `bundle` (Bundles, paging, OperationOutcome), `model` and `json`
+//! (lenient single-pass parsing), `map` (resources to entries).
+
+mod bundle;
+mod client;
+mod config;
+mod json;
+mod map;
+mod model;
+mod query;
+
+use async_trait::async_trait;
+use tracing::{Instrument, debug, info_span};
+
+pub use config::{FhirConfig, FhirConfigError, MedicationKinds, QueryMode};
+
+use crate::{Source, SourceError, SourceInfo, SourceReply, SourceRequest};
+
+/// A FHIR R4 server as a carerecord source.
+#[derive(Debug)]
+pub struct FhirSource {
+    /// Who the source is, for provenance and logs.
+    info: SourceInfo,
+    /// The pooled HTTP client, shared by every lookup against this source.
+    http: client::FhirHttp,
+    /// How lookups ask the server.
+    mode: QueryMode,
+    /// Most pages followed per search, so a runaway server cannot keep a lookup paging.
+    page_limit: usize,
+    /// Which medication resources count.
+    medications: MedicationKinds,
+}
+
+impl FhirSource {
+    /// Builds the source: reads certificate files, resolves the bearer token from its environment
+    /// variable, and builds the pooled HTTP client. Fails with a message naming the setting or
+    /// file at fault.
+    pub fn new(info: SourceInfo, config: &FhirConfig) -> Result<FhirSource, FhirConfigError> {
+        if config.page_limit == 0 {
+            return Err(FhirConfigError::ZeroLimit {
+                field: "page_limit",
+            });
+        }
+        Ok(FhirSource {
+            info,
+            http: client::FhirHttp::new(config)?,
+            mode: config.mode,
+            page_limit: config.page_limit,
+            medications: config.medications,
+        })
+    }
+
+    /// Uses `token` as the bearer token, replacing any from `bearer_token_env`: for embedders
+    /// that hold the token themselves, and for tests (setting process environment is `unsafe` in
+    /// edition 2024).
+    pub fn with_bearer_token(mut self, token: &str) -> Result<FhirSource, FhirConfigError> {
+        self.http.set_bearer_token(token)?;
+        Ok(self)
+    }
+}
+
+#[async_trait]
+impl Source for FhirSource {
+    fn info(&self) -> &SourceInfo {
+        &self.info
+    }
+
+    async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError> {
+        let span =
+            info_span!("fhir_fetch", request_id = %request.request_id, source = %self.info.id);
+        async {
+            let lookup = query::Lookup::new(self, request);
+            let result = tokio::time::timeout_at(request.deadline, lookup.run(&request.nhs_number))
+                .await
+                .unwrap_or(Err(SourceError::Timeout));
+            match &result {
+                Ok(SourceReply::Found(record)) => debug!(
+                    entries = record.record.entry_count(),
+                    warnings = record.warnings.len(),
+                    "fhir lookup answered"
+                ),
+                Ok(SourceReply::NotFound) => debug!("fhir lookup: patient not known"),
+                Err(error) => debug!(%error, "fhir lookup failed"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+}
