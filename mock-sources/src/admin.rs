@@ -1,0 +1,163 @@
+//! The admin HTTP API: inspect the region and switch latency and faults at runtime.
+//!
+//! Ops rehearsing an incident, or a test driving the broker from outside the process, need the
+//! same knobs [`FaultControl`] gives code. Bodies are small JSON objects (`{"fault":"hang"}`);
+//! a bare spec string (`hang`) is accepted too, for quick `curl` use.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::faults::{Fault, FaultControl};
+use crate::latency::LatencyProfile;
+use crate::server::RunningOrganisation;
+
+#[derive(Clone)]
+struct AdminState {
+    control: FaultControl,
+    orgs: Vec<RunningOrganisation>,
+}
+
+pub(crate) fn router(control: FaultControl, orgs: Vec<RunningOrganisation>) -> Router {
+    Router::new()
+        .route("/admin/organisations", get(list))
+        .route("/admin/organisations/{code}", get(one))
+        .route("/admin/organisations/{code}/fault", put(set_fault))
+        .route("/admin/organisations/{code}/latency", put(set_latency))
+        .route("/admin/reset", post(reset))
+        .route("/admin/stats", get(stats))
+        .route("/admin/stats/reset", post(reset_stats))
+        .fallback(|| async { AdminError(StatusCode::NOT_FOUND, "no such admin endpoint".into()) })
+        .with_state(AdminState { control, orgs })
+}
+
+/// An admin API failure: a status and a message, as `{"error": "..."}`.
+struct AdminError(StatusCode, String);
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn describe(state: &AdminState, o: &RunningOrganisation) -> Value {
+    json!({
+        "code": o.code,
+        "name": o.name,
+        "kind": o.kind.as_str(),
+        "base_url": o.base_url,
+        "latency": state.control.latency(&o.code).map(|l| l.to_string()),
+        "fault": state.control.fault(&o.code).map(|f| f.to_string()),
+        "requests": state.control.stats(&o.code).map_or(0, |s| s.requests),
+    })
+}
+
+fn find<'a>(state: &'a AdminState, code: &str) -> Result<&'a RunningOrganisation, AdminError> {
+    state
+        .orgs
+        .iter()
+        .find(|o| o.code.eq_ignore_ascii_case(code))
+        .ok_or_else(|| {
+            AdminError(
+                StatusCode::NOT_FOUND,
+                format!("no organisation with code {code:?}"),
+            )
+        })
+}
+
+async fn list(State(state): State<AdminState>) -> Json<Value> {
+    Json(Value::Array(
+        state.orgs.iter().map(|o| describe(&state, o)).collect(),
+    ))
+}
+
+async fn one(
+    State(state): State<AdminState>,
+    Path(code): Path<String>,
+) -> Result<Json<Value>, AdminError> {
+    Ok(Json(describe(&state, find(&state, &code)?)))
+}
+
+#[derive(Deserialize)]
+struct FaultBody {
+    fault: String,
+}
+
+#[derive(Deserialize)]
+struct LatencyBody {
+    latency: String,
+}
+
+/// The spec from `{"field": "..."}` or a bare text body.
+fn spec_from<T: for<'de> Deserialize<'de>>(
+    body: &Bytes,
+    get: impl Fn(T) -> String,
+) -> Result<String, AdminError> {
+    if let Ok(v) = serde_json::from_slice::<T>(body) {
+        return Ok(get(v));
+    }
+    match std::str::from_utf8(body) {
+        Ok(s) if !s.trim().is_empty() && !s.trim_start().starts_with('{') => {
+            Ok(s.trim().trim_matches('"').to_string())
+        }
+        _ => Err(AdminError(
+            StatusCode::BAD_REQUEST,
+            "body must be JSON like {\"fault\":\"hang\"} or {\"latency\":\"tail:20:400\"}".into(),
+        )),
+    }
+}
+
+async fn set_fault(
+    State(state): State<AdminState>,
+    Path(code): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, AdminError> {
+    let org = find(&state, &code)?;
+    let fault = spec_from::<FaultBody>(&body, |b| b.fault)?
+        .parse::<Fault>()
+        .map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let _ = state.control.set_fault(&org.code, fault);
+    tracing::info!(organisation = %org.code, fault = %fault, "fault set");
+    Ok(Json(describe(&state, org)))
+}
+
+async fn set_latency(
+    State(state): State<AdminState>,
+    Path(code): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, AdminError> {
+    let org = find(&state, &code)?;
+    let latency = spec_from::<LatencyBody>(&body, |b| b.latency)?
+        .parse::<LatencyProfile>()
+        .map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let _ = state.control.set_latency(&org.code, latency);
+    tracing::info!(organisation = %org.code, latency = %latency, "latency set");
+    Ok(Json(describe(&state, org)))
+}
+
+async fn reset(State(state): State<AdminState>) -> Json<Value> {
+    state.control.reset();
+    tracing::info!("faults cleared, latency back to startup settings");
+    Json(Value::Array(
+        state.orgs.iter().map(|o| describe(&state, o)).collect(),
+    ))
+}
+
+async fn stats(State(state): State<AdminState>) -> Json<Value> {
+    let map = state
+        .orgs
+        .iter()
+        .map(|o| (o.code.clone(), json!(state.control.stats(&o.code))))
+        .collect::<serde_json::Map<_, _>>();
+    Json(Value::Object(map))
+}
+
+async fn reset_stats(State(state): State<AdminState>) -> StatusCode {
+    state.control.reset_stats();
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,284 @@
+//! `mock-sources`: stand a synthetic region up on this machine, or list its patients.
+//!
+//! The binary is a thin shell over the library so that ops and tests get the same region for the
+//! same seed: `serve` prints where each organisation listens (and can write the broker config
+//! pointing at them); `patients` prints NHS numbers to try, marking the awkward cases.
+
+use std::io::{IsTerminal, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use carerecord_mock_sources::{
+    ConflictField, Fault, FhirMode, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "mock-sources",
+    version,
+    about = "Synthetic NHS organisations serving FHIR R4 on loopback, with latency and faults",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start one FHIR server per organisation plus the admin server (the default).
+    Serve(ServeArgs),
+    /// List the region's patients: NHS number, name, date of birth, organisations.
+    Patients(PatientsArgs),
+}
+
+#[derive(Args, Clone)]
+struct RegionArgs {
+    /// Seed for the synthetic population: the same seed gives the same region.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Number of patients.
+    #[arg(long, default_value_t = 10_000)]
+    patients: usize,
+    /// Number of organisations (about half GP practices).
+    #[arg(long, default_value_t = 10)]
+    organisations: usize,
+    /// Default search page size.
+    #[arg(long, default_value_t = 20)]
+    page_size: usize,
+}
+
+impl RegionArgs {
+    fn spec(&self) -> RegionSpec {
+        RegionSpec {
+            seed: self.seed,
+            patients: self.patients,
+            organisations: self.organisations,
+            page_size: self.page_size,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    #[command(flatten)]
+    region: RegionArgs,
+    /// Address to bind every server to (each gets its own port).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Write a broker config for this region to FILE.
+    #[arg(long, value_name = "FILE")]
+    write_broker_config: Option<PathBuf>,
+    /// The broker listen address to put in that config.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    broker_listen: String,
+    /// How the broker config tells the broker to read every source.
+    #[arg(long, value_enum, default_value_t = Mode::Search)]
+    broker_mode: Mode,
+    /// Latency for an organisation (`all` for every one): fixed:MS, tail:MEDIAN_MS:P99_MS or none.
+    #[arg(long = "latency", value_name = "ORG=SPEC", value_parser = org_setting::<LatencyProfile>)]
+    latency: Vec<(String, LatencyProfile)>,
+    /// Fault for an organisation (`all` for every one): none, error_rate:0.3, http500, hang,
+    /// malformed_json, slow_body, reset, empty_bundle.
+    #[arg(long = "fault", value_name = "ORG=KIND", value_parser = org_setting::<Fault>)]
+    fault: Vec<(String, Fault)>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Search,
+    Everything,
+    Batch,
+}
+
+#[derive(Args)]
+struct PatientsArgs {
+    #[command(flatten)]
+    region: RegionArgs,
+    /// Print at most N patients.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Only patients known to at least N organisations.
+    #[arg(long, value_name = "N")]
+    known_to_at_least: Option<usize>,
+    /// Only patients whose demographics conflict between organisations.
+    #[arg(long)]
+    conflicts: bool,
+    /// Print one valid NHS number that no organisation knows, and stop.
+    #[arg(long)]
+    unknown: bool,
+}
+
+fn org_setting<T: FromStr>(s: &str) -> Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (org, spec) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ORG=SPEC, got {s:?}"))?;
+    let value = spec.parse::<T>().map_err(|e| e.to_string())?;
+    Ok((org.trim().to_string(), value))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Patients(args)) => patients(args),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn patients(args: PatientsArgs) -> anyhow::Result<()> {
+    let region = Region::generate(&args.region.spec());
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.unknown {
+        writeln!(out, "{}", region.unknown_nhs_number().as_digits())?;
+        return Ok(());
+    }
+    let min = args.known_to_at_least.unwrap_or(0);
+    let selected = region
+        .patients()
+        .filter(|p| p.organisations.len() >= min)
+        .filter(|p| !args.conflicts || p.conflict.is_some())
+        .take(args.limit.unwrap_or(usize::MAX));
+    for p in selected {
+        let mut line = format!(
+            "{}  {:<26}  {}  {}",
+            p.nhs_number.as_digits(),
+            p.display_name(),
+            p.birth_date,
+            p.organisations.join(",")
+        );
+        if let Some(c) = &p.conflict {
+            let what = match c.field {
+                ConflictField::FamilyName => format!("family name {}", c.value.to_uppercase()),
+                ConflictField::BirthDate => format!("date of birth {}", c.value),
+            };
+            line.push_str(&format!(
+                "  ! conflicting demographics: {} holds {what}",
+                c.organisation
+            ));
+        }
+        // Stop quietly when the reader goes away (`| head`).
+        if writeln!(out, "{line}").is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let region = Arc::new(Region::generate(&args.region.spec()));
+    let is_all = |org: &str| org.eq_ignore_ascii_case("all") || org == "*";
+    let mut options = ServerOptions::default();
+    for (org, latency) in &args.latency {
+        if is_all(org) {
+            options.latency = Some(*latency);
+        } else {
+            options.latency_overrides.push((org.clone(), *latency));
+        }
+    }
+    for (org, fault) in &args.fault {
+        if is_all(org) {
+            let every = region
+                .organisations()
+                .iter()
+                .map(|o| (o.code.clone(), *fault));
+            options.faults.extend(every);
+        } else {
+            options.faults.push((org.clone(), *fault));
+        }
+    }
+    let server = RegionServer::start_with(region.clone(), args.bind, options)
+        .await
+        .context("starting the region's servers")?;
+
+    let mut out = std::io::stdout().lock();
+    let orgs = server.organisations();
+    let width = orgs
+        .iter()
+        .map(|o| o.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    for o in &orgs {
+        writeln!(
+            out,
+            "{:<7} {:<width$}  {:<20} {}",
+            o.code,
+            o.name,
+            o.kind.label(),
+            o.base_url
+        )?;
+    }
+    writeln!(out, "{:<7} {}", "admin", server.admin_url())?;
+    out.flush()?;
+    drop(out);
+
+    if let Some(path) = &args.write_broker_config {
+        let mode = match args.broker_mode {
+            Mode::Search => FhirMode::Search,
+            Mode::Everything => FhirMode::Everything,
+            Mode::Batch => FhirMode::Batch,
+        };
+        let config = server.broker_config_toml_with(&args.broker_listen, |_| mode);
+        std::fs::write(path, config)
+            .with_context(|| format!("writing the broker config to {}", path.display()))?;
+        tracing::info!(path = %path.display(), "broker config written");
+    }
+    tracing::info!(
+        patients = region.patient_count(),
+        seed = region.spec().seed,
+        reference_date = %region.reference_date(),
+        "serving; Ctrl-C to stop"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
