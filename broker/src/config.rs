@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-type FhirConfig = toml::Table; // TEMP-FHIR
 use carerecord_adapters::federation::BrokerSourceConfig;
+use carerecord_adapters::fhir::FhirConfig;
 use serde::Deserialize;
+
+use crate::access::AccessConfig;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -22,10 +24,64 @@ pub struct Config {
     /// The merged-record cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Who may look and what they may see.
+    #[serde(default)]
+    pub access: AccessConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The organisations asked for every lookup, in priority order (the first source that knows
     /// the patient supplies the demographics shown).
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The append-only, hash-chained JSON Lines file.
+    pub file: PathBuf,
+    /// `fsync` every event: durable across power loss, at some cost per lookup.
+    pub fsync: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            file: PathBuf::from("carerecord-audit.jsonl"),
+            fsync: false,
+        }
+    }
+}
+
+/// `[server.tls]`: TLS, and with `client_ca` mutual TLS identifying each calling system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain the broker presents.
+    pub cert: PathBuf,
+    /// PEM private key for `cert`.
+    pub key: PathBuf,
+    /// PEM CA whose client certificates are accepted; setting it makes client certificates
+    /// required, and each calling system must then be listed in `systems`.
+    pub client_ca: Option<PathBuf>,
+    /// The EHR systems allowed to call, identified by a DNS name in their certificate.
+    #[serde(default)]
+    pub systems: Vec<SystemConfig>,
+}
+
+/// `[[server.tls.systems]]`: one calling EHR system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemConfig {
+    /// Name recorded in the audit trail.
+    pub id: String,
+    /// A DNS name its client certificate must be valid for.
+    pub dns_name: String,
+    /// Whether this system is trusted to assert legitimate relationships.
+    #[serde(default)]
+    pub trusted_assertions: bool,
 }
 
 /// `[server]`
@@ -40,6 +96,8 @@ pub struct ServerConfig {
     /// This broker's identifier in federation chains (loop detection).
     #[serde(default = "default_broker_id")]
     pub broker_id: String,
+    /// TLS; required unless `plaintext = true`.
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_broker_id() -> String {
@@ -162,6 +220,22 @@ impl Config {
         }
         if self.budget.merge_headroom_ms >= self.budget.max_lookup_ms {
             return Err("budget.merge_headroom_ms must be less than budget.max_lookup_ms".into());
+        }
+        match (&self.server.tls, self.server.plaintext) {
+            (None, false) => {
+                return Err(
+                    "server: set [server.tls] (cert, key, and client_ca for mutual TLS), or plaintext = true for local development".into(),
+                );
+            }
+            (Some(_), true) => {
+                return Err("server: plaintext = true and [server.tls] cannot both be set".into());
+            }
+            (Some(tls), false) if tls.client_ca.is_some() && tls.systems.is_empty() => {
+                return Err(
+                    "server.tls: client_ca is set but no [[server.tls.systems]] may call".into(),
+                );
+            }
+            _ => {}
         }
         if self.server.broker_id.trim().is_empty() {
             return Err("server.broker_id must not be empty".into());

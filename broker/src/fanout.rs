@@ -131,10 +131,10 @@ async fn ask(
 /// Drops sections the request did not ask for: a source may return more than it was asked.
 fn retain_sections(record: &mut SourceRecord, wanted: carerecord_adapters::SectionSet) {
     for section in carerecord_proto::Section::ALL {
-        if !wanted.contains(section) {
-            if let Some(entries) = record.record.section_mut(section) {
-                entries.clear();
-            }
+        if !wanted.contains(section)
+            && let Some(entries) = record.record.section_mut(section)
+        {
+            entries.clear();
         }
     }
 }

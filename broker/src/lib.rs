@@ -3,6 +3,8 @@
 //! comes back. See `ARCHITECTURE.md` for the code map and invariants.
 #![forbid(unsafe_code)]
 
+pub mod access;
+pub mod audit;
 pub mod budget;
 pub mod cache;
 pub mod config;

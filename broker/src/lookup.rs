@@ -9,8 +9,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use carerecord_adapters::SourceRequest;
-use carerecord_proto::{CareRecord, GetCareRecordResponse, Section, SourceEvent};
+use carerecord_proto::{CareRecord, GetCareRecordResponse, Purpose, Section, SourceEvent};
 use tokio::time::Instant;
+use tonic::Status;
+
+use crate::access::{Caller, Denial, Policy, View};
+use crate::audit::{AuditEvent, AuditLog};
 
 use crate::budget::Budget;
 use crate::cache::{CacheKey, RecordCache};
@@ -35,6 +39,19 @@ pub struct Broker {
     flights: Arc<Flights>,
     /// Makes request ids unique within this process.
     counter: AtomicU64,
+    /// Who may look and what they see.
+    policy: Policy,
+    /// Every access, allowed or denied.
+    audit: AuditLog,
+}
+
+/// What a broker is made of, besides its sources.
+pub struct BrokerParts {
+    pub broker_id: String,
+    pub budget: BudgetConfig,
+    pub cache: CacheConfig,
+    pub policy: Policy,
+    pub audit: AuditLog,
 }
 
 /// How a lookup will be answered.
@@ -52,23 +69,20 @@ pub enum Lookup {
 }
 
 impl Broker {
-    pub fn new(
-        broker_id: String,
-        budget: BudgetConfig,
-        cache: &CacheConfig,
-        sources: SourceSet,
-    ) -> Broker {
+    pub fn new(parts: BrokerParts, sources: SourceSet) -> Broker {
         Broker {
-            broker_id,
-            budget,
+            broker_id: parts.broker_id,
+            budget: parts.budget,
             sources: RwLock::new(Arc::new(sources)),
             cache: Arc::new(RecordCache::new(
-                cache.max_bytes,
-                cache.ttl(),
-                cache.partial_ttl(),
+                parts.cache.max_bytes,
+                parts.cache.ttl(),
+                parts.cache.partial_ttl(),
             )),
             flights: Arc::new(Flights::default()),
             counter: AtomicU64::new(0),
+            policy: parts.policy,
+            audit: parts.audit,
         }
     }
 
@@ -109,7 +123,7 @@ impl Broker {
 
     /// Starts (or joins, or serves from cache) the lookup.
     pub async fn begin(&self, request: &LookupRequest) -> Result<Lookup, LookupError> {
-        if request.via_brokers.iter().any(|b| *b == self.broker_id) {
+        if request.via_brokers.contains(&self.broker_id) {
             return Err(LookupError::Loop(self.broker_id.clone()));
         }
         let budget = Budget::new(
@@ -120,11 +134,11 @@ impl Broker {
         )?;
         let sources = self.sources();
         let key = CacheKey::new(sources.epoch, request.nhs_number, request.sections);
-        if !request.require_fresh {
-            if let Some((record, age)) = self.cache.get(&key).await {
-                tracing::debug!(age_ms = age.as_millis() as u64, "served from cache");
-                return Ok(Lookup::Cached { record, age });
-            }
+        if !request.require_fresh
+            && let Some((record, age)) = self.cache.get(&key).await
+        {
+            tracing::debug!(age_ms = age.as_millis() as u64, "served from cache");
+            return Ok(Lookup::Cached { record, age });
         }
         let mut via_brokers = request.via_brokers.clone();
         via_brokers.push(self.broker_id.clone());
@@ -150,18 +164,94 @@ impl Broker {
         })
     }
 
-    /// The response for `request` from a merged record. Access filtering for the requester
-    /// happens here, on cached and fresh records alike.
-    pub fn respond(
+    /// Whether the requester may ask at all (role, purpose). Denials are audited.
+    pub fn admit(&self, request: &LookupRequest, caller: &Caller) -> Result<(), Status> {
+        self.policy
+            .admit(request)
+            .map_err(|denial| self.deny(request, caller, &denial, None))
+    }
+
+    /// Refuses: records the denial (fail closed if even that cannot be written) and returns the
+    /// status for the caller.
+    pub fn deny(
         &self,
         request: &LookupRequest,
+        caller: &Caller,
+        denial: &Denial,
+        merged: Option<&MergedRecord>,
+    ) -> Status {
+        let event = self.audit_event(
+            request,
+            caller,
+            "denied",
+            denial.to_string(),
+            merged,
+            None,
+            false,
+        );
+        tracing::info!(request_id = %request.request_id, reason = %denial, "access denied");
+        if let Err(e) = self.audit.record(&event) {
+            tracing::error!(error = %e, "audit trail unavailable");
+        }
+        Status::permission_denied(denial.to_string())
+    }
+
+    /// The response for `request` from a merged record: the relationship check, this
+    /// requester's view of the record, and the audit event — on cached and fresh records alike.
+    /// Nothing is disclosed unless the audit event was written.
+    pub fn disclose(
+        &self,
+        request: &LookupRequest,
+        caller: &Caller,
         merged: &MergedRecord,
         from_cache: bool,
         age: Duration,
-    ) -> GetCareRecordResponse {
-        GetCareRecordResponse {
+    ) -> Result<GetCareRecordResponse, Status> {
+        let basis = self
+            .policy
+            .relationship(request, caller, merged)
+            .map_err(|denial| self.deny(request, caller, &denial, Some(merged)))?;
+        let view = self.policy.view(request, &merged.record);
+        let emergency = request.purpose == Purpose::EmergencyAccess;
+        let kind = if emergency { "break_glass" } else { "access" };
+        let event = self.audit_event(
+            request,
+            caller,
+            kind,
+            basis.to_string(),
+            Some(merged),
+            Some(&view),
+            from_cache,
+        );
+        if let Err(e) = self.audit.record(&event) {
+            tracing::error!(request_id = %request.request_id, error = %e, "audit trail unavailable: not disclosing");
+            return Err(Status::unavailable(
+                "the audit trail cannot be written, so the record is not disclosed; try again shortly",
+            ));
+        }
+        if emergency {
+            tracing::warn!(
+                target: "carerecord::audit",
+                request_id = %request.request_id,
+                user = %request.requester.user_id,
+                organisation = %request.requester.organisation_code,
+                "emergency access granted: report to the privacy officer"
+            );
+        }
+        tracing::info!(
+            target: "carerecord::audit",
+            request_id = %request.request_id,
+            system = %caller.system,
+            user = %request.requester.user_id,
+            role = %request.requester.role_code,
+            organisation = %request.requester.organisation_code,
+            kind,
+            withheld = view.withheld,
+            "record disclosed"
+        );
+        Ok(GetCareRecordResponse {
             request_id: request.request_id.clone(),
-            record: Some(merged.record.clone()),
+            record: Some(view.record),
             sources: merged.sources.clone(),
             complete: merged.complete,
             from_cache,
@@ -171,27 +261,111 @@ impl Broker {
                 0
             },
             warnings: merged.warnings.clone(),
-            emergency_access: false,
-            withheld: false,
+            emergency_access: emergency,
+            withheld: view.withheld,
             assembled_at: crate::time::rfc3339(merged.assembled_at),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_event(
+        &self,
+        request: &LookupRequest,
+        caller: &Caller,
+        kind: &str,
+        decision: String,
+        merged: Option<&MergedRecord>,
+        view: Option<&View>,
+        from_cache: bool,
+    ) -> AuditEvent {
+        let q = &request.requester;
+        AuditEvent {
+            time: crate::time::rfc3339(SystemTime::now()),
+            request_id: request.request_id.clone(),
+            kind: kind.to_owned(),
+            system: caller.system.clone(),
+            user_id: q.user_id.clone(),
+            user_name: q.user_name.clone(),
+            role: q.role_code.clone(),
+            organisation: q.organisation_code.clone(),
+            patient: request.nhs_number.as_digits(),
+            purpose: match request.purpose {
+                Purpose::EmergencyAccess => "emergency_access",
+                _ => "direct_care",
+            }
+            .to_owned(),
+            emergency_reason: q.emergency_reason.clone(),
+            decision,
+            sources: merged
+                .map(|m| {
+                    m.sources
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{}:{}",
+                                s.source_id,
+                                crate::render::outcome_label(s.outcome)
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            returned: view
+                .map(|v| {
+                    Section::ALL
+                        .iter()
+                        .map(|s| format!("{}:{}", s.short_name(), v.record.section(*s).len()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            withheld: view.is_some_and(|v| v.withheld),
+            from_cache,
         }
     }
 
-    /// The stream event for one live answer.
-    pub fn source_event(&self, _request: &LookupRequest, answer: &Answer) -> SourceEvent {
+    /// Whether one source's answer already establishes the relationship (streaming releases
+    /// events as soon as it is).
+    pub fn released_by(
+        &self,
+        request: &LookupRequest,
+        caller: &Caller,
+        answer: Option<&Answer>,
+    ) -> bool {
+        if request.purpose == Purpose::EmergencyAccess {
+            return true;
+        }
+        if !request.requester.asserted_relationship.trim().is_empty() && caller.trusted_assertions {
+            return true;
+        }
+        answer.is_some_and(|a| {
+            self.policy.relationship_from_answer(
+                request,
+                &a.status.organisation_code,
+                a.status.outcome,
+                a.record.as_ref().map(|r| &r.record),
+            )
+        })
+    }
+
+    /// The stream event for one live answer, as this requester may see it.
+    pub fn source_event(&self, request: &LookupRequest, answer: &Answer) -> SourceEvent {
         SourceEvent {
             status: Some(answer.status.clone()),
-            contribution: answer.record.as_ref().map(|r| r.record.clone()),
+            contribution: answer
+                .record
+                .as_ref()
+                .map(|r| self.policy.view(request, &r.record).record),
         }
     }
 
     /// Stream events replayed from a cached record: each source's status, and the merged
-    /// entries it reported.
+    /// entries it reported, as this requester may see them.
     pub fn replayed_source_events(
         &self,
-        _request: &LookupRequest,
+        request: &LookupRequest,
         merged: &MergedRecord,
     ) -> Vec<SourceEvent> {
+        let visible = self.policy.view(request, &merged.record).record;
         merged
             .sources
             .iter()
@@ -200,25 +374,17 @@ impl Broker {
                 // A federated broker's entries carry "its-id/remote-id".
                 let nested_prefix = format!("{}/", status.source_id);
                 let ours = |id: &str| id == status.source_id || id.starts_with(&nested_prefix);
-                let reported_by = |e: &&carerecord_proto::Entry| {
-                    e.provenance.iter().any(|p| ours(&p.source_id))
-                };
+                let reported_by =
+                    |e: &&carerecord_proto::Entry| e.provenance.iter().any(|p| ours(&p.source_id));
                 for section in Section::ALL {
                     if let Some(slot) = contribution.section_mut(section) {
-                        slot.extend(
-                            merged
-                                .record
-                                .section(section)
-                                .iter()
-                                .filter(reported_by)
-                                .cloned(),
-                        );
+                        slot.extend(visible.section(section).iter().filter(reported_by).cloned());
                     }
                 }
-                if let Some(p) = &merged.record.patient {
-                    if p.provenance.iter().any(|p| ours(&p.source_id)) {
-                        contribution.patient = Some(p.clone());
-                    }
+                if let Some(p) = &visible.patient
+                    && p.provenance.iter().any(|p| ours(&p.source_id))
+                {
+                    contribution.patient = Some(p.clone());
                 }
                 SourceEvent {
                     status: Some(status.clone()),

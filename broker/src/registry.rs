@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use carerecord_adapters::federation::BrokerSource;
+use carerecord_adapters::fhir::FhirSource;
 use carerecord_adapters::{Source, SourceInfo};
 
 use crate::config::Config;
@@ -30,7 +31,9 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
             message,
         };
         let source: Arc<dyn Source> = match (&s.fhir, &s.broker) {
-            (Some(_fhir), _) => return Err(failed("TEMP-FHIR".into())),
+            (Some(fhir), _) => {
+                Arc::new(FhirSource::new(info, fhir).map_err(|e| failed(e.to_string()))?)
+            }
             (None, Some(remote)) => {
                 Arc::new(BrokerSource::new(info, remote).map_err(|e| failed(e.to_string()))?)
             }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use carerecord_proto::care_record_service_server::CareRecordServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::config::{ServerConfig, SystemConfig};
 use crate::lookup::Broker;
 use crate::service::CareRecordApi;
 
@@ -18,9 +19,48 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Largest response we send: a whole care record can be large, but not unbounded.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How callers reach the server: plaintext (development) or TLS, and with mutual TLS the
+/// calling systems allowed.
+#[derive(Clone, Default)]
+pub struct Transport {
+    pub tls: Option<ServerTlsConfig>,
+    pub systems: Option<Vec<SystemConfig>>,
+}
+
+impl Transport {
+    /// Plain-text gRPC: local development only.
+    pub fn plaintext() -> Self {
+        Transport::default()
+    }
+
+    /// From `[server]` config, reading certificate files.
+    pub fn from_config(server: &ServerConfig) -> Result<Self, ServeError> {
+        let Some(tls) = &server.tls else {
+            return Ok(Transport::plaintext());
+        };
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| ServeError::Certificate(format!("{}: {e}", path.display())))
+        };
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        let mut systems = None;
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+            systems = Some(tls.systems.clone());
+        }
+        Ok(Transport {
+            tls: Some(config),
+            systems,
+        })
+    }
+}
+
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("certificate: {0}")]
+    Certificate(String),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport: {0}")]
@@ -31,6 +71,7 @@ pub enum ServeError {
 pub async fn run(
     listener: TcpListener,
     broker: Arc<Broker>,
+    transport: Transport,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -48,11 +89,15 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let api = CareRecordServiceServer::new(CareRecordApi::new(broker))
+    let api = CareRecordServiceServer::new(CareRecordApi::new(broker, transport.systems))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = transport.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,4 +1,8 @@
 //! The gRPC face of the broker: `carerecord.v1.CareRecordService`.
+//!
+//! Per request: identify the calling system (mutual TLS), check the request, admit the
+//! requester (role, purpose), look up (cache or shared fan-out), then disclose — relationship
+//! check, this requester's view, audit — in that order, on cache hits and misses alike.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -13,7 +17,9 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::access::{Caller, Denial, UNVERIFIED};
 use crate::budget::parse_grpc_timeout;
+use crate::config::SystemConfig;
 use crate::flight::Flight;
 use crate::lookup::{Broker, Lookup};
 use crate::validate::{self, LookupRequest};
@@ -22,14 +28,49 @@ use crate::validate::{self, LookupRequest};
 #[derive(Clone)]
 pub struct CareRecordApi {
     broker: Arc<Broker>,
+    /// Calling systems allowed under mutual TLS; `None` when client certificates are not
+    /// required (every caller is then `unverified`).
+    systems: Option<Arc<Vec<SystemConfig>>>,
 }
 
 impl CareRecordApi {
-    pub fn new(broker: Arc<Broker>) -> Self {
-        CareRecordApi { broker }
+    pub fn new(broker: Arc<Broker>, systems: Option<Vec<SystemConfig>>) -> Self {
+        CareRecordApi {
+            broker,
+            systems: systems.map(Arc::new),
+        }
     }
 
-    fn checked(&self, request: Request<GetCareRecordRequest>) -> Result<LookupRequest, Status> {
+    /// The calling system, from its client certificate.
+    fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Denial> {
+        let Some(systems) = &self.systems else {
+            return Ok(Caller {
+                system: UNVERIFIED.to_owned(),
+                trusted_assertions: false,
+            });
+        };
+        let certs = request.peer_certs().ok_or(Denial::UnknownSystem)?;
+        let leaf = certs.first().ok_or(Denial::UnknownSystem)?;
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|_| Denial::UnknownSystem)?;
+        systems
+            .iter()
+            .find(|s| {
+                rustls_pki_types::ServerName::try_from(s.dns_name.as_str())
+                    .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+            })
+            .map(|s| Caller {
+                system: s.id.clone(),
+                trusted_assertions: s.trusted_assertions,
+            })
+            .ok_or(Denial::UnknownSystem)
+    }
+
+    /// Identifies, checks and admits a request; every refusal past validation is audited.
+    fn accept(
+        &self,
+        request: Request<GetCareRecordRequest>,
+    ) -> Result<(LookupRequest, Caller), Status> {
+        let caller = self.identify(&request);
         let caller_timeout = request
             .metadata()
             .get("grpc-timeout")
@@ -42,10 +83,23 @@ impl CareRecordApi {
             .filter(|id| acceptable_request_id(id))
             .map(str::to_owned)
             .unwrap_or_else(|| self.broker.new_request_id());
-        validate::check(request.into_inner(), request_id.clone(), caller_timeout).map_err(|e| {
-            tracing::info!(request_id = %request_id, code = ?e.code(), error = %e, "lookup refused");
-            Status::from(e)
-        })
+        let checked = validate::check(request.into_inner(), request_id.clone(), caller_timeout)
+            .map_err(|e| {
+                tracing::info!(request_id = %request_id, code = ?e.code(), error = %e, "lookup refused");
+                Status::from(e)
+            })?;
+        let caller = match caller {
+            Ok(c) => c,
+            Err(denial) => {
+                let unknown = Caller {
+                    system: "unknown".to_owned(),
+                    trusted_assertions: false,
+                };
+                return Err(self.broker.deny(&checked, &unknown, &denial, None));
+            }
+        };
+        self.broker.admit(&checked, &caller)?;
+        Ok((checked, caller))
     }
 }
 
@@ -66,15 +120,17 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<GetCareRecordResponse>, Status> {
-        let request = self.checked(request)?;
+        let (request, caller) = self.accept(request)?;
         let span = tracing::info_span!("lookup", request_id = %request.request_id);
         let broker = self.broker.clone();
         async move {
             let response = match broker.begin(&request).await? {
-                Lookup::Cached { record, age } => broker.respond(&request, &record, true, age),
+                Lookup::Cached { record, age } => {
+                    broker.disclose(&request, &caller, &record, true, age)?
+                }
                 Lookup::Live { flight, deadline } => {
                     let merged = flight.wait(deadline).await;
-                    broker.respond(&request, &merged, false, Duration::ZERO)
+                    broker.disclose(&request, &caller, &merged, false, Duration::ZERO)?
                 }
             };
             tracing::info!(
@@ -95,22 +151,22 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let request = self.checked(request)?;
+        let (request, caller) = self.accept(request)?;
         let broker = self.broker.clone();
         let stream: EventStream = match broker.begin(&request).await? {
             Lookup::Cached { record, age } => {
+                // The whole record is here: decide before sending anything.
+                let response = broker.disclose(&request, &caller, &record, true, age)?;
                 let mut events: Vec<Result<CareRecordEvent, Status>> = broker
                     .replayed_source_events(&request, &record)
                     .into_iter()
                     .map(|e| Ok(event(Event::Source(e))))
                     .collect();
-                events.push(Ok(event(Event::Complete(
-                    broker.respond(&request, &record, true, age),
-                ))));
+                events.push(Ok(event(Event::Complete(response))));
                 Box::pin(futures::stream::iter(events))
             }
             Lookup::Live { flight, deadline } => {
-                Box::pin(live_events(broker, request, flight, deadline))
+                Box::pin(live_events(broker, request, caller, flight, deadline))
             }
         };
         Ok(Response::new(stream))
@@ -124,30 +180,42 @@ fn event(e: Event) -> CareRecordEvent {
 /// Source events as the flight's answers land, then the final merged record at completion or
 /// at our deadline, whichever is first. Every source gets exactly one event: those that had not
 /// answered by our deadline get one with their TIMEOUT status just before the final event.
+///
+/// Events are held back until the legitimate relationship is established (emergency access, a
+/// trusted assertion, or an answer from the requester's own organisation); if it never is, the
+/// stream ends with PERMISSION_DENIED and nothing was disclosed.
 fn live_events(
     broker: Arc<Broker>,
     request: LookupRequest,
+    caller: Caller,
     flight: Arc<Flight>,
     deadline: Instant,
 ) -> impl Stream<Item = Result<CareRecordEvent, Status>> + Send {
     struct State {
         broker: Arc<Broker>,
         request: LookupRequest,
+        caller: Caller,
         flight: Arc<Flight>,
         rx: tokio::sync::watch::Receiver<crate::flight::Progress>,
         deadline: Instant,
-        sent: usize,
-        pending: VecDeque<CareRecordEvent>,
+        seen: usize,
+        released: bool,
+        held: Vec<Arc<crate::fanout::Answer>>,
+        pending: VecDeque<Result<CareRecordEvent, Status>>,
         expired: bool,
         finished: bool,
     }
+    let released = broker.released_by(&request, &caller, None);
     let state = State {
         rx: flight.subscribe(),
         broker,
         request,
+        caller,
         flight,
         deadline,
-        sent: 0,
+        seen: 0,
+        released,
+        held: Vec::new(),
         pending: VecDeque::new(),
         expired: false,
         finished: false,
@@ -155,32 +223,52 @@ fn live_events(
     futures::stream::unfold(state, |mut s| async move {
         loop {
             if let Some(e) = s.pending.pop_front() {
-                return Some((Ok(e), s));
+                return Some((e, s));
             }
             if s.finished {
                 return None;
             }
             {
                 let progress = s.rx.borrow_and_update();
-                for answer in progress.answers.iter().skip(s.sent) {
-                    let e = s.broker.source_event(&s.request, answer);
-                    s.pending.push_back(event(Event::Source(e)));
+                for answer in progress.answers.iter().skip(s.seen) {
+                    s.held.push(answer.clone());
+                    if !s.released && s.broker.released_by(&s.request, &s.caller, Some(answer)) {
+                        s.released = true;
+                    }
                 }
-                s.sent = progress.answers.len();
+                s.seen = progress.answers.len();
+                if s.released {
+                    for answer in s.held.drain(..) {
+                        let e = s.broker.source_event(&s.request, &answer);
+                        s.pending.push_back(Ok(event(Event::Source(e))));
+                    }
+                }
                 if progress.merged.is_some() || s.expired {
                     let merged = s.flight.merge_so_far(&progress);
-                    let answered: Vec<usize> = progress.answers.iter().map(|a| a.index).collect();
-                    for (index, status) in merged.sources.iter().enumerate() {
-                        if !answered.contains(&index) {
-                            s.pending.push_back(event(Event::Source(SourceEvent {
-                                status: Some(status.clone()),
-                                contribution: None,
-                            })));
-                        }
-                    }
-                    let response = s.broker.respond(&s.request, &merged, false, Duration::ZERO);
-                    s.pending.push_back(event(Event::Complete(response)));
                     s.finished = true;
+                    match s
+                        .broker
+                        .disclose(&s.request, &s.caller, &merged, false, Duration::ZERO)
+                    {
+                        Ok(response) => {
+                            for answer in s.held.drain(..) {
+                                let e = s.broker.source_event(&s.request, &answer);
+                                s.pending.push_back(Ok(event(Event::Source(e))));
+                            }
+                            let answered: Vec<usize> =
+                                progress.answers.iter().map(|a| a.index).collect();
+                            for (index, status) in merged.sources.iter().enumerate() {
+                                if !answered.contains(&index) {
+                                    s.pending.push_back(Ok(event(Event::Source(SourceEvent {
+                                        status: Some(status.clone()),
+                                        contribution: None,
+                                    }))));
+                                }
+                            }
+                            s.pending.push_back(Ok(event(Event::Complete(response))));
+                        }
+                        Err(status) => s.pending.push_back(Err(status)),
+                    }
                     continue;
                 }
             }

@@ -1,6 +1,8 @@
 //! Shared harness for the end-to-end tests: a real broker on `127.0.0.1:0` driven over real
 //! gRPC, with sources that are either in-memory or real HTTP mock organisations.
 
+pub mod pki;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -8,9 +10,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use carerecord_adapters::memory::InMemorySource;
 use carerecord_adapters::{NhsNumber, Source, SourceError, SourceInfo, SourceReply, SourceRequest};
+use std::path::PathBuf;
+
 use carerecord_broker::Broker;
+use carerecord_broker::access::{AccessConfig, Policy};
+use carerecord_broker::audit::AuditLog;
 use carerecord_broker::config::{BudgetConfig, CacheConfig};
 use carerecord_broker::fanout::{ConfiguredSource, SourceSet};
+use carerecord_broker::lookup::BrokerParts;
+use carerecord_broker::server::Transport;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::{
     AllergyDetail, CareRecord, Coding, Entry, GetCareRecordRequest, MedicationDetail, Patient,
@@ -54,12 +62,16 @@ impl Drop for TestBroker {
     }
 }
 
-/// Budget and cache settings tests commonly tweak.
+/// Budget, cache, access and audit settings tests commonly tweak.
 #[derive(Clone)]
 pub struct Settings {
     pub budget: BudgetConfig,
     pub cache: CacheConfig,
     pub broker_id: String,
+    /// Tests not about access trust the (unverified) caller's asserted relationship, which
+    /// [`clinician`] carries; access tests turn this off.
+    pub access: AccessConfig,
+    pub audit_file: PathBuf,
 }
 
 impl Default for Settings {
@@ -72,8 +84,21 @@ impl Default for Settings {
             },
             cache: CacheConfig::default(),
             broker_id: "test-broker".into(),
+            access: AccessConfig {
+                trust_unverified_assertions: true,
+                ..AccessConfig::default()
+            },
+            audit_file: temp_path("audit.jsonl"),
         }
     }
+}
+
+/// A fresh path in a per-process temporary folder.
+pub fn temp_path(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!("carerecord-e2e-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{}-{name}", N.fetch_add(1, Ordering::SeqCst)))
 }
 
 /// Starts a broker over `sources` (each with its timeout).
@@ -101,41 +126,66 @@ pub fn build_broker(sources: Vec<(Arc<dyn Source>, Duration)>, settings: Setting
             .collect(),
         epoch: 1,
     };
-    Arc::new(Broker::new(
-        settings.broker_id,
-        settings.budget,
-        &settings.cache,
-        set,
-    ))
+    let parts = BrokerParts {
+        broker_id: settings.broker_id,
+        budget: settings.budget,
+        cache: settings.cache,
+        policy: Policy::new(&settings.access).expect("policy"),
+        audit: AuditLog::open(&settings.audit_file, false).expect("audit trail"),
+    };
+    Arc::new(Broker::new(parts, set))
 }
 
 /// Serves `broker` on an already-bound listener (so two brokers can know each other's address
 /// before either starts).
 pub fn serve_on(listener: tokio::net::TcpListener, broker: Arc<Broker>) -> TestBroker {
+    serve_with(listener, broker, Transport::plaintext())
+}
+
+/// Serves `broker` on `listener` with the given transport (TLS, mutual TLS).
+pub fn serve_with(
+    listener: tokio::net::TcpListener,
+    broker: Arc<Broker>,
+    transport: Transport,
+) -> TestBroker {
+    let scheme = if transport.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let addr = listener.local_addr().expect("local addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let serving = broker.clone();
     let task = tokio::spawn(async move {
-        let _ = carerecord_broker::server::run(listener, serving, async {
+        let _ = carerecord_broker::server::run(listener, serving, transport, async {
             let _ = stopped.await;
         })
         .await;
     });
     TestBroker {
-        url: format!("http://{addr}"),
+        url: format!("{scheme}://{addr}"),
         broker,
         stop: Some(stop),
         task: Some(task),
     }
 }
 
-/// A requester for tests.
+/// A requester for tests not about access: asserts a relationship (trusted by default
+/// [`Settings`]).
 pub fn clinician() -> Requester {
+    Requester {
+        asserted_relationship: "test care team".into(),
+        ..clinician_of("A81001")
+    }
+}
+
+/// A clinician (role R8000) of `organisation`, asserting nothing.
+pub fn clinician_of(organisation: &str) -> Requester {
     Requester {
         user_id: "dr-test".into(),
         user_name: "Dr Test".into(),
         role_code: "R8000".into(),
-        organisation_code: "RJ122".into(),
+        organisation_code: organisation.into(),
         ..Requester::default()
     }
 }

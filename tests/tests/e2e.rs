@@ -2,6 +2,7 @@
 //! capability.
 
 mod e2e {
+    pub mod access;
     pub mod federation;
     pub mod foundation;
     pub mod pipeline;

@@ -4,7 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use carerecord_broker::access::Policy;
+use carerecord_broker::audit::AuditLog;
 use carerecord_broker::config::Config;
+use carerecord_broker::fanout::SourceSet;
+use carerecord_broker::lookup::BrokerParts;
+use carerecord_broker::server::Transport;
 use carerecord_broker::{Broker, registry, server};
 
 pub async fn run(path: &Path) -> anyhow::Result<()> {
@@ -19,25 +24,39 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    let broker = Arc::new(Broker::new(
-        config.server.broker_id.clone(),
-        config.budget.clone(),
-        &config.cache,
-        sources,
-    ));
+    let transport = Transport::from_config(&config.server)?;
+    let broker = Arc::new(build_broker(&config, sources)?);
     tracing::info!(
         listen = %listener.local_addr()?,
         sources = config.sources.len(),
         "carerecord broker serving"
     );
-    server::run(listener, broker, shutdown_signal()).await?;
+    server::run(listener, broker, transport, shutdown_signal()).await?;
     tracing::info!("carerecord broker stopped");
     Ok(())
+}
+
+/// A broker from config: policy, audit trail and sources.
+pub fn build_broker(config: &Config, sources: SourceSet) -> anyhow::Result<Broker> {
+    let policy = Policy::new(&config.access)?;
+    let audit = AuditLog::open(&config.audit.file, config.audit.fsync)?;
+    Ok(Broker::new(
+        BrokerParts {
+            broker_id: config.server.broker_id.clone(),
+            budget: config.budget.clone(),
+            cache: config.cache.clone(),
+            policy,
+            audit,
+        },
+        sources,
+    ))
 }
 
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     registry::build(&config, 1)?;
+    Policy::new(&config.access)?;
+    Transport::from_config(&config.server)?;
     println!(
         "{}: OK ({} sources, listening on {}{})",
         path.display(),

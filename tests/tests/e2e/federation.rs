@@ -60,7 +60,11 @@ async fn a_broker_federates_another_and_keeps_its_source_statuses_nested() {
         .expect("lookup")
         .into_inner();
     assert!(r.complete, "{:?}", r.sources);
-    let north_status = r.sources.iter().find(|s| s.source_id == "north").expect("north");
+    let north_status = r
+        .sources
+        .iter()
+        .find(|s| s.source_id == "north")
+        .expect("north");
     assert_eq!(north_status.outcome, SourceOutcome::Ok as i32);
     assert_eq!(north_status.nested.len(), 1);
     assert_eq!(north_status.nested[0].source_id, "hospital");
@@ -80,7 +84,9 @@ async fn a_broker_federates_another_and_keeps_its_source_statuses_nested() {
 #[tokio::test]
 async fn a_federation_loop_is_refused_with_a_clear_outcome() {
     // a knows b, b knows a.
-    let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let a_url = format!("http://{}", a_listener.local_addr().expect("addr"));
     let b = start_broker(
         vec![
@@ -108,8 +114,16 @@ async fn a_federation_loop_is_refused_with_a_clear_outcome() {
         .expect("lookup")
         .into_inner();
     let via_b = r.sources.iter().find(|s| s.source_id == "b").expect("b");
-    assert_eq!(via_b.outcome, SourceOutcome::Ok as i32, "b answered with its hospital");
-    let back_to_a = via_b.nested.iter().find(|s| s.source_id == "a").expect("nested a");
+    assert_eq!(
+        via_b.outcome,
+        SourceOutcome::Ok as i32,
+        "b answered with its hospital"
+    );
+    let back_to_a = via_b
+        .nested
+        .iter()
+        .find(|s| s.source_id == "a")
+        .expect("nested a");
     assert_eq!(back_to_a.outcome, SourceOutcome::Refused as i32);
     assert!(back_to_a.message.contains("loop"), "{}", back_to_a.message);
     // Data from both sides still arrived once each.
@@ -138,7 +152,11 @@ async fn an_unreachable_remote_broker_is_an_error_outcome() {
         .await
         .expect("lookup")
         .into_inner();
-    let gone = r.sources.iter().find(|s| s.source_id == "gone").expect("gone");
+    let gone = r
+        .sources
+        .iter()
+        .find(|s| s.source_id == "gone")
+        .expect("gone");
     assert_eq!(gone.outcome, SourceOutcome::Error as i32);
     assert!(!r.complete);
 }

@@ -1,0 +1,326 @@
+//! Who may look, and what they may see: role-based access, the legitimate relationship,
+//! emergency ("break-glass") access, patients' objections, and sensitive data.
+//!
+//! Decisions run on every request, hit or miss. Admission (role, purpose) is decided before any
+//! source is asked; the relationship needs the record (which organisations hold data for the
+//! patient), so it is decided after the cache and before anything is disclosed. Filtering is
+//! per request, after the cache: a record cached for one requester never reaches another
+//! unfiltered.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use carerecord_adapters::NhsNumber;
+use carerecord_proto::{CareRecord, Entry, Purpose, Section, SourceOutcome};
+use serde::Deserialize;
+
+use crate::merge::MergedRecord;
+use crate::validate::LookupRequest;
+
+/// `[access]`: the policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Role codes that may view records at all.
+    pub roles: Vec<String>,
+    /// Role codes that may see sensitive entries (the RCGP sensitive set, safeguarding, entries
+    /// labelled restricted) and restricted patients' address.
+    pub sensitive_roles: Vec<String>,
+    /// Role codes that may use emergency access.
+    pub emergency_roles: Vec<String>,
+    /// Extra SNOMED CT codes to treat as sensitive, beyond the built-in examples.
+    pub sensitive_codes: Vec<String>,
+    /// A file of NHS numbers (one per line, `#` comments) of patients who objected to sharing:
+    /// only their own organisation's data is shown to a requester, except in an emergency.
+    pub objections_file: Option<PathBuf>,
+    /// Whether relationships asserted by callers without an identified system (plaintext
+    /// development) are trusted.
+    pub trust_unverified_assertions: bool,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            roles: ["R8000", "R8001", "R8003"].map(String::from).to_vec(),
+            sensitive_roles: Vec::new(),
+            emergency_roles: ["R8000", "R8001", "R8003"].map(String::from).to_vec(),
+            sensitive_codes: Vec::new(),
+            objections_file: None,
+            trust_unverified_assertions: false,
+        }
+    }
+}
+
+/// Examples from the RCGP sensitive set (IVF, sexually transmitted infections, termination of
+/// pregnancy, gender reassignment). Sites extend it with `sensitive_codes`.
+const BUILT_IN_SENSITIVE_CODES: &[&str] = &[
+    "52637005",  // In vitro fertilisation
+    "105629000", // Chlamydial infection
+    "15628003",  // Gonorrhoea
+    "76272004",  // Syphilis
+    "33839006",  // Genital herpes simplex
+    "86406008",  // HIV infection
+    "386639001", // Termination of pregnancy
+    "714812005", // Induced termination of pregnancy
+    "93461009",  // Gender dysphoria
+];
+
+/// Security label codes that mark an entry as not for general sharing: confidentiality R/V and
+/// HL7 ActCode sensitivity codes (HIV, STD, sexual and domestic violence, safeguarding-like).
+const SENSITIVE_LABELS: &[&str] = &[
+    "R",
+    "V",
+    "HIV",
+    "STD",
+    "SDV",
+    "SEX",
+    "TBOO",
+    "SOC",
+    "SAFEGUARDING",
+];
+
+/// Who is calling, as established by the transport.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The calling system's configured id, or `unverified` without mutual TLS.
+    pub system: String,
+    /// Whether this system may assert relationships.
+    pub trusted_assertions: bool,
+}
+
+/// Why access is refused. The text is shown to the caller and audited.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("role {0} may not view care records")]
+    Role(String),
+    #[error("role {0} may not use emergency access")]
+    EmergencyRole(String),
+    #[error(
+        "no legitimate relationship between organisation {0} and this patient; use emergency access only if this is an emergency"
+    )]
+    NoRelationship(String),
+    #[error("calling system not recognised")]
+    UnknownSystem,
+}
+
+/// Why access was granted, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Basis {
+    Emergency,
+    Asserted(String),
+    HoldsRecords,
+    RegisteredGp,
+}
+
+impl std::fmt::Display for Basis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Basis::Emergency => f.write_str("emergency access"),
+            Basis::Asserted(r) => write!(f, "relationship asserted by calling system: {r}"),
+            Basis::HoldsRecords => {
+                f.write_str("requesting organisation holds records for the patient")
+            }
+            Basis::RegisteredGp => {
+                f.write_str("requesting organisation is the registered GP practice")
+            }
+        }
+    }
+}
+
+/// What this requester sees of a record.
+pub struct View {
+    pub record: CareRecord,
+    pub withheld: bool,
+}
+
+/// The policy, built once from config.
+pub struct Policy {
+    roles: HashSet<String>,
+    sensitive_roles: HashSet<String>,
+    emergency_roles: HashSet<String>,
+    sensitive_codes: HashSet<String>,
+    objections: HashSet<NhsNumber>,
+    trust_unverified: bool,
+}
+
+/// The policy could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read objections file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("objections file {path}, line {line}: {why}")]
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
+}
+
+impl Policy {
+    pub fn new(config: &AccessConfig) -> Result<Policy, PolicyError> {
+        let objections = match &config.objections_file {
+            Some(path) => read_objections(path)?,
+            None => HashSet::new(),
+        };
+        let set = |v: &[String]| v.iter().map(|s| s.trim().to_owned()).collect();
+        Ok(Policy {
+            roles: set(&config.roles),
+            sensitive_roles: set(&config.sensitive_roles),
+            emergency_roles: set(&config.emergency_roles),
+            sensitive_codes: BUILT_IN_SENSITIVE_CODES
+                .iter()
+                .map(|c| (*c).to_owned())
+                .chain(config.sensitive_codes.iter().cloned())
+                .collect(),
+            objections,
+            trust_unverified: config.trust_unverified_assertions,
+        })
+    }
+
+    /// Whether the requester may ask at all: decided before any source is asked.
+    pub fn admit(&self, request: &LookupRequest) -> Result<(), Denial> {
+        let role = request.requester.role_code.trim();
+        if !self.roles.contains(role) {
+            return Err(Denial::Role(role.to_owned()));
+        }
+        if request.purpose == Purpose::EmergencyAccess && !self.emergency_roles.contains(role) {
+            return Err(Denial::EmergencyRole(role.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The legitimate relationship, decided on the record before anything is disclosed.
+    pub fn relationship(
+        &self,
+        request: &LookupRequest,
+        caller: &Caller,
+        merged: &MergedRecord,
+    ) -> Result<Basis, Denial> {
+        let org = request.requester.organisation_code.trim();
+        if request.purpose == Purpose::EmergencyAccess {
+            return Ok(Basis::Emergency);
+        }
+        let asserted = request.requester.asserted_relationship.trim();
+        if !asserted.is_empty()
+            && (caller.trusted_assertions || (caller.system == UNVERIFIED && self.trust_unverified))
+        {
+            return Ok(Basis::Asserted(asserted.to_owned()));
+        }
+        if holds_records(org, merged) {
+            return Ok(Basis::HoldsRecords);
+        }
+        if merged
+            .record
+            .patient
+            .as_ref()
+            .is_some_and(|p| p.registered_gp_code.eq_ignore_ascii_case(org))
+        {
+            return Ok(Basis::RegisteredGp);
+        }
+        Err(Denial::NoRelationship(org.to_owned()))
+    }
+
+    /// Whether the relationship is already established by this one source answer (streaming
+    /// uses it to release events before the whole record is in).
+    pub fn relationship_from_answer(
+        &self,
+        request: &LookupRequest,
+        status_org: &str,
+        outcome: i32,
+        record: Option<&CareRecord>,
+    ) -> bool {
+        let org = request.requester.organisation_code.trim();
+        outcome == SourceOutcome::Ok as i32
+            && (status_org.eq_ignore_ascii_case(org)
+                || record
+                    .and_then(|r| r.patient.as_ref())
+                    .is_some_and(|p| p.registered_gp_code.eq_ignore_ascii_case(org)))
+    }
+
+    /// What this requester may see of `record`.
+    pub fn view(&self, request: &LookupRequest, record: &CareRecord) -> View {
+        let mut out = record.clone();
+        let mut withheld = false;
+        let emergency = request.purpose == Purpose::EmergencyAccess;
+        let org = request.requester.organisation_code.trim();
+        let objected = self.objections.contains(&request.nhs_number);
+        let sees_sensitive = self
+            .sensitive_roles
+            .contains(request.requester.role_code.trim());
+
+        for section in Section::ALL {
+            let Some(entries) = out.section_mut(section) else {
+                continue;
+            };
+            let before = entries.len();
+            if objected && !emergency {
+                // Only what the requester's own organisation reported.
+                entries.retain_mut(|e| {
+                    e.provenance
+                        .retain(|p| p.organisation_code.eq_ignore_ascii_case(org));
+                    !e.provenance.is_empty()
+                });
+            }
+            if !sees_sensitive {
+                entries.retain(|e| !self.is_sensitive(e));
+            }
+            withheld |= entries.len() != before;
+        }
+        if let Some(patient) = out.patient.as_mut()
+            && patient.restricted
+            && !sees_sensitive
+        {
+            withheld |= !patient.address.is_empty() || !patient.registered_gp_code.is_empty();
+            patient.address.clear();
+            patient.registered_gp_code.clear();
+        }
+        View {
+            record: out,
+            withheld,
+        }
+    }
+
+    fn is_sensitive(&self, entry: &Entry) -> bool {
+        entry
+            .concept
+            .as_ref()
+            .is_some_and(|c| self.sensitive_codes.contains(c.code.trim()))
+            || entry
+                .security_labels
+                .iter()
+                .any(|l| SENSITIVE_LABELS.contains(&l.code.trim()))
+    }
+}
+
+/// The system name recorded when the broker runs without mutual TLS.
+pub const UNVERIFIED: &str = "unverified";
+
+fn holds_records(org: &str, merged: &MergedRecord) -> bool {
+    merged.sources.iter().any(|s| {
+        s.outcome == SourceOutcome::Ok as i32 && s.organisation_code.eq_ignore_ascii_case(org)
+    })
+}
+
+fn read_objections(path: &Path) -> Result<HashSet<NhsNumber>, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut out = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let n = NhsNumber::parse(line).map_err(|e| PolicyError::BadLine {
+            path: path.to_owned(),
+            line: i + 1,
+            why: e.to_string(),
+        })?;
+        out.insert(n);
+    }
+    Ok(out)
+}
