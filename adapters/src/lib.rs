@@ -8,6 +8,7 @@
 pub mod federation;
 pub mod fhir;
 pub mod memory;
+pub mod testkit;
 mod nhs;
 mod sections;
 mod source;

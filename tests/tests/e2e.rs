@@ -6,4 +6,5 @@ mod e2e {
     pub mod federation;
     pub mod foundation;
     pub mod pipeline;
+    pub mod region;
 }

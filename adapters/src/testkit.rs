@@ -1,0 +1,1 @@
+//! The adapter conformance kit (placeholder).

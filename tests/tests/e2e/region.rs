@@ -1,0 +1,1 @@
+//! Broker ↔ FHIR adapter ↔ mock-sources over real HTTP (placeholder).
