@@ -38,6 +38,9 @@ enum Command {
     },
     /// Look a patient up through a running broker and print the record.
     Lookup(cli::lookup::LookupArgs),
+    /// Read the audit trail: verify it, or list who looked at a patient's record.
+    #[command(subcommand)]
+    Audit(cli::audit::AuditCommand),
     /// Start a synthetic region (mock organisations over real HTTP) and a broker, look up a
     /// patient known to several organisations, and print the record.
     Demo(cli::demo::DemoArgs),
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             Command::CheckConfig { file } => cli::serve::check(&file),
             Command::Lookup(args) => cli::lookup::run(args).await,
             Command::Demo(args) => cli::demo::run(args).await,
+            Command::Audit(command) => cli::audit::run(command),
         }
     });
     match result {

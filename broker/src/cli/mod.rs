@@ -1,5 +1,6 @@
 //! The command-line subcommands, each a thin edge over the library with context-rich errors.
 
+pub mod audit;
 pub mod demo;
 pub mod lookup;
 pub mod serve;
