@@ -103,6 +103,18 @@ pub enum Denial {
     UnknownSystem,
 }
 
+impl Denial {
+    /// Short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Denial::Role(_) => "role",
+            Denial::EmergencyRole(_) => "emergency_role",
+            Denial::NoRelationship(_) => "no_relationship",
+            Denial::UnknownSystem => "unknown_system",
+        }
+    }
+}
+
 /// Why access was granted, for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Basis {

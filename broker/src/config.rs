@@ -24,6 +24,12 @@ pub struct Config {
     /// The merged-record cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Breakers, bulkheads, shedding and draining.
+    #[serde(default)]
+    pub resilience: ResilienceConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Who may look and what they may see.
     #[serde(default)]
     pub access: AccessConfig,
@@ -34,6 +40,46 @@ pub struct Config {
     /// the patient supplies the demographics shown).
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+}
+
+/// `[resilience]`: how the broker stays up when sources and callers misbehave.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResilienceConfig {
+    /// Consecutive failures (errors or timeouts) that open a source's circuit; 0 disables.
+    pub breaker_failures: u32,
+    /// How long an open circuit stays open before one probe is let through.
+    pub breaker_open_ms: u64,
+    /// Calls in flight to one source before further lookups are told it is UNAVAILABLE
+    /// (a bulkhead; sources may override with `max_in_flight`).
+    pub source_max_in_flight: usize,
+    /// Lookups in flight before new ones are shed with RESOURCE_EXHAUSTED.
+    pub max_lookups_in_flight: usize,
+    /// The retry hint sent with a shed lookup (`grpc-retry-pushback-ms`).
+    pub shed_retry_after_ms: u64,
+    /// On SIGTERM: how long in-flight lookups may take to finish before the broker exits.
+    pub drain_ms: u64,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        ResilienceConfig {
+            breaker_failures: 5,
+            breaker_open_ms: 10_000,
+            source_max_in_flight: 64,
+            max_lookups_in_flight: 512,
+            shed_retry_after_ms: 1_000,
+            drain_ms: 10_000,
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve Prometheus metrics (`GET /metrics`); unset means no endpoint.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[audit]`
@@ -171,6 +217,8 @@ pub struct SourceConfig {
     pub organisation_name: String,
     /// Time budget for this source; defaults to `budget.default_source_timeout_ms`.
     pub timeout_ms: Option<u64>,
+    /// Calls in flight to this source; defaults to `resilience.source_max_in_flight`.
+    pub max_in_flight: Option<usize>,
     /// A FHIR R4 server.
     pub fhir: Option<FhirConfig>,
     /// Another carerecord broker (federation).
@@ -236,6 +284,9 @@ impl Config {
                 );
             }
             _ => {}
+        }
+        if self.resilience.max_lookups_in_flight == 0 || self.resilience.source_max_in_flight == 0 {
+            return Err("resilience: in-flight limits must be greater than 0".into());
         }
         if self.server.broker_id.trim().is_empty() {
             return Err("server.broker_id must not be empty".into());

@@ -13,15 +13,48 @@ use carerecord_adapters::{Source, SourceError, SourceRecord, SourceReply, Source
 use carerecord_proto::{SourceOutcome, SourceStatus};
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::breaker::{Breaker, BreakerConfig, Permit};
 use crate::budget::Budget;
 
-/// A source as the broker runs it: the adapter and its time budget.
+/// A source as the broker runs it: the adapter, its time budget, its circuit breaker and its
+/// bulkhead (a cap on calls in flight, so one slow organisation cannot hold every connection).
 pub struct ConfiguredSource {
     pub source: Arc<dyn Source>,
     pub timeout: Duration,
+    pub breaker: Arc<Breaker>,
+    pub bulkhead: Arc<Semaphore>,
+}
+
+/// Defaults for sources built without explicit resilience settings (tests, embedding).
+pub const DEFAULT_BREAKER: BreakerConfig = BreakerConfig {
+    failures: 5,
+    open_for: Duration::from_secs(10),
+};
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
+impl ConfiguredSource {
+    /// A source with the default breaker and bulkhead.
+    pub fn new(source: Arc<dyn Source>, timeout: Duration) -> Self {
+        Self::with_limits(source, timeout, DEFAULT_BREAKER, DEFAULT_MAX_IN_FLIGHT)
+    }
+
+    pub fn with_limits(
+        source: Arc<dyn Source>,
+        timeout: Duration,
+        breaker: BreakerConfig,
+        max_in_flight: usize,
+    ) -> Self {
+        ConfiguredSource {
+            source,
+            timeout,
+            breaker: Arc::new(Breaker::new(breaker)),
+            bulkhead: Arc::new(Semaphore::new(max_in_flight.max(1))),
+        }
+    }
 }
 
 /// The sources of one configuration, in priority order. Replaced whole on reload; a lookup
@@ -78,13 +111,19 @@ async fn ask(
     started: Instant,
 ) -> Answer {
     let info = configured.source.info();
-    let call = AssertUnwindSafe(configured.source.fetch(&request)).catch_unwind();
-    let result = match tokio::time::timeout_at(request.deadline, call).await {
-        Err(_elapsed) => Err(SourceError::Timeout),
-        Ok(Err(_panic)) => Err(SourceError::Other("the adapter failed unexpectedly".into())),
-        Ok(Ok(result)) => result,
-    };
+    let result = call_guarded(configured, &request).await;
     let latency = started.elapsed();
+    let outcome_label = match &result {
+        Ok(SourceReply::Found(_)) => "ok",
+        Ok(SourceReply::NotFound) => "not_found",
+        Err(e) => crate::metrics::outcome_label(e.outcome()),
+    };
+    metrics::counter!(crate::metrics::SOURCE_REQUESTS, "source" => info.id.clone(), "outcome" => outcome_label)
+        .increment(1);
+    metrics::histogram!(crate::metrics::SOURCE_DURATION, "source" => info.id.clone())
+        .record(latency.as_secs_f64());
+    metrics::gauge!(crate::metrics::BREAKER_STATE, "source" => info.id.clone())
+        .set(f64::from(configured.breaker.state_code()));
     let mut status = SourceStatus {
         source_id: info.id.clone(),
         organisation_code: info.organisation_code.clone(),
@@ -126,6 +165,55 @@ async fn ask(
         status,
         record,
     }
+}
+
+/// Calls the source unless its breaker is open or its bulkhead is full, bounded by the deadline,
+/// with panics caught; reports the result to the breaker.
+async fn call_guarded(
+    configured: &ConfiguredSource,
+    request: &SourceRequest,
+) -> Result<SourceReply, SourceError> {
+    let permit = configured.breaker.acquire();
+    if permit == Permit::Reject {
+        return Err(SourceError::CircuitOpen);
+    }
+    // Reports an abandoned call (bulkhead full, or dropped mid-way) so a probe cannot leave the
+    // circuit stuck half-open.
+    struct Report<'a> {
+        breaker: &'a Breaker,
+        permit: Permit,
+        success: Option<bool>,
+    }
+    impl Drop for Report<'_> {
+        fn drop(&mut self) {
+            match self.success {
+                Some(success) => self.breaker.record(self.permit, success),
+                None if self.permit == Permit::Probe => self.breaker.record(self.permit, false),
+                None => {}
+            }
+        }
+    }
+    let mut report = Report {
+        breaker: &configured.breaker,
+        permit,
+        success: None,
+    };
+    let Ok(_slot) = configured.bulkhead.clone().try_acquire_owned() else {
+        return Err(SourceError::Unavailable(
+            "too many lookups in flight to this source".into(),
+        ));
+    };
+    let call = AssertUnwindSafe(configured.source.fetch(request)).catch_unwind();
+    let result = match tokio::time::timeout_at(request.deadline, call).await {
+        Err(_elapsed) => Err(SourceError::Timeout),
+        Ok(Err(_panic)) => Err(SourceError::Other("the adapter failed unexpectedly".into())),
+        Ok(Ok(result)) => result,
+    };
+    report.success = Some(match &result {
+        Ok(_) => true,
+        Err(e) => !matches!(e.outcome(), SourceOutcome::Timeout | SourceOutcome::Error),
+    });
+    result
 }
 
 /// Drops sections the request did not ask for: a source may return more than it was asked.

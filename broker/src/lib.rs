@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod breaker;
 pub mod budget;
 pub mod cache;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod fanout;
 pub mod flight;
 pub mod lookup;
 pub mod merge;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -4,7 +4,7 @@
 //! Access decisions belong before the cache and filtering after it, on every request: a cached
 //! record is what the sources said, not what this requester may see.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +43,37 @@ pub struct Broker {
     policy: Policy,
     /// Every access, allowed or denied.
     audit: AuditLog,
+    /// Lookups being answered now, against `limits.max_in_flight`.
+    in_flight: Arc<AtomicUsize>,
+    limits: LoadLimits,
+    /// Set on SIGTERM: new lookups are refused while in-flight ones finish.
+    draining: AtomicBool,
+}
+
+/// Global load limits: shed instead of queueing until everything is late.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadLimits {
+    pub max_in_flight: usize,
+    pub retry_after: Duration,
+}
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        LoadLimits {
+            max_in_flight: 512,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Holds one lookup's place in the in-flight count.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!(crate::metrics::IN_FLIGHT).set(now as f64);
+    }
 }
 
 /// What a broker is made of, besides its sources.
@@ -52,6 +83,7 @@ pub struct BrokerParts {
     pub cache: CacheConfig,
     pub policy: Policy,
     pub audit: AuditLog,
+    pub limits: LoadLimits,
 }
 
 /// How a lookup will be answered.
@@ -68,7 +100,35 @@ pub enum Lookup {
     },
 }
 
+/// A broker that cannot be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Policy(#[from] crate::access::PolicyError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
 impl Broker {
+    /// A broker as `carerecord serve` builds it: policy, audit trail and limits from `config`.
+    pub fn from_config(
+        config: &crate::config::Config,
+        sources: SourceSet,
+    ) -> Result<Broker, BuildError> {
+        let parts = BrokerParts {
+            broker_id: config.server.broker_id.clone(),
+            budget: config.budget.clone(),
+            cache: config.cache.clone(),
+            policy: Policy::new(&config.access)?,
+            audit: AuditLog::open(&config.audit.file, config.audit.fsync)?,
+            limits: LoadLimits {
+                max_in_flight: config.resilience.max_lookups_in_flight,
+                retry_after: Duration::from_millis(config.resilience.shed_retry_after_ms),
+            },
+        };
+        Ok(Broker::new(parts, sources))
+    }
+
     pub fn new(parts: BrokerParts, sources: SourceSet) -> Broker {
         Broker {
             broker_id: parts.broker_id,
@@ -83,6 +143,9 @@ impl Broker {
             counter: AtomicU64::new(0),
             policy: parts.policy,
             audit: parts.audit,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            limits: parts.limits,
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -121,6 +184,41 @@ impl Broker {
         format!("{t:x}-{n:x}")
     }
 
+    /// Takes a place among the lookups in flight, or sheds this one: RESOURCE_EXHAUSTED with a
+    /// retry hint (`grpc-retry-pushback-ms`), immediately, instead of queueing.
+    pub fn admit_load(&self) -> Result<InFlight, Status> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(LookupError::ShuttingDown.into());
+        }
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self.in_flight.clone());
+        if before >= self.limits.max_in_flight {
+            drop(guard);
+            metrics::counter!(crate::metrics::SHED).increment(1);
+            let mut status = Status::resource_exhausted(format!(
+                "the broker is at capacity ({} lookups in flight); retry after {} ms",
+                self.limits.max_in_flight,
+                self.limits.retry_after.as_millis()
+            ));
+            if let Ok(v) = self.limits.retry_after.as_millis().to_string().parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            return Err(status);
+        }
+        metrics::gauge!(crate::metrics::IN_FLIGHT).set((before + 1) as f64);
+        Ok(guard)
+    }
+
+    /// Lookups being answered now.
+    pub fn lookups_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Refuses new lookups from now on (SIGTERM); in-flight ones finish.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
     /// Starts (or joins, or serves from cache) the lookup.
     pub async fn begin(&self, request: &LookupRequest) -> Result<Lookup, LookupError> {
         if request.via_brokers.contains(&self.broker_id) {
@@ -138,8 +236,12 @@ impl Broker {
             && let Some((record, age)) = self.cache.get(&key).await
         {
             tracing::debug!(age_ms = age.as_millis() as u64, "served from cache");
+            metrics::counter!(crate::metrics::CACHE_HITS).increment(1);
             return Ok(Lookup::Cached { record, age });
         }
+        metrics::counter!(crate::metrics::CACHE_MISSES).increment(1);
+        metrics::gauge!(crate::metrics::CACHE_ENTRIES).set(self.cache.entry_count() as f64);
+        metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.cache.weighted_size() as f64);
         let mut via_brokers = request.via_brokers.clone();
         via_brokers.push(self.broker_id.clone());
         let source_request = SourceRequest {
@@ -154,6 +256,9 @@ impl Broker {
             self.flights
                 .join_or_start(key, sources, source_request, budget, self.cache.clone());
         tracing::debug!(joined = !started, "fan-out");
+        if !started {
+            metrics::counter!(crate::metrics::COALESCED).increment(1);
+        }
         // Wait a little past the sources' deadline (half the merge headroom): the flight
         // finishes by its own deadline, and taking its merged record keeps one canonical
         // answer per flight instead of a near-identical re-merge racing the flight's timers.
@@ -189,6 +294,7 @@ impl Broker {
             None,
             false,
         );
+        metrics::counter!(crate::metrics::DENIED, "reason" => denial.label()).increment(1);
         tracing::info!(request_id = %request.request_id, reason = %denial, "access denied");
         if let Err(e) = self.audit.record(&event) {
             tracing::error!(error = %e, "audit trail unavailable");

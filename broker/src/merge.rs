@@ -343,13 +343,15 @@ mod tests {
     fn set(n: usize) -> SourceSet {
         SourceSet {
             sources: (0..n)
-                .map(|i| ConfiguredSource {
-                    source: Arc::new(InMemorySource::new(
-                        &format!("s{i}"),
-                        &format!("ORG{i}"),
-                        "Org",
-                    )) as Arc<dyn Source>,
-                    timeout: Duration::from_secs(1),
+                .map(|i| {
+                    ConfiguredSource::new(
+                        Arc::new(InMemorySource::new(
+                            &format!("s{i}"),
+                            &format!("ORG{i}"),
+                            "Org",
+                        )) as Arc<dyn Source>,
+                        Duration::from_secs(1),
+                    )
                 })
                 .collect(),
             epoch: 1,

@@ -89,6 +89,26 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // On shutdown: refuse new lookups, report NOT_SERVING (so load balancers stop sending), and
+    // let tonic stop accepting while in-flight calls finish. The caller bounds the drain.
+    let draining = {
+        let health = health.clone();
+        let broker = broker.clone();
+        async move {
+            shutdown.await;
+            broker.start_draining();
+            health
+                .set_not_serving::<CareRecordServiceServer<CareRecordApi>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            tracing::info!(
+                in_flight = broker.lookups_in_flight(),
+                "draining: refusing new lookups, finishing those in flight"
+            );
+        }
+    };
     let api = CareRecordServiceServer::new(CareRecordApi::new(broker, transport.systems))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
@@ -103,7 +123,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining)
         .await?;
     Ok(())
 }

@@ -21,7 +21,7 @@ use crate::access::{Caller, Denial, UNVERIFIED};
 use crate::budget::parse_grpc_timeout;
 use crate::config::SystemConfig;
 use crate::flight::Flight;
-use crate::lookup::{Broker, Lookup};
+use crate::lookup::{Broker, InFlight, Lookup};
 use crate::validate::{self, LookupRequest};
 
 /// Implements the service over a shared [`Broker`].
@@ -120,11 +120,21 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<GetCareRecordResponse>, Status> {
-        let (request, caller) = self.accept(request)?;
+        let _load = self.broker.admit_load()?;
+        let started = Instant::now();
+        let (request, caller) = self.accept(request).inspect_err(record_refusal)?;
         let span = tracing::info_span!("lookup", request_id = %request.request_id);
         let broker = self.broker.clone();
         async move {
-            let response = match broker.begin(&request).await? {
+            let lookup = broker.begin(&request).await.inspect_err(|_| {
+                metrics::counter!(crate::metrics::LOOKUPS, "outcome" => "invalid").increment(1);
+            })?;
+            let cache = if matches!(lookup, Lookup::Cached { .. }) {
+                "hit"
+            } else {
+                "miss"
+            };
+            let response = match lookup {
                 Lookup::Cached { record, age } => {
                     broker.disclose(&request, &caller, &record, true, age)?
                 }
@@ -133,6 +143,14 @@ impl CareRecordService for CareRecordApi {
                     broker.disclose(&request, &caller, &merged, false, Duration::ZERO)?
                 }
             };
+            let outcome = if response.complete {
+                "complete"
+            } else {
+                "partial"
+            };
+            metrics::counter!(crate::metrics::LOOKUPS, "outcome" => outcome).increment(1);
+            metrics::histogram!(crate::metrics::LOOKUP_DURATION, "cache" => cache)
+                .record(started.elapsed().as_secs_f64());
             tracing::info!(
                 complete = response.complete,
                 from_cache = response.from_cache,
@@ -151,7 +169,8 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let (request, caller) = self.accept(request)?;
+        let load = self.broker.admit_load()?;
+        let (request, caller) = self.accept(request).inspect_err(record_refusal)?;
         let broker = self.broker.clone();
         let stream: EventStream = match broker.begin(&request).await? {
             Lookup::Cached { record, age } => {
@@ -166,11 +185,20 @@ impl CareRecordService for CareRecordApi {
                 Box::pin(futures::stream::iter(events))
             }
             Lookup::Live { flight, deadline } => {
-                Box::pin(live_events(broker, request, caller, flight, deadline))
+                Box::pin(live_events(broker, request, caller, flight, deadline, load))
             }
         };
         Ok(Response::new(stream))
     }
+}
+
+/// Counts a lookup refused before any source was asked.
+fn record_refusal(status: &Status) {
+    let outcome = match status.code() {
+        tonic::Code::PermissionDenied => "denied",
+        _ => "invalid",
+    };
+    metrics::counter!(crate::metrics::LOOKUPS, "outcome" => outcome).increment(1);
 }
 
 fn event(e: Event) -> CareRecordEvent {
@@ -190,8 +218,11 @@ fn live_events(
     caller: Caller,
     flight: Arc<Flight>,
     deadline: Instant,
+    load: InFlight,
 ) -> impl Stream<Item = Result<CareRecordEvent, Status>> + Send {
     struct State {
+        /// Keeps this stream counted among lookups in flight until it ends.
+        _load: InFlight,
         broker: Arc<Broker>,
         request: LookupRequest,
         caller: Caller,
@@ -207,6 +238,7 @@ fn live_events(
     }
     let released = broker.released_by(&request, &caller, None);
     let state = State {
+        _load: load,
         rx: flight.subscribe(),
         broker,
         request,

@@ -2,6 +2,7 @@
 //! gRPC, with sources that are either in-memory or real HTTP mock organisations.
 
 pub mod pki;
+pub mod region;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use carerecord_broker::access::{AccessConfig, Policy};
 use carerecord_broker::audit::AuditLog;
 use carerecord_broker::config::{BudgetConfig, CacheConfig};
 use carerecord_broker::fanout::{ConfiguredSource, SourceSet};
-use carerecord_broker::lookup::BrokerParts;
+use carerecord_broker::lookup::{BrokerParts, LoadLimits};
 use carerecord_broker::server::Transport;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::{
@@ -72,6 +73,7 @@ pub struct Settings {
     /// [`clinician`] carries; access tests turn this off.
     pub access: AccessConfig,
     pub audit_file: PathBuf,
+    pub limits: LoadLimits,
 }
 
 impl Default for Settings {
@@ -89,6 +91,7 @@ impl Default for Settings {
                 ..AccessConfig::default()
             },
             audit_file: temp_path("audit.jsonl"),
+            limits: LoadLimits::default(),
         }
     }
 }
@@ -119,19 +122,25 @@ pub async fn start_with(broker: Arc<Broker>) -> TestBroker {
 
 /// A broker built over `sources` with `settings`, not yet serving.
 pub fn build_broker(sources: Vec<(Arc<dyn Source>, Duration)>, settings: Settings) -> Arc<Broker> {
-    let set = SourceSet {
-        sources: sources
+    build_broker_from(
+        sources
             .into_iter()
-            .map(|(source, timeout)| ConfiguredSource { source, timeout })
+            .map(|(source, timeout)| ConfiguredSource::new(source, timeout))
             .collect(),
-        epoch: 1,
-    };
+        settings,
+    )
+}
+
+/// A broker over sources with their own breaker and bulkhead settings.
+pub fn build_broker_from(sources: Vec<ConfiguredSource>, settings: Settings) -> Arc<Broker> {
+    let set = SourceSet { sources, epoch: 1 };
     let parts = BrokerParts {
         broker_id: settings.broker_id,
         budget: settings.budget,
         cache: settings.cache,
         policy: Policy::new(&settings.access).expect("policy"),
         audit: AuditLog::open(&settings.audit_file, false).expect("audit trail"),
+        limits: settings.limits,
     };
     Arc::new(Broker::new(parts, set))
 }

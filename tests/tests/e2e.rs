@@ -7,4 +7,5 @@ mod e2e {
     pub mod foundation;
     pub mod pipeline;
     pub mod region;
+    pub mod resilience;
 }

@@ -5,10 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use carerecord_broker::access::Policy;
-use carerecord_broker::audit::AuditLog;
 use carerecord_broker::config::Config;
 use carerecord_broker::fanout::SourceSet;
-use carerecord_broker::lookup::BrokerParts;
 use carerecord_broker::server::Transport;
 use carerecord_broker::{Broker, registry, server};
 
@@ -26,30 +24,82 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let transport = Transport::from_config(&config.server)?;
     let broker = Arc::new(build_broker(&config, sources)?);
+    if let Some(listen) = config.metrics.listen {
+        carerecord_broker::metrics::install(listen)
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {listen}: {e}"))?;
+        tracing::info!(listen = %listen, "Prometheus metrics at /metrics");
+    }
     tracing::info!(
         listen = %listener.local_addr()?,
         sources = config.sources.len(),
         "carerecord broker serving"
     );
-    server::run(listener, broker, transport, shutdown_signal()).await?;
+
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = stop.send(true);
+    });
+    tokio::spawn(reload_on_hangup(broker.clone(), path.to_owned()));
+
+    let drain = std::time::Duration::from_millis(config.resilience.drain_ms);
+    let serving = server::run(
+        listener,
+        broker.clone(),
+        transport,
+        wait_for(stopping.clone()),
+    );
+    let drain_deadline = async {
+        wait_for(stopping).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        result = serving => result?,
+        () = drain_deadline => tracing::warn!(
+            in_flight = broker.lookups_in_flight(),
+            "drain time ({} ms) passed: exiting with lookups still in flight",
+            drain.as_millis()
+        ),
+    }
     tracing::info!("carerecord broker stopped");
     Ok(())
 }
 
+async fn wait_for(mut flag: tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}
+
+/// SIGHUP re-reads the sources; an invalid file is rejected and the running sources stay.
+async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match registry::reload(&broker, &path) {
+                Ok(n) => tracing::info!(
+                    sources = n,
+                    epoch = broker.sources().epoch,
+                    "configuration reloaded"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "configuration reload rejected; keeping the running sources")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (broker, path);
+    }
+}
+
 /// A broker from config: policy, audit trail and sources.
 pub fn build_broker(config: &Config, sources: SourceSet) -> anyhow::Result<Broker> {
-    let policy = Policy::new(&config.access)?;
-    let audit = AuditLog::open(&config.audit.file, config.audit.fsync)?;
-    Ok(Broker::new(
-        BrokerParts {
-            broker_id: config.server.broker_id.clone(),
-            budget: config.budget.clone(),
-            cache: config.cache.clone(),
-            policy,
-            audit,
-        },
-        sources,
-    ))
+    Ok(Broker::from_config(config, sources)?)
 }
 
 pub fn check(path: &Path) -> anyhow::Result<()> {
