@@ -101,6 +101,10 @@ pub enum Denial {
     NoRelationship(String),
     #[error("calling system not recognised")]
     UnknownSystem,
+    #[error(
+        "the legitimate relationship could not be confirmed: organisation {0}'s own record source did not answer; retry, or use emergency access if this is an emergency"
+    )]
+    RelationshipUnconfirmed(String),
 }
 
 impl Denial {
@@ -111,6 +115,15 @@ impl Denial {
             Denial::EmergencyRole(_) => "emergency_role",
             Denial::NoRelationship(_) => "no_relationship",
             Denial::UnknownSystem => "unknown_system",
+            Denial::RelationshipUnconfirmed(_) => "relationship_unconfirmed",
+        }
+    }
+
+    /// The gRPC code: a relationship that could not be checked is worth retrying.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Denial::RelationshipUnconfirmed(_) => tonic::Code::Unavailable,
+            _ => tonic::Code::PermissionDenied,
         }
     }
 }
@@ -231,6 +244,12 @@ impl Policy {
             .is_some_and(|p| p.registered_gp_code.eq_ignore_ascii_case(org))
         {
             return Ok(Basis::RegisteredGp);
+        }
+        let own_source_silent = merged.sources.iter().any(|s| {
+            s.organisation_code.eq_ignore_ascii_case(org) && !crate::merge::answered(s.outcome)
+        });
+        if own_source_silent {
+            return Err(Denial::RelationshipUnconfirmed(org.to_owned()));
         }
         Err(Denial::NoRelationship(org.to_owned()))
     }

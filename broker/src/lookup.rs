@@ -299,7 +299,7 @@ impl Broker {
         if let Err(e) = self.audit.record(&event) {
             tracing::error!(error = %e, "audit trail unavailable");
         }
-        Status::permission_denied(denial.to_string())
+        Status::new(denial.code(), denial.to_string())
     }
 
     /// The response for `request` from a merged record: the relationship check, this

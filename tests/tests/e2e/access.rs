@@ -471,3 +471,32 @@ async fn without_a_client_certificate_or_with_another_cas_the_handshake_fails() 
         );
     }
 }
+
+#[tokio::test]
+async fn when_the_requesters_own_source_does_not_answer_the_relationship_is_unconfirmed_not_denied()
+{
+    let silent =
+        carerecord_adapters::memory::InMemorySource::new("hospital", "RJ122", "Royal Infirmary")
+            .with_delay(Duration::from_secs(30));
+    let b = start_broker(
+        vec![
+            (std::sync::Arc::new(gp_source()) as Arc<dyn Source>, LONG),
+            (Arc::new(silent), Duration::from_millis(100)),
+        ],
+        strict(temp_path("unconfirmed.jsonl")),
+    )
+    .await;
+    let s = b
+        .client()
+        .await
+        .get_care_record(as_(clinician_of("RJ122"), LONG))
+        .await
+        .expect_err("not disclosed");
+    assert_eq!(
+        s.code(),
+        Code::Unavailable,
+        "worth retrying: {}",
+        s.message()
+    );
+    assert!(s.message().contains("did not answer"), "{}", s.message());
+}
