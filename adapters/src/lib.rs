@@ -7,15 +7,19 @@
 
 pub mod federation;
 pub mod fhir;
+pub mod locator;
 pub mod memory;
-pub mod testkit;
 mod nhs;
 mod sections;
 mod source;
+pub mod testkit;
 
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use sections::{SectionSet, UnknownSection};
 pub use source::{Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest};
+
+/// Re-exported so adapter authors implement [`Source`] without another dependency.
+pub use async_trait::async_trait;
 
 /// The generated contract types, re-exported so adapter authors need one dependency.
 pub use carerecord_proto as proto;

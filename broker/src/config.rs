@@ -30,6 +30,11 @@ pub struct Config {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Which sources to ask per patient (large regions).
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Organisations defined in bulk.
+    pub directory: Option<DirectoryConfig>,
     /// Who may look and what they may see.
     #[serde(default)]
     pub access: AccessConfig,
@@ -72,6 +77,50 @@ impl Default for ResilienceConfig {
             drain_ms: 10_000,
         }
     }
+}
+
+/// `[routing]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// `all` (ask every source; right for a small region) or `located` (ask `always_ask` plus
+    /// the organisations the locators name).
+    pub mode: RoutingMode,
+    /// Organisation codes asked for every patient in `located` mode (the area's acute trusts,
+    /// the ambulance service).
+    pub always_ask: Vec<String>,
+    /// Time allowed to the locators, within the lookup's budget.
+    pub locator_timeout_ms: Option<u64>,
+    /// How long a locator's answer is reused for the same patient.
+    pub locator_cache_secs: Option<u64>,
+    /// The record locators.
+    pub locators: Vec<carerecord_adapters::fhir::FhirLocatorConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    #[default]
+    All,
+    Located,
+}
+
+/// `[directory]`: organisations in bulk, from a CSV file with the header
+/// `organisation_code,organisation_name,kind,base_url` (an empty `base_url` uses the template).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// The CSV file (relative paths are relative to the config file).
+    pub file: PathBuf,
+    /// Base URL for rows without one; `{code}` is replaced by the organisation code.
+    pub endpoint_template: Option<String>,
+    /// Per-source timeout for directory organisations.
+    pub timeout_ms: Option<u64>,
+    /// FHIR query mode for directory organisations.
+    #[serde(default)]
+    pub mode: carerecord_adapters::fhir::QueryMode,
+    /// PEM CA certificate trusted for every directory organisation.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `[metrics]`
@@ -246,7 +295,14 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse(&text, path)?;
+        // A relative directory file is relative to the config file, not the working directory.
+        if let (Some(dir), Some(base)) = (config.directory.as_mut(), path.parent())
+            && dir.file.is_relative()
+        {
+            dir.file = base.join(&dir.file);
+        }
+        Ok(config)
     }
 
     /// Parses and validates configuration text; `path` only labels errors.
@@ -284,6 +340,14 @@ impl Config {
                 );
             }
             _ => {}
+        }
+        if self.routing.mode == RoutingMode::Located
+            && self.routing.locators.is_empty()
+            && self.routing.always_ask.is_empty()
+        {
+            return Err(
+                "routing: mode = \"located\" needs [[routing.locators]] or always_ask".into(),
+            );
         }
         if self.resilience.max_lookups_in_flight == 0 || self.resilience.source_max_in_flight == 0 {
             return Err("resilience: in-flight limits must be greater than 0".into());

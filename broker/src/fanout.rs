@@ -5,6 +5,7 @@
 //! the lookup is dropped, every outstanding source call is dropped with it: nothing is left
 //! running. A source that panics is reported as ERROR; it cannot take the lookup down.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,8 @@ use crate::budget::Budget;
 
 /// A source as the broker runs it: the adapter, its time budget, its circuit breaker and its
 /// bulkhead (a cap on calls in flight, so one slow organisation cannot hold every connection).
+/// Cloning shares the breaker and bulkhead (routing builds per-lookup subsets of the set).
+#[derive(Clone)]
 pub struct ConfiguredSource {
     pub source: Arc<dyn Source>,
     pub timeout: Duration,
@@ -63,6 +66,33 @@ pub struct SourceSet {
     pub sources: Vec<ConfiguredSource>,
     /// Changes whenever the set changes, so cache keys from an older set never match.
     pub epoch: u64,
+    /// Source positions by upper-case organisation code, for routing.
+    by_organisation: HashMap<String, Vec<usize>>,
+}
+
+impl SourceSet {
+    pub fn new(sources: Vec<ConfiguredSource>, epoch: u64) -> SourceSet {
+        let mut by_organisation: HashMap<String, Vec<usize>> = HashMap::new();
+        for (index, s) in sources.iter().enumerate() {
+            by_organisation
+                .entry(s.source.info().organisation_code.to_ascii_uppercase())
+                .or_default()
+                .push(index);
+        }
+        SourceSet {
+            sources,
+            epoch,
+            by_organisation,
+        }
+    }
+
+    /// The sources of one organisation (usually one).
+    pub fn indices_for_organisation(&self, code: &str) -> &[usize] {
+        self.by_organisation
+            .get(&code.trim().to_ascii_uppercase())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
 }
 
 /// One source's answer.

@@ -18,6 +18,7 @@ use crate::budget::Budget;
 use crate::cache::{CacheKey, RecordCache};
 use crate::fanout::{self, Answer, SourceSet};
 use crate::merge::{self, MergedRecord};
+use crate::routing::{Route, Router};
 
 /// What a flight has so far.
 #[derive(Default)]
@@ -26,12 +27,16 @@ pub struct Progress {
     pub answers: Vec<Arc<Answer>>,
     /// The merged record, once every source has answered or timed out.
     pub merged: Option<Arc<MergedRecord>>,
+    /// The sources chosen for this patient, once routing has decided.
+    pub route: Option<Arc<Route>>,
 }
 
 /// One shared fan-out.
 pub struct Flight {
     pub nhs_number: NhsNumber,
+    /// Every configured source; routing picks this lookup's from them.
     pub sources: Arc<SourceSet>,
+    router: Arc<Router>,
     pub budget: Budget,
     progress: watch::Receiver<Progress>,
 }
@@ -64,9 +69,17 @@ impl Flight {
         if let Some(merged) = &progress.merged {
             return merged.clone();
         }
+        let fallback;
+        let route = match &progress.route {
+            Some(route) => route.as_ref(),
+            None => {
+                fallback = self.router.fallback(&self.sources);
+                &fallback
+            }
+        };
         Arc::new(merge::merge(
             self.nhs_number,
-            &self.sources,
+            route,
             &progress.answers,
             self.budget.started,
         ))
@@ -86,6 +99,7 @@ impl Flights {
         self: &Arc<Self>,
         key: CacheKey,
         sources: Arc<SourceSet>,
+        router: Arc<Router>,
         request: SourceRequest,
         budget: Budget,
         cache: Arc<RecordCache>,
@@ -98,6 +112,7 @@ impl Flights {
         let flight = Arc::new(Flight {
             nhs_number: request.nhs_number,
             sources: sources.clone(),
+            router: router.clone(),
             budget,
             progress: rx,
         });
@@ -115,7 +130,9 @@ impl Flights {
                     key,
                     flight: &task_flight,
                 };
-                fanout::run(&sources, &request, &budget, |answer| {
+                let route = Arc::new(router.route(&sources, &request).await);
+                tx.send_modify(|p| p.route = Some(route.clone()));
+                fanout::run(&route.set, &request, &budget, |answer| {
                     tx.send_modify(|p| p.answers.push(Arc::new(answer)));
                 })
                 .await;

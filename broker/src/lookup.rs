@@ -23,6 +23,7 @@ use crate::error::LookupError;
 use crate::fanout::{Answer, SourceSet};
 use crate::flight::{Flight, Flights};
 use crate::merge::MergedRecord;
+use crate::routing::Router;
 use crate::validate::LookupRequest;
 
 /// The broker: everything a lookup needs, shared by all requests.
@@ -33,6 +34,8 @@ pub struct Broker {
     budget: BudgetConfig,
     /// The current sources; swapped whole on reload, so in-flight lookups keep theirs.
     sources: RwLock<Arc<SourceSet>>,
+    /// How sources are chosen per patient (all, or always-ask plus located); swapped on reload.
+    router: RwLock<Arc<Router>>,
     /// Recently merged records.
     cache: Arc<RecordCache>,
     /// Fan-outs in progress, shared by concurrent lookups of the same record.
@@ -84,6 +87,7 @@ pub struct BrokerParts {
     pub policy: Policy,
     pub audit: AuditLog,
     pub limits: LoadLimits,
+    pub router: Router,
 }
 
 /// How a lookup will be answered.
@@ -107,6 +111,8 @@ pub enum BuildError {
     Policy(#[from] crate::access::PolicyError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Routing(#[from] crate::registry::BuildError),
 }
 
 impl Broker {
@@ -125,6 +131,7 @@ impl Broker {
                 max_in_flight: config.resilience.max_lookups_in_flight,
                 retry_after: Duration::from_millis(config.resilience.shed_retry_after_ms),
             },
+            router: crate::registry::router(config)?,
         };
         Ok(Broker::new(parts, sources))
     }
@@ -134,6 +141,7 @@ impl Broker {
             broker_id: parts.broker_id,
             budget: parts.budget,
             sources: RwLock::new(Arc::new(sources)),
+            router: RwLock::new(Arc::new(parts.router)),
             cache: Arc::new(RecordCache::new(
                 parts.cache.max_bytes,
                 parts.cache.ttl(),
@@ -164,6 +172,18 @@ impl Broker {
     /// Replaces the sources; lookups in progress finish with the old set.
     pub fn replace_sources(&self, sources: SourceSet) {
         *self.sources.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(sources);
+    }
+
+    /// Replaces how sources are chosen (reload).
+    pub fn replace_router(&self, router: Router) {
+        *self.router.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(router);
+    }
+
+    fn router(&self) -> Arc<Router> {
+        self.router
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn cache(&self) -> &RecordCache {
@@ -252,9 +272,14 @@ impl Broker {
             requester: request.requester.clone(),
             via_brokers,
         };
-        let (flight, started) =
-            self.flights
-                .join_or_start(key, sources, source_request, budget, self.cache.clone());
+        let (flight, started) = self.flights.join_or_start(
+            key,
+            sources,
+            self.router(),
+            source_request,
+            budget,
+            self.cache.clone(),
+        );
         tracing::debug!(joined = !started, "fan-out");
         if !started {
             metrics::counter!(crate::metrics::COALESCED).increment(1);
@@ -370,6 +395,7 @@ impl Broker {
             emergency_access: emergency,
             withheld: view.withheld,
             assembled_at: crate::time::rfc3339(merged.assembled_at),
+            locators: merged.locators.clone(),
         })
     }
 

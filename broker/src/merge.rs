@@ -16,11 +16,13 @@ use std::time::SystemTime;
 
 use carerecord_adapters::NhsNumber;
 use carerecord_proto::{
-    CareRecord, Entry, Patient, Section, SourceOutcome, SourceStatus, Warning, WarningKind,
+    CareRecord, Entry, LocatorStatus, Patient, Section, SourceOutcome, SourceStatus, Warning,
+    WarningKind,
 };
 use tokio::time::Instant;
 
 use crate::fanout::{Answer, SourceSet, millis};
+use crate::routing::Route;
 
 /// A merged lookup: what the cache holds and every response is built from.
 #[derive(Debug, Clone)]
@@ -29,8 +31,10 @@ pub struct MergedRecord {
     /// One status per source asked, in configuration order.
     pub sources: Vec<SourceStatus>,
     pub warnings: Vec<Warning>,
-    /// Every source answered OK or NOT_FOUND.
+    /// Every source answered OK or NOT_FOUND (and every record locator answered).
     pub complete: bool,
+    /// What the record locators said, when the broker routes through them.
+    pub locators: Vec<LocatorStatus>,
     /// Wall-clock time of assembly, for the response.
     pub assembled_at: SystemTime,
     /// Monotonic time of assembly, for cache age (tokio time, so tests can pause it).
@@ -40,10 +44,11 @@ pub struct MergedRecord {
 /// Merges the answers that arrived; sources with no answer are reported as TIMEOUT.
 pub fn merge(
     nhs_number: NhsNumber,
-    set: &SourceSet,
+    route: &Route,
     answers: &[Arc<Answer>],
     started: Instant,
 ) -> MergedRecord {
+    let set: &SourceSet = &route.set;
     let now = Instant::now();
     let mut by_index: Vec<Option<&Answer>> = vec![None; set.sources.len()];
     for answer in answers {
@@ -53,7 +58,7 @@ pub fn merge(
     }
 
     let mut sources = Vec::with_capacity(set.sources.len());
-    let mut warnings = Vec::new();
+    let mut warnings = route.warnings.clone();
     for (index, slot) in by_index.iter().enumerate() {
         match slot {
             Some(answer) => sources.push(answer.status.clone()),
@@ -103,8 +108,11 @@ pub fn merge(
         }
     }
 
+    for (status, why) in sources.iter_mut().zip(&route.selected_by) {
+        status.selected_by.clone_from(why);
+    }
     let missing: Vec<&SourceStatus> = sources.iter().filter(|s| !answered(s.outcome)).collect();
-    let complete = missing.is_empty();
+    let complete = missing.is_empty() && !route.degraded;
     if !complete {
         let names: Vec<String> = missing
             .iter()
@@ -127,6 +135,7 @@ pub fn merge(
         sources,
         warnings,
         complete,
+        locators: route.locators.clone(),
         assembled_at: SystemTime::now(),
         assembled: now,
     }
@@ -341,8 +350,8 @@ mod tests {
     use std::time::Duration;
 
     fn set(n: usize) -> SourceSet {
-        SourceSet {
-            sources: (0..n)
+        SourceSet::new(
+            (0..n)
                 .map(|i| {
                     ConfiguredSource::new(
                         Arc::new(InMemorySource::new(
@@ -354,8 +363,8 @@ mod tests {
                     )
                 })
                 .collect(),
-            epoch: 1,
-        }
+            1,
+        )
     }
 
     fn entry(code: &str, effective: &str, source: &str) -> Entry {
@@ -446,7 +455,7 @@ mod tests {
             }
             let merged = merge(
                 nhs(),
-                &set(2),
+                &Route::all(Arc::new(set(2))),
                 &[answer(0, r0), answer(1, r1)],
                 Instant::now(),
             );
@@ -472,7 +481,7 @@ mod tests {
             ],
             ..CareRecord::default()
         };
-        let s = set(2);
+        let s = Route::all(Arc::new(set(2)));
         let forward = merge(
             nhs(),
             &s,
@@ -499,7 +508,7 @@ mod tests {
     fn missing_sources_are_timeouts_and_make_the_record_incomplete() {
         let merged = merge(
             nhs(),
-            &set(3),
+            &Route::all(Arc::new(set(3))),
             &[answer(1, CareRecord::default())],
             Instant::now(),
         );

@@ -4,12 +4,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use carerecord_adapters::federation::BrokerSource;
-use carerecord_adapters::fhir::FhirSource;
+use carerecord_adapters::fhir::{FhirConfig, FhirLocator, FhirSource};
+use carerecord_adapters::locator::Locator;
 use carerecord_adapters::{Source, SourceInfo};
 
 use crate::breaker::BreakerConfig;
-use crate::config::Config;
+use crate::config::{Config, RoutingMode};
+use crate::directory::LazyFhirSource;
 use crate::fanout::{ConfiguredSource, SourceSet};
+use crate::routing::Router;
 
 /// A source that could not be built (bad certificate, missing token variable, ...).
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +55,59 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
             s.max_in_flight.unwrap_or(r.source_max_in_flight),
         ));
     }
-    Ok(SourceSet { sources, epoch })
+    if let Some(directory) = &config.directory {
+        let rows = crate::directory::load(directory).map_err(|e| BuildError {
+            id: "directory".into(),
+            message: e.to_string(),
+        })?;
+        let timeout = Duration::from_millis(
+            directory
+                .timeout_ms
+                .unwrap_or(config.budget.default_source_timeout_ms),
+        );
+        let r = &config.resilience;
+        for row in rows {
+            let mut fhir = FhirConfig::new(row.base_url);
+            fhir.mode = directory.mode;
+            fhir.ca_cert.clone_from(&directory.ca_cert);
+            let info = SourceInfo {
+                id: row.code.to_ascii_lowercase(),
+                organisation_code: row.code,
+                organisation_name: row.name,
+            };
+            sources.push(ConfiguredSource::with_limits(
+                Arc::new(LazyFhirSource::new(info, fhir)),
+                timeout,
+                BreakerConfig {
+                    failures: r.breaker_failures,
+                    open_for: Duration::from_millis(r.breaker_open_ms),
+                },
+                r.source_max_in_flight,
+            ));
+        }
+    }
+    Ok(SourceSet::new(sources, epoch))
+}
+
+/// The router the configuration asks for.
+pub fn router(config: &Config) -> Result<Router, BuildError> {
+    let routing = &config.routing;
+    if routing.mode == RoutingMode::All {
+        return Ok(Router::all());
+    }
+    let mut locators: Vec<Arc<dyn Locator>> = Vec::with_capacity(routing.locators.len());
+    for l in &routing.locators {
+        locators.push(Arc::new(FhirLocator::new(l).map_err(|e| BuildError {
+            id: format!("locator {}", l.id),
+            message: e.to_string(),
+        })?));
+    }
+    Ok(Router::located(
+        routing.always_ask.iter().cloned(),
+        locators,
+        Duration::from_millis(routing.locator_timeout_ms.unwrap_or(500)),
+        Duration::from_secs(routing.locator_cache_secs.unwrap_or(60)),
+    ))
 }
 
 /// Why a reload was rejected (the running sources stay as they were).
@@ -71,7 +126,9 @@ pub fn reload(broker: &crate::Broker, path: &std::path::Path) -> Result<usize, R
     let config = Config::load(path)?;
     let epoch = broker.sources().epoch + 1;
     let set = build(&config, epoch)?;
+    let router = router(&config)?;
     let count = set.sources.len();
+    broker.replace_router(router);
     broker.replace_sources(set);
     Ok(count)
 }

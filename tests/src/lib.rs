@@ -13,12 +13,14 @@ use carerecord_adapters::memory::InMemorySource;
 use carerecord_adapters::{NhsNumber, Source, SourceError, SourceInfo, SourceReply, SourceRequest};
 use std::path::PathBuf;
 
+use carerecord_adapters::locator::Locator;
 use carerecord_broker::Broker;
 use carerecord_broker::access::{AccessConfig, Policy};
 use carerecord_broker::audit::AuditLog;
 use carerecord_broker::config::{BudgetConfig, CacheConfig};
 use carerecord_broker::fanout::{ConfiguredSource, SourceSet};
 use carerecord_broker::lookup::{BrokerParts, LoadLimits};
+use carerecord_broker::routing::Router;
 use carerecord_broker::server::Transport;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::{
@@ -74,6 +76,26 @@ pub struct Settings {
     pub access: AccessConfig,
     pub audit_file: PathBuf,
     pub limits: LoadLimits,
+    /// Organisation codes asked for every patient; with `locators`, turns routing on.
+    pub always_ask: Vec<String>,
+    pub locators: Vec<Arc<dyn Locator>>,
+    pub locator_timeout: Duration,
+}
+
+impl Settings {
+    /// The router these settings describe: every source, unless locators or always-ask are set.
+    pub fn router(&self) -> Router {
+        if self.locators.is_empty() && self.always_ask.is_empty() {
+            Router::all()
+        } else {
+            Router::located(
+                self.always_ask.clone(),
+                self.locators.clone(),
+                self.locator_timeout,
+                Duration::from_secs(60),
+            )
+        }
+    }
 }
 
 impl Default for Settings {
@@ -92,6 +114,9 @@ impl Default for Settings {
             },
             audit_file: temp_path("audit.jsonl"),
             limits: LoadLimits::default(),
+            always_ask: Vec::new(),
+            locators: Vec::new(),
+            locator_timeout: Duration::from_millis(300),
         }
     }
 }
@@ -133,7 +158,8 @@ pub fn build_broker(sources: Vec<(Arc<dyn Source>, Duration)>, settings: Setting
 
 /// A broker over sources with their own breaker and bulkhead settings.
 pub fn build_broker_from(sources: Vec<ConfiguredSource>, settings: Settings) -> Arc<Broker> {
-    let set = SourceSet { sources, epoch: 1 };
+    let set = SourceSet::new(sources, 1);
+    let router = settings.router();
     let parts = BrokerParts {
         broker_id: settings.broker_id,
         budget: settings.budget,
@@ -141,6 +167,7 @@ pub fn build_broker_from(sources: Vec<ConfiguredSource>, settings: Settings) -> 
         policy: Policy::new(&settings.access).expect("policy"),
         audit: AuditLog::open(&settings.audit_file, false).expect("audit trail"),
         limits: settings.limits,
+        router,
     };
     Arc::new(Broker::new(parts, set))
 }

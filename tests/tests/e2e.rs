@@ -8,4 +8,5 @@ mod e2e {
     pub mod pipeline;
     pub mod region;
     pub mod resilience;
+    pub mod routing;
 }

@@ -106,7 +106,7 @@ pub(crate) fn expect_bundle(resource: &Resource) -> Result<(), SourceError> {
     }
 }
 
-fn next_link(bundle: &Resource) -> Result<Option<String>, Malformed> {
+pub(crate) fn next_link(bundle: &Resource) -> Result<Option<String>, Malformed> {
     for link in bundle.link.items()? {
         if link.relation.str()? == Some("next") {
             return Ok(link.url.str()?.map(str::to_owned));

@@ -13,6 +13,7 @@ mod bundle;
 mod client;
 mod config;
 mod json;
+mod locator;
 mod map;
 mod model;
 mod query;
@@ -21,6 +22,7 @@ use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span};
 
 pub use config::{FhirConfig, FhirConfigError, MedicationKinds, QueryMode};
+pub use locator::{FhirLocator, FhirLocatorConfig};
 
 use crate::{Source, SourceError, SourceInfo, SourceReply, SourceRequest};
 

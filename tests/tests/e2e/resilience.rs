@@ -213,13 +213,13 @@ async fn sources_replaced_under_load_lose_no_lookup() {
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let hospital: Arc<dyn Source> = Arc::new(hospital_source());
-    b.broker.replace_sources(SourceSet {
-        sources: vec![
+    b.broker.replace_sources(SourceSet::new(
+        vec![
             ConfiguredSource::new(gp, LONG),
             ConfiguredSource::new(hospital, LONG),
         ],
-        epoch: 2,
-    });
+        2,
+    ));
     for l in lookups {
         let n = l.await.expect("task").expect("every lookup answered");
         assert!(n == 1 || n == 2);

@@ -1,0 +1,263 @@
+//! Routing: which sources to ask for this patient. A small region asks every source; a whole
+//! region (thousands of organisations) asks the always-ask sources (the area's acute trusts and
+//! ambulance service) plus those a record locator names, so a lookup costs a handful of requests,
+//! not thousands, and its latency is not hostage to the slowest of thousands.
+//!
+//! If every locator fails or is slow, the lookup still asks the always-ask sources and says
+//! plainly that the view may be missing organisations.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use carerecord_adapters::locator::{LocateRequest, Located, Locator};
+use carerecord_adapters::{NhsNumber, SourceRequest};
+use carerecord_proto::{LocatorStatus, SourceOutcome, Warning, WarningKind};
+use futures::future::join_all;
+use moka::future::Cache;
+use tokio::time::Instant;
+
+use crate::fanout::{SourceSet, millis};
+
+/// Why a source was asked, as the response reports it.
+pub const ALL: &str = "all";
+pub const ALWAYS_ASK: &str = "always_ask";
+
+/// The sources chosen for one lookup, and how.
+pub struct Route {
+    /// The sources to ask, in configuration order.
+    pub set: Arc<SourceSet>,
+    /// Why each was asked, parallel to `set.sources`.
+    pub selected_by: Vec<String>,
+    /// What each locator said.
+    pub locators: Vec<LocatorStatus>,
+    /// Locator trouble the clinician must know about.
+    pub warnings: Vec<Warning>,
+    /// True when a locator failed: the view may miss organisations, so it is never "complete".
+    pub degraded: bool,
+}
+
+impl Route {
+    /// Every source, as a small region is asked.
+    pub fn all(set: Arc<SourceSet>) -> Route {
+        let selected_by = vec![ALL.to_owned(); set.sources.len()];
+        Route {
+            set,
+            selected_by,
+            locators: Vec::new(),
+            warnings: Vec::new(),
+            degraded: false,
+        }
+    }
+}
+
+/// How sources are chosen.
+pub struct Router {
+    mode: Mode,
+}
+
+enum Mode {
+    All,
+    Located {
+        always_ask: HashSet<String>,
+        locators: Vec<Arc<dyn Locator>>,
+        timeout: Duration,
+        /// Locator answers by patient, kept briefly like records (no clinical content).
+        cache: Cache<NhsNumber, Arc<Vec<(String, Located)>>>,
+    },
+}
+
+impl Router {
+    /// Ask every source.
+    pub fn all() -> Router {
+        Router { mode: Mode::All }
+    }
+
+    /// Ask `always_ask` organisations plus those the locators name.
+    pub fn located(
+        always_ask: impl IntoIterator<Item = String>,
+        locators: Vec<Arc<dyn Locator>>,
+        timeout: Duration,
+        cache_ttl: Duration,
+    ) -> Router {
+        Router {
+            mode: Mode::Located {
+                always_ask: always_ask
+                    .into_iter()
+                    .map(|c| c.trim().to_ascii_uppercase())
+                    .collect(),
+                locators,
+                timeout,
+                cache: Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(cache_ttl)
+                    .build(),
+            },
+        }
+    }
+
+    /// The route used when routing itself did not finish in time: the always-ask sources only.
+    pub fn fallback(&self, set: &Arc<SourceSet>) -> Route {
+        match &self.mode {
+            Mode::All => Route::all(set.clone()),
+            Mode::Located {
+                always_ask,
+                locators,
+                ..
+            } => {
+                let statuses = locators
+                    .iter()
+                    .map(|l| LocatorStatus {
+                        locator_id: l.id().to_owned(),
+                        outcome: SourceOutcome::Timeout as i32,
+                        message: "did not answer in time".into(),
+                        ..LocatorStatus::default()
+                    })
+                    .collect();
+                build(set, always_ask, &[], statuses)
+            }
+        }
+    }
+
+    /// Chooses the sources for `request`.
+    pub async fn route(&self, set: &Arc<SourceSet>, request: &SourceRequest) -> Route {
+        let Mode::Located {
+            always_ask,
+            locators,
+            timeout,
+            cache,
+        } = &self.mode
+        else {
+            return Route::all(set.clone());
+        };
+        if let Some(answers) = cache.get(&request.nhs_number).await {
+            let statuses = answers
+                .iter()
+                .map(|(id, located)| LocatorStatus {
+                    locator_id: id.clone(),
+                    outcome: SourceOutcome::Ok as i32,
+                    organisations: located.organisations.len() as u32,
+                    message: "from cache".into(),
+                    ..LocatorStatus::default()
+                })
+                .collect();
+            return build(set, always_ask, &answers, statuses);
+        }
+        let ask = LocateRequest {
+            request_id: request.request_id.clone(),
+            nhs_number: request.nhs_number,
+            deadline: (Instant::now() + *timeout).min(request.deadline),
+            requester: request.requester.clone(),
+        };
+        let started = Instant::now();
+        let results = join_all(locators.iter().map(|l| {
+            let ask = &ask;
+            async move {
+                let result = tokio::time::timeout_at(ask.deadline, l.locate(ask))
+                    .await
+                    .unwrap_or(Err(carerecord_adapters::SourceError::Timeout));
+                (l.id().to_owned(), result, started.elapsed())
+            }
+        }))
+        .await;
+        let mut statuses = Vec::with_capacity(results.len());
+        let mut answers = Vec::with_capacity(results.len());
+        for (id, result, latency) in results {
+            match result {
+                Ok(located) => {
+                    statuses.push(LocatorStatus {
+                        locator_id: id.clone(),
+                        outcome: SourceOutcome::Ok as i32,
+                        latency_ms: millis(latency),
+                        organisations: located.organisations.len() as u32,
+                        message: String::new(),
+                    });
+                    answers.push((id, located));
+                }
+                Err(e) => {
+                    tracing::warn!(locator = %id, error = %e, "record locator failed");
+                    statuses.push(LocatorStatus {
+                        locator_id: id,
+                        outcome: e.outcome() as i32,
+                        latency_ms: millis(latency),
+                        organisations: 0,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        if answers.len() == locators.len() {
+            cache
+                .insert(request.nhs_number, Arc::new(answers.clone()))
+                .await;
+        }
+        build(set, always_ask, &answers, statuses)
+    }
+}
+
+/// The route from the always-ask codes and the locators' answers.
+fn build(
+    set: &Arc<SourceSet>,
+    always_ask: &HashSet<String>,
+    answers: &[(String, Located)],
+    locators: Vec<LocatorStatus>,
+) -> Route {
+    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); set.sources.len()];
+    for (index, s) in set.sources.iter().enumerate() {
+        if always_ask.contains(&s.source.info().organisation_code.to_ascii_uppercase()) {
+            reasons[index].push(ALWAYS_ASK.to_owned());
+        }
+    }
+    let mut warnings = Vec::new();
+    for (locator, located) in answers {
+        for code in &located.organisations {
+            let indices = set.indices_for_organisation(code);
+            if indices.is_empty() {
+                warnings.push(Warning {
+                    kind: WarningKind::UnknownOrganisation as i32,
+                    message: format!(
+                        "Record locator {locator} says organisation {code} holds records for this patient, but the broker is not configured to reach it: its records are not in this view."
+                    ),
+                    source_ids: Vec::new(),
+                });
+            }
+            for &index in indices {
+                let why = format!("locator:{locator}");
+                if !reasons[index].contains(&why) {
+                    reasons[index].push(why);
+                }
+            }
+        }
+    }
+    let failed: Vec<&LocatorStatus> = locators
+        .iter()
+        .filter(|l| l.outcome != SourceOutcome::Ok as i32)
+        .collect();
+    let degraded = !failed.is_empty();
+    if degraded {
+        let names: Vec<&str> = failed.iter().map(|l| l.locator_id.as_str()).collect();
+        warnings.push(Warning {
+            kind: WarningKind::LocatorUnavailable as i32,
+            message: format!(
+                "The record locator ({}) did not answer: only the organisations asked for every patient were asked, so records held elsewhere may be missing from this view.",
+                names.join(", ")
+            ),
+            source_ids: Vec::new(),
+        });
+    }
+    let mut sources = Vec::new();
+    let mut selected_by = Vec::new();
+    for (index, why) in reasons.into_iter().enumerate() {
+        if !why.is_empty() {
+            sources.push(set.sources[index].clone());
+            selected_by.push(why.join(","));
+        }
+    }
+    Route {
+        set: Arc::new(SourceSet::new(sources, set.epoch)),
+        selected_by,
+        locators,
+        warnings,
+        degraded,
+    }
+}

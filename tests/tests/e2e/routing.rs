@@ -1,0 +1,197 @@
+//! Routing: ask only the organisations that may know the patient (always-ask plus those a
+//! record locator names), and say plainly when the locator did not answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use carerecord_adapters::Source;
+use carerecord_adapters::SourceError;
+use carerecord_adapters::locator::{Locator, StaticLocator};
+use carerecord_adapters::memory::InMemorySource;
+use carerecord_e2e::*;
+use carerecord_proto::{CacheDirective, GetCareRecordResponse, SourceOutcome, WarningKind};
+
+const LONG: Duration = Duration::from_secs(5);
+
+struct Region {
+    gp: Arc<InMemorySource>,
+    hospital: Arc<InMemorySource>,
+    ambulance: Arc<InMemorySource>,
+    others: Vec<Arc<InMemorySource>>,
+}
+
+fn region() -> Region {
+    Region {
+        gp: Arc::new(gp_source()),
+        hospital: Arc::new(hospital_source()),
+        ambulance: Arc::new(InMemorySource::new("ambulance", "RYA", "Ambulance Service")),
+        others: (0..20)
+            .map(|i| {
+                Arc::new(InMemorySource::new(
+                    &format!("home{i}"),
+                    &format!("VM{i:03}"),
+                    "Care home",
+                ))
+            })
+            .collect(),
+    }
+}
+
+impl Region {
+    fn sources(&self) -> Vec<(Arc<dyn Source>, Duration)> {
+        let mut v: Vec<(Arc<dyn Source>, Duration)> = vec![
+            (self.gp.clone(), LONG),
+            (self.hospital.clone(), LONG),
+            (self.ambulance.clone(), LONG),
+        ];
+        v.extend(
+            self.others
+                .iter()
+                .map(|s| (s.clone() as Arc<dyn Source>, LONG)),
+        );
+        v
+    }
+
+    fn others_called(&self) -> u64 {
+        self.others.iter().map(|s| s.calls()).sum()
+    }
+}
+
+fn routed(locator: Arc<dyn Locator>) -> Settings {
+    Settings {
+        always_ask: vec!["RYA".into()],
+        locators: vec![locator],
+        locator_timeout: Duration::from_millis(200),
+        ..Settings::default()
+    }
+}
+
+async fn lookup(b: &TestBroker) -> GetCareRecordResponse {
+    let mut r = request(&shared_patient().as_digits(), LONG);
+    r.get_mut().cache = CacheDirective::RequireFresh as i32;
+    b.client()
+        .await
+        .get_care_record(r)
+        .await
+        .expect("lookup")
+        .into_inner()
+}
+
+fn statuses(r: &GetCareRecordResponse) -> Vec<(&str, &str)> {
+    r.sources
+        .iter()
+        .map(|s| (s.source_id.as_str(), s.selected_by.as_str()))
+        .collect()
+}
+
+#[tokio::test]
+async fn only_always_ask_and_located_organisations_are_asked() {
+    let region = region();
+    let locator =
+        Arc::new(StaticLocator::new("spine").with(shared_patient(), &["A81001", "RJ122"]));
+    let b = start_broker(region.sources(), routed(locator.clone())).await;
+    let r = lookup(&b).await;
+    assert_eq!(
+        statuses(&r),
+        [
+            ("gp", "locator:spine"),
+            ("hospital", "locator:spine"),
+            ("ambulance", "always_ask")
+        ]
+    );
+    assert!(r.complete);
+    assert_eq!(
+        r.record.expect("record").allergies.len(),
+        1,
+        "merged across the located two"
+    );
+    assert_eq!(
+        region.others_called(),
+        0,
+        "the 20 unrelated organisations were not asked"
+    );
+    assert_eq!(
+        (
+            region.gp.calls(),
+            region.hospital.calls(),
+            region.ambulance.calls()
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(r.locators.len(), 1);
+    assert_eq!(r.locators[0].outcome, SourceOutcome::Ok as i32);
+    assert_eq!(r.locators[0].organisations, 2);
+
+    // The locator's answer is reused for the next lookup of the same patient.
+    let again = lookup(&b).await;
+    assert_eq!(again.sources.len(), 3);
+    assert_eq!(locator.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_locator_still_serves_always_ask_and_says_the_view_may_be_missing_organisations() {
+    let region = region();
+    let down = Arc::new(StaticLocator::new("spine").failing(SourceError::Status(503)));
+    let b = start_broker(region.sources(), routed(down)).await;
+    let r = lookup(&b).await;
+    assert_eq!(statuses(&r), [("ambulance", "always_ask")]);
+    assert!(!r.complete, "never presented as complete");
+    let warning = r
+        .warnings
+        .iter()
+        .find(|w| w.kind == WarningKind::LocatorUnavailable as i32)
+        .expect("locator warning");
+    assert!(
+        warning.message.contains("may be missing"),
+        "{}",
+        warning.message
+    );
+    assert_eq!(r.locators[0].outcome, SourceOutcome::Error as i32);
+    assert_eq!(region.others_called() + region.gp.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_slow_locator_is_cut_off_at_its_timeout() {
+    let region = region();
+    let slow = Arc::new(
+        StaticLocator::new("spine")
+            .with(shared_patient(), &["A81001"])
+            .with_delay(Duration::from_secs(10)),
+    );
+    let b = start_broker(region.sources(), routed(slow)).await;
+    let r = lookup(&b).await;
+    assert_eq!(r.locators[0].outcome, SourceOutcome::Timeout as i32);
+    assert!(
+        r.locators[0].latency_ms < 2_000,
+        "{}",
+        r.locators[0].latency_ms
+    );
+    assert_eq!(statuses(&r), [("ambulance", "always_ask")]);
+}
+
+#[tokio::test]
+async fn an_organisation_the_broker_cannot_reach_is_reported_not_crashed_on() {
+    let region = region();
+    let locator =
+        Arc::new(StaticLocator::new("spine").with(shared_patient(), &["A81001", "ZZ999"]));
+    let b = start_broker(region.sources(), routed(locator)).await;
+    let r = lookup(&b).await;
+    assert_eq!(statuses(&r).len(), 2, "gp and ambulance");
+    let unknown = r
+        .warnings
+        .iter()
+        .find(|w| w.kind == WarningKind::UnknownOrganisation as i32)
+        .expect("unknown organisation warning");
+    assert!(unknown.message.contains("ZZ999"));
+    assert!(r.complete, "every organisation it could ask answered");
+}
+
+#[tokio::test]
+async fn without_locators_every_source_is_asked_as_before() {
+    let region = region();
+    let b = start_broker(region.sources(), Settings::default()).await;
+    let r = lookup(&b).await;
+    assert_eq!(r.sources.len(), 23);
+    assert!(r.sources.iter().all(|s| s.selected_by == "all"));
+    assert!(r.locators.is_empty());
+}
