@@ -102,8 +102,12 @@ impl Source for InMemorySource {
         if behaviour == Behaviour::Hang {
             std::future::pending::<()>().await;
         }
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
+        if !self.delay.is_zero()
+            && tokio::time::timeout_at(request.deadline, tokio::time::sleep(self.delay))
+                .await
+                .is_err()
+        {
+            return Err(SourceError::Timeout);
         }
         self.completed.fetch_add(1, Ordering::SeqCst);
         if let Behaviour::Fail(error) = behaviour {

@@ -253,7 +253,7 @@ impl CacheConfig {
     }
 }
 
-/// One `[[sources]]` entry: exactly one of the `fhir`, `broker` or `memory` tables says how to
+/// One `[[sources]]` entry: exactly one of the `fhir` or `broker` tables says how to
 /// reach it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
