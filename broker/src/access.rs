@@ -228,11 +228,10 @@ impl Policy {
         if request.purpose == Purpose::EmergencyAccess {
             return Ok(Basis::Emergency);
         }
-        let asserted = request.requester.asserted_relationship.trim();
-        if !asserted.is_empty()
-            && (caller.trusted_assertions || (caller.system == UNVERIFIED && self.trust_unverified))
-        {
-            return Ok(Basis::Asserted(asserted.to_owned()));
+        if self.trusted_assertion(request, caller) {
+            return Ok(Basis::Asserted(
+                request.requester.asserted_relationship.trim().to_owned(),
+            ));
         }
         if holds_records(org, merged) {
             return Ok(Basis::HoldsRecords);
@@ -252,6 +251,12 @@ impl Policy {
             return Err(Denial::RelationshipUnconfirmed(org.to_owned()));
         }
         Err(Denial::NoRelationship(org.to_owned()))
+    }
+
+    /// Whether the request carries a relationship assertion this caller is trusted to make.
+    pub fn trusted_assertion(&self, request: &LookupRequest, caller: &Caller) -> bool {
+        !request.requester.asserted_relationship.trim().is_empty()
+            && (caller.trusted_assertions || (caller.system == UNVERIFIED && self.trust_unverified))
     }
 
     /// Whether the relationship is already established by this one source answer (streaming

@@ -466,7 +466,7 @@ impl Broker {
         if request.purpose == Purpose::EmergencyAccess {
             return true;
         }
-        if !request.requester.asserted_relationship.trim().is_empty() && caller.trusted_assertions {
+        if self.policy.trusted_assertion(request, caller) {
             return true;
         }
         answer.is_some_and(|a| {
