@@ -18,6 +18,9 @@ pub struct Budget {
     pub sources_deadline: Instant,
     /// The caller's own deadline (or the cap when the caller set none).
     pub caller_deadline: Instant,
+    /// The caller's deadline, not the configured cap, bounds this lookup: sources timing out
+    /// at it were cut short by this caller, not slow by their own measure.
+    pub caller_limited: bool,
 }
 
 /// Why a budget cannot be made.
@@ -35,6 +38,7 @@ impl Budget {
         cap: Duration,
         headroom: Duration,
     ) -> Result<Budget, BudgetError> {
+        let caller_limited = caller_timeout.is_some_and(|t| t < cap);
         let caller = caller_timeout.unwrap_or(cap).min(cap);
         let for_sources = caller.saturating_sub(headroom);
         if for_sources.is_zero() {
@@ -44,6 +48,7 @@ impl Budget {
             started: now,
             sources_deadline: now + for_sources,
             caller_deadline: now + caller,
+            caller_limited,
         })
     }
 

@@ -86,6 +86,15 @@ impl SourceSet {
         }
     }
 
+    /// The longest per-source timeout: no lookup of this set needs longer.
+    pub fn longest_timeout(&self) -> Duration {
+        self.sources
+            .iter()
+            .map(|s| s.timeout)
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The sources of one organisation (usually one).
     pub fn indices_for_organisation(&self, code: &str) -> &[usize] {
         self.by_organisation
@@ -101,6 +110,9 @@ pub struct Answer {
     /// The source's position in its [`SourceSet`].
     pub index: usize,
     pub status: SourceStatus,
+    /// The source timed out at the caller's deadline, before its own timeout: not the source's
+    /// fault, so it neither counts against its breaker nor lets the record be cached.
+    pub cut_short: bool,
     /// The source's part of the record when it answered OK.
     pub record: Option<SourceRecord>,
 }
@@ -126,7 +138,7 @@ pub async fn run(
                 request_id = %request.request_id,
                 source = %configured.source.info().id
             );
-            ask(index, configured, request, budget.started).instrument(span)
+            ask(index, configured, request, budget.started, budget.caller_limited).instrument(span)
         })
         .collect();
     while let Some(answer) = pending.next().await {
@@ -139,9 +151,12 @@ async fn ask(
     configured: &ConfiguredSource,
     request: SourceRequest,
     started: Instant,
+    caller_limited: bool,
 ) -> Answer {
     let info = configured.source.info();
-    let result = call_guarded(configured, &request).await;
+    let cut_short_possible = caller_limited && request.deadline < started + configured.timeout;
+    let result = call_guarded(configured, &request, cut_short_possible).await;
+    let cut_short = cut_short_possible && matches!(result, Err(SourceError::Timeout));
     let latency = started.elapsed();
     let outcome_label = match &result {
         Ok(SourceReply::Found(_)) => "ok",
@@ -193,6 +208,7 @@ async fn ask(
     Answer {
         index,
         status,
+        cut_short,
         record,
     }
 }
@@ -202,6 +218,7 @@ async fn ask(
 async fn call_guarded(
     configured: &ConfiguredSource,
     request: &SourceRequest,
+    deadline_is_callers: bool,
 ) -> Result<SourceReply, SourceError> {
     let permit = configured.breaker.acquire();
     if permit == Permit::Reject {
@@ -239,10 +256,15 @@ async fn call_guarded(
         Ok(Err(_panic)) => Err(SourceError::Other("the adapter failed unexpectedly".into())),
         Ok(Ok(result)) => result,
     };
-    report.success = Some(match &result {
-        Ok(_) => true,
-        Err(e) => !matches!(e.outcome(), SourceOutcome::Timeout | SourceOutcome::Error),
-    });
+    report.success = match &result {
+        Ok(_) => Some(true),
+        // Cut short by the caller's deadline: says nothing about the source's health.
+        Err(SourceError::Timeout) if deadline_is_callers => None,
+        Err(e) => Some(!matches!(
+            e.outcome(),
+            SourceOutcome::Timeout | SourceOutcome::Error
+        )),
+    };
     result
 }
 

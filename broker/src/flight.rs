@@ -20,6 +20,10 @@ use crate::fanout::{self, Answer, SourceSet};
 use crate::merge::{self, MergedRecord};
 use crate::routing::{Route, Router};
 
+/// How much shorter than a caller needs a flight's deadline may be for the caller to join it:
+/// concurrent callers' deadlines differ by their arrival times.
+const JOIN_TOLERANCE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What a flight has so far.
 #[derive(Default)]
 pub struct Progress {
@@ -94,7 +98,8 @@ pub struct Flights {
 
 impl Flights {
     /// Joins the flight for `key`, or starts one. Returns the flight and whether this call
-    /// started it.
+    /// started it. A flight whose deadline falls well short of what this caller can wait for
+    /// (another caller's tight deadline) is not joined: a new one replaces it for later callers.
     pub fn join_or_start(
         self: &Arc<Self>,
         key: CacheKey,
@@ -102,10 +107,16 @@ impl Flights {
         router: Arc<Router>,
         request: SourceRequest,
         budget: Budget,
+        needed_until: Instant,
         cache: Arc<RecordCache>,
     ) -> (Arc<Flight>, bool) {
         let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = map.get(&key) {
+        // A flight bounded only by the configured cap serves everyone equally well; one cut
+        // short by its caller's tight deadline does not serve a caller who can wait longer.
+        if let Some(flight) = map.get(&key)
+            && (!flight.budget.caller_limited
+                || flight.budget.sources_deadline + JOIN_TOLERANCE >= needed_until)
+        {
             return (flight.clone(), false);
         }
         let (tx, rx) = watch::channel(Progress::default());
@@ -136,8 +147,16 @@ impl Flights {
                     tx.send_modify(|p| p.answers.push(Arc::new(answer)));
                 })
                 .await;
-                let merged = task_flight.merge_so_far(&tx.borrow());
-                cache.insert(key, merged.clone()).await;
+                let (merged, cut_short) = {
+                    let progress = tx.borrow();
+                    let cut_short = progress.answers.iter().any(|a| a.cut_short);
+                    (task_flight.merge_so_far(&progress), cut_short)
+                };
+                // A record cut short by one caller's tight deadline would decide the next
+                // callers' answers (and their access) for the partial TTL: not cached.
+                if !cut_short {
+                    cache.insert(key, merged.clone()).await;
+                }
                 tx.send_modify(|p| p.merged = Some(merged));
             }
             .instrument(span),

@@ -13,17 +13,26 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::faults::{Fault, FaultControl};
+use crate::faults::{Fault, FaultControl, LOCATOR};
 use crate::latency::LatencyProfile;
 use crate::server::RunningOrganisation;
 
 #[derive(Clone)]
 struct AdminState {
     control: FaultControl,
-    orgs: Vec<RunningOrganisation>,
+    orgs: std::sync::Arc<Vec<RunningOrganisation>>,
+    /// The record locator's FHIR base; it is addressed as the organisation `LOCATOR`.
+    locator_url: String,
 }
 
-pub(crate) fn router(control: FaultControl, orgs: Vec<RunningOrganisation>) -> Router {
+/// The admin API. The locator is addressed like an organisation with the code `LOCATOR`
+/// (`GET`/`PUT .../organisations/LOCATOR[/fault|/latency]`) and appears in `/admin/stats`, but
+/// not in the organisation list.
+pub(crate) fn router(
+    control: FaultControl,
+    orgs: Vec<RunningOrganisation>,
+    locator_url: String,
+) -> Router {
     Router::new()
         .route("/admin/organisations", get(list))
         .route("/admin/organisations/{code}", get(one))
@@ -33,7 +42,11 @@ pub(crate) fn router(control: FaultControl, orgs: Vec<RunningOrganisation>) -> R
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(reset_stats))
         .fallback(|| async { AdminError(StatusCode::NOT_FOUND, "no such admin endpoint".into()) })
-        .with_state(AdminState { control, orgs })
+        .with_state(AdminState {
+            control,
+            orgs: std::sync::Arc::new(orgs),
+            locator_url,
+        })
 }
 
 /// An admin API failure: a status and a message, as `{"error": "..."}`.
@@ -45,11 +58,30 @@ impl IntoResponse for AdminError {
     }
 }
 
-fn describe(state: &AdminState, o: &RunningOrganisation) -> Value {
+/// What the admin API shows of an organisation or the locator.
+struct Entry {
+    code: String,
+    name: String,
+    kind: &'static str,
+    base_url: String,
+}
+
+impl From<&RunningOrganisation> for Entry {
+    fn from(o: &RunningOrganisation) -> Entry {
+        Entry {
+            code: o.code.clone(),
+            name: o.name.clone(),
+            kind: o.kind.as_str(),
+            base_url: o.base_url.clone(),
+        }
+    }
+}
+
+fn describe(state: &AdminState, o: &Entry) -> Value {
     json!({
         "code": o.code,
         "name": o.name,
-        "kind": o.kind.as_str(),
+        "kind": o.kind,
         "base_url": o.base_url,
         "latency": state.control.latency(&o.code).map(|l| l.to_string()),
         "fault": state.control.fault(&o.code).map(|f| f.to_string()),
@@ -57,11 +89,20 @@ fn describe(state: &AdminState, o: &RunningOrganisation) -> Value {
     })
 }
 
-fn find<'a>(state: &'a AdminState, code: &str) -> Result<&'a RunningOrganisation, AdminError> {
+fn find(state: &AdminState, code: &str) -> Result<Entry, AdminError> {
+    if code.eq_ignore_ascii_case(LOCATOR) {
+        return Ok(Entry {
+            code: LOCATOR.to_string(),
+            name: "Record locator".to_string(),
+            kind: "locator",
+            base_url: state.locator_url.clone(),
+        });
+    }
     state
         .orgs
         .iter()
         .find(|o| o.code.eq_ignore_ascii_case(code))
+        .map(Entry::from)
         .ok_or_else(|| {
             AdminError(
                 StatusCode::NOT_FOUND,
@@ -72,7 +113,11 @@ fn find<'a>(state: &'a AdminState, code: &str) -> Result<&'a RunningOrganisation
 
 async fn list(State(state): State<AdminState>) -> Json<Value> {
     Json(Value::Array(
-        state.orgs.iter().map(|o| describe(&state, o)).collect(),
+        state
+            .orgs
+            .iter()
+            .map(|o| describe(&state, &o.into()))
+            .collect(),
     ))
 }
 
@@ -80,7 +125,7 @@ async fn one(
     State(state): State<AdminState>,
     Path(code): Path<String>,
 ) -> Result<Json<Value>, AdminError> {
-    Ok(Json(describe(&state, find(&state, &code)?)))
+    Ok(Json(describe(&state, &find(&state, &code)?)))
 }
 
 #[derive(Deserialize)]
@@ -123,7 +168,7 @@ async fn set_fault(
         .map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let _ = state.control.set_fault(&org.code, fault);
     tracing::info!(organisation = %org.code, fault = %fault, "fault set");
-    Ok(Json(describe(&state, org)))
+    Ok(Json(describe(&state, &org)))
 }
 
 async fn set_latency(
@@ -137,14 +182,18 @@ async fn set_latency(
         .map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let _ = state.control.set_latency(&org.code, latency);
     tracing::info!(organisation = %org.code, latency = %latency, "latency set");
-    Ok(Json(describe(&state, org)))
+    Ok(Json(describe(&state, &org)))
 }
 
 async fn reset(State(state): State<AdminState>) -> Json<Value> {
     state.control.reset();
     tracing::info!("faults cleared, latency back to startup settings");
     Json(Value::Array(
-        state.orgs.iter().map(|o| describe(&state, o)).collect(),
+        state
+            .orgs
+            .iter()
+            .map(|o| describe(&state, &o.into()))
+            .collect(),
     ))
 }
 
@@ -152,7 +201,9 @@ async fn stats(State(state): State<AdminState>) -> Json<Value> {
     let map = state
         .orgs
         .iter()
-        .map(|o| (o.code.clone(), json!(state.control.stats(&o.code))))
+        .map(|o| o.code.as_str())
+        .chain([LOCATOR])
+        .map(|c| (c.to_string(), json!(state.control.stats(c))))
         .collect::<serde_json::Map<_, _>>();
     Json(Value::Object(map))
 }

@@ -26,8 +26,12 @@ const MAX_BATCH_ENTRIES: usize = 200;
 pub(crate) struct Ctx<'a> {
     pub region: &'a Region,
     pub org: usize,
-    /// `http://host:port/fhir`, used for `fullUrl` and paging links.
+    /// `http://host:port/fhir` (or `http://host:port/org/{code}/fhir` on a shared port), used
+    /// for `fullUrl` and paging links.
     pub base_url: &'a str,
+    /// The path before `/fhir` on this server: empty, or `/org/{code}` on a shared port (so
+    /// rooted batch entry URLs resolve).
+    pub path_prefix: &'a str,
     /// The `empty_bundle` fault: every search finds nothing.
     pub empty: bool,
     /// For counting searches inside batches.
@@ -41,7 +45,7 @@ pub(crate) struct ApiResponse {
 }
 
 impl ApiResponse {
-    fn json(status: StatusCode, v: &Value) -> ApiResponse {
+    pub(crate) fn json(status: StatusCode, v: &Value) -> ApiResponse {
         ApiResponse {
             status,
             content_type: FHIR_JSON,
@@ -206,7 +210,7 @@ fn get(ctx: &Ctx<'_>, r: Route, query: Option<&str>) -> Result<Value, ApiError> 
 
 // ---- query parsing --------------------------------------------------------------------------
 
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
+pub(crate) fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -231,7 +235,7 @@ fn percent_decode(s: &str, plus_is_space: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn parse_query(q: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
@@ -241,7 +245,7 @@ fn parse_query(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn param<'a>(params: &'a [(String, String)], names: &[&str]) -> Option<&'a str> {
+pub(crate) fn param<'a>(params: &'a [(String, String)], names: &[&str]) -> Option<&'a str> {
     params
         .iter()
         .find(|(k, _)| names.contains(&k.as_str()))
@@ -537,6 +541,10 @@ fn batch(ctx: &Ctx<'_>, body: &[u8]) -> Result<Value, ApiError> {
 fn batch_get(ctx: &Ctx<'_>, url: &str) -> Result<Value, ApiError> {
     // Relative (`Condition?patient=1`), rooted (`/fhir/Condition?...`) or absolute on this base.
     let url = url.strip_prefix(ctx.base_url).unwrap_or(url);
+    let url = match url.strip_prefix(ctx.path_prefix) {
+        Some(rest) if !ctx.path_prefix.is_empty() && rest.starts_with("/fhir") => rest,
+        _ => url,
+    };
     let url = url.strip_prefix("/fhir").unwrap_or(url);
     let url = url.trim_start_matches('/');
     let (path, query) = match url.split_once('?') {
@@ -576,6 +584,7 @@ mod tests {
             region: r,
             org,
             base_url: "http://h:1/fhir",
+            path_prefix: "",
             empty: false,
             control: None,
         };

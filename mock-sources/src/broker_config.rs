@@ -4,6 +4,7 @@
 //! (why plaintext is on, what `mode` may be) and keeps the exact table layout the broker documents;
 //! strings are escaped as TOML basic strings, and a test parses the result back.
 
+use crate::population::OrgKind;
 use crate::server::RunningOrganisation;
 
 /// How the broker should read a source.
@@ -88,10 +89,244 @@ pub(crate) fn render(
     out
 }
 
+/// How long the routed config lets the broker wait for the locator.
+pub const LOCATOR_TIMEOUT_MS: u64 = 500;
+/// The directory file's header line.
+pub const DIRECTORY_HEADER: &str = "organisation_code,organisation_name,kind,base_url";
+
+/// One row of the organisation directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryRow {
+    pub organisation_code: String,
+    pub organisation_name: String,
+    pub kind: OrgKind,
+    /// Empty when the broker config's endpoint template covers it.
+    pub base_url: String,
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break, with
+/// quotes doubled.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The directory CSV: [`DIRECTORY_HEADER`], then one row per organisation; `\n` line ends.
+pub fn directory_csv(rows: impl IntoIterator<Item = DirectoryRow>) -> String {
+    let mut out = String::from(DIRECTORY_HEADER);
+    out.push('\n');
+    for r in rows {
+        out.push_str(&csv_field(&r.organisation_code));
+        out.push(',');
+        out.push_str(&csv_field(&r.organisation_name));
+        out.push(',');
+        out.push_str(r.kind.as_str());
+        out.push(',');
+        out.push_str(&csv_field(&r.base_url));
+        out.push('\n');
+    }
+    out
+}
+
+/// Parses a directory CSV (RFC 4180: quoted fields, doubled quotes, `\n` or `\r\n` line ends)
+/// with exactly [`DIRECTORY_HEADER`]'s columns. For tests and tools; the broker has its own.
+pub fn parse_directory_csv(text: &str) -> Result<Vec<DirectoryRow>, String> {
+    let records = parse_csv(text)?;
+    let mut it = records.into_iter();
+    let header = it.next().ok_or("empty directory file")?;
+    if header.join(",") != DIRECTORY_HEADER {
+        return Err(format!(
+            "header must be {DIRECTORY_HEADER:?}, not {header:?}"
+        ));
+    }
+    it.enumerate()
+        .map(|(i, r)| {
+            let line = i + 2;
+            let [code, name, kind, url]: [String; 4] = r.try_into().map_err(|r: Vec<String>| {
+                format!("record {line}: {} fields, expected 4", r.len())
+            })?;
+            let kind = [
+                OrgKind::GpPractice,
+                OrgKind::AcuteTrust,
+                OrgKind::MentalHealthTrust,
+                OrgKind::AmbulanceService,
+                OrgKind::CareHome,
+            ]
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .ok_or_else(|| format!("record {line}: unknown kind {kind:?}"))?;
+            Ok(DirectoryRow {
+                organisation_code: code,
+                organisation_name: name,
+                kind,
+                base_url: url,
+            })
+        })
+        .collect()
+}
+
+fn parse_csv(text: &str) -> Result<Vec<Vec<String>>, String> {
+    let mut records = Vec::new();
+    let mut record = Vec::new();
+    let mut field = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    let mut at_start = true;
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    field.push('"');
+                }
+                '"' => quoted = false,
+                c => field.push(c),
+            }
+            continue;
+        }
+        match c {
+            '"' if field.is_empty() => quoted = true,
+            '"' => return Err(format!("stray quote in field {field:?}")),
+            ',' => record.push(std::mem::take(&mut field)),
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\n' => {
+                record.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut record));
+                at_start = true;
+                continue;
+            }
+            c => field.push(c),
+        }
+        at_start = false;
+    }
+    if quoted {
+        return Err("unterminated quoted field".into());
+    }
+    if !at_start {
+        record.push(field);
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// What goes into a routed broker config.
+pub(crate) struct Routed<'a> {
+    pub broker_listen: &'a str,
+    pub always_ask: &'a [String],
+    pub locator_url: &'a str,
+    /// Absolute path of the directory CSV.
+    pub directory_file: &'a str,
+    /// `http://IP:PORT/org/{code}/fhir` when every organisation shares a port.
+    pub endpoint_template: Option<&'a str>,
+    pub mode: FhirMode,
+}
+
+pub(crate) fn render_routed(r: &Routed<'_>) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "# Written by mock-sources: a routed local-development broker config for this synthetic region.\n",
+    );
+    out.push_str("[server]\n");
+    out.push_str(&format!("listen = {}\n", toml_string(r.broker_listen)));
+    out.push_str("plaintext = true\n");
+    out.push_str("\n[routing]\n");
+    out.push_str("mode = \"located\"\n");
+    let always: Vec<String> = r.always_ask.iter().map(|c| toml_string(c)).collect();
+    out.push_str(&format!("always_ask = [{}]\n", always.join(", ")));
+    out.push_str(&format!("locator_timeout_ms = {LOCATOR_TIMEOUT_MS}\n"));
+    out.push_str("[[routing.locators]]\n");
+    out.push_str("id = \"region-locator\"\n");
+    out.push_str(&format!("base_url = {}\n", toml_string(r.locator_url)));
+    out.push_str("registered_gp = true\n");
+    out.push_str("record_pointers = true\n");
+    out.push_str("\n[directory]\n");
+    out.push_str(&format!("file = {}\n", toml_string(r.directory_file)));
+    if let Some(t) = r.endpoint_template {
+        out.push_str(&format!("endpoint_template = {}\n", toml_string(t)));
+    }
+    out.push_str(&format!("timeout_ms = {SOURCE_TIMEOUT_MS}\n"));
+    out.push_str(&format!("mode = {}\n", toml_string(r.mode.as_str())));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::population::OrgKind;
+
+    #[test]
+    fn csv_quotes_what_needs_quoting_and_parses_back() {
+        let rows = vec![
+            DirectoryRow {
+                organisation_code: "VM133".into(),
+                organisation_name: "Willow House Care Home, Riverside".into(),
+                kind: OrgKind::CareHome,
+                base_url: String::new(),
+            },
+            DirectoryRow {
+                organisation_code: "RJ1".into(),
+                organisation_name: "St \"Odd\" Trust\nline two".into(),
+                kind: OrgKind::AcuteTrust,
+                base_url: "http://127.0.0.1:1/fhir".into(),
+            },
+        ];
+        let text = directory_csv(rows.clone());
+        assert!(text.starts_with("organisation_code,organisation_name,kind,base_url\n"));
+        assert!(text.contains("VM133,\"Willow House Care Home, Riverside\",care_home,\n"));
+        assert!(text.contains("\"St \"\"Odd\"\" Trust\nline two\""));
+        assert_eq!(parse_directory_csv(&text), Ok(rows.clone()));
+        assert_eq!(
+            parse_directory_csv(&text.replace('\n', "\r\n")).map(|r| r.len()),
+            Ok(2)
+        );
+        assert!(parse_directory_csv("a,b\n").is_err());
+        assert!(
+            parse_directory_csv(&format!("{DIRECTORY_HEADER}\nX,\"open,gp_practice,\n")).is_err()
+        );
+    }
+
+    #[test]
+    fn routed_config_has_the_documented_shape() {
+        let always = vec!["RJ1".to_string(), "RYA".to_string()];
+        let text = render_routed(&Routed {
+            broker_listen: "127.0.0.1:50051",
+            always_ask: &always,
+            locator_url: "http://127.0.0.1:4000/locator/fhir",
+            directory_file: "/tmp/dir \"x\".csv",
+            endpoint_template: Some("http://127.0.0.1:4000/org/{code}/fhir"),
+            mode: FhirMode::Everything,
+        });
+        let v: toml::Table = toml::from_str(&text).expect("valid TOML");
+        assert_eq!(v["server"]["listen"].as_str(), Some("127.0.0.1:50051"));
+        assert_eq!(v["server"]["plaintext"].as_bool(), Some(true));
+        assert_eq!(v["routing"]["mode"].as_str(), Some("located"));
+        let always: Vec<&str> = v["routing"]["always_ask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(always, ["RJ1", "RYA"]);
+        assert_eq!(v["routing"]["locator_timeout_ms"].as_integer(), Some(500));
+        let loc = &v["routing"]["locators"].as_array().unwrap()[0];
+        assert_eq!(loc["id"].as_str(), Some("region-locator"));
+        assert_eq!(
+            loc["base_url"].as_str(),
+            Some("http://127.0.0.1:4000/locator/fhir")
+        );
+        assert_eq!(loc["registered_gp"].as_bool(), Some(true));
+        assert_eq!(loc["record_pointers"].as_bool(), Some(true));
+        assert_eq!(v["directory"]["file"].as_str(), Some("/tmp/dir \"x\".csv"));
+        assert_eq!(
+            v["directory"]["endpoint_template"].as_str(),
+            Some("http://127.0.0.1:4000/org/{code}/fhir")
+        );
+        assert_eq!(v["directory"]["timeout_ms"].as_integer(), Some(2000));
+        assert_eq!(v["directory"]["mode"].as_str(), Some("everything"));
+        assert!(v.get("sources").is_none());
+    }
 
     fn org(code: &str, name: &str, port: u16) -> RunningOrganisation {
         RunningOrganisation {

@@ -151,10 +151,17 @@ struct OrgControl {
     counters: Counters,
 }
 
+/// The pseudo-organisation code of the region's record locator in [`FaultControl`] and the admin
+/// API: `set_fault(LOCATOR, ..)`, `stats(LOCATOR)`, `PUT /admin/organisations/LOCATOR/fault`.
+pub const LOCATOR: &str = "LOCATOR";
+
 #[derive(Debug)]
 struct Controls {
     seed: u64,
+    /// Organisations first (region order), then the locator if there is one.
     orgs: Vec<OrgControl>,
+    /// How many of `orgs` are organisations (the rest is the locator).
+    organisations: usize,
     by_code: HashMap<String, usize>,
 }
 
@@ -171,7 +178,30 @@ fn lock(m: &Mutex<Settings>) -> MutexGuard<'_, Settings> {
 
 impl FaultControl {
     /// `orgs`: `(code, startup latency, startup fault)` in organisation order.
+    #[cfg(test)]
     pub(crate) fn new(seed: u64, orgs: Vec<(String, LatencyProfile, Fault)>) -> FaultControl {
+        Self::build(seed, orgs, None)
+    }
+
+    /// As [`FaultControl::new`], plus the region's record locator under the code [`LOCATOR`];
+    /// its index is `orgs.len()`.
+    pub(crate) fn with_locator(
+        seed: u64,
+        orgs: Vec<(String, LatencyProfile, Fault)>,
+        locator: (LatencyProfile, Fault),
+    ) -> FaultControl {
+        Self::build(seed, orgs, Some(locator))
+    }
+
+    fn build(
+        seed: u64,
+        mut orgs: Vec<(String, LatencyProfile, Fault)>,
+        locator: Option<(LatencyProfile, Fault)>,
+    ) -> FaultControl {
+        let organisations = orgs.len();
+        if let Some((latency, fault)) = locator {
+            orgs.push((LOCATOR.to_string(), latency, fault));
+        }
         let by_code = orgs
             .iter()
             .enumerate()
@@ -190,6 +220,7 @@ impl FaultControl {
             inner: Arc::new(Controls {
                 seed,
                 orgs,
+                organisations,
                 by_code,
             }),
         }
@@ -203,9 +234,21 @@ impl FaultControl {
             .ok_or_else(|| UnknownOrganisation(code.to_string()))
     }
 
-    /// Organisation codes, in region order.
+    /// Organisation codes, in region order (not [`LOCATOR`]).
     pub fn codes(&self) -> Vec<String> {
-        self.inner.orgs.iter().map(|o| o.code.clone()).collect()
+        self.organisations()
+            .iter()
+            .map(|o| o.code.clone())
+            .collect()
+    }
+
+    fn organisations(&self) -> &[OrgControl] {
+        &self.inner.orgs[..self.inner.organisations]
+    }
+
+    /// The locator's index for [`FaultControl::begin`], if the region has one.
+    pub(crate) fn locator_index(&self) -> Option<usize> {
+        (self.inner.orgs.len() > self.inner.organisations).then_some(self.inner.organisations)
     }
 
     pub fn set_fault(&self, code: &str, fault: Fault) -> Result<(), UnknownOrganisation> {
@@ -222,14 +265,17 @@ impl FaultControl {
         Ok(())
     }
 
+    /// Sets every organisation's fault; the locator (if any) keeps its own — set it with
+    /// `set_fault(LOCATOR, ..)`.
     pub fn set_fault_all(&self, fault: Fault) {
-        for o in &self.inner.orgs {
+        for o in self.organisations() {
             lock(&o.settings).fault = fault;
         }
     }
 
+    /// Sets every organisation's latency; the locator (if any) keeps its own.
     pub fn set_latency_all(&self, latency: LatencyProfile) {
-        for o in &self.inner.orgs {
+        for o in self.organisations() {
             lock(&o.settings).latency = latency;
         }
     }
@@ -242,12 +288,15 @@ impl FaultControl {
         self.org(code).ok().map(|o| lock(&o.settings).latency)
     }
 
-    /// Clears every fault; latency is left as it is.
+    /// Clears every fault, the locator's included; latency is left as it is.
     pub fn clear_faults(&self) {
-        self.set_fault_all(Fault::None);
+        for o in &self.inner.orgs {
+            lock(&o.settings).fault = Fault::None;
+        }
     }
 
-    /// Clears every fault and returns latency to what the region was started with.
+    /// Clears every fault and returns latency to what the region was started with (the
+    /// locator's included).
     pub fn reset(&self) {
         for o in &self.inner.orgs {
             *lock(&o.settings) = Settings {
@@ -279,7 +328,7 @@ impl FaultControl {
         })
     }
 
-    /// Zeroes every counter (between test phases).
+    /// Zeroes every counter, the locator's included (between test phases).
     pub fn reset_stats(&self) {
         for o in &self.inner.orgs {
             let c = &o.counters;

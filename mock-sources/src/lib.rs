@@ -7,7 +7,12 @@
 //! be switched at runtime, for `carerecord demo`, end-to-end tests and ops rehearsal.
 //!
 //! - [`Region`]: the generated population ([`population`]); records are built lazily (`record`).
-//! - [`RegionServer`]: one HTTP server per organisation plus an admin server.
+//! - [`RegionServer`]: one HTTP server per organisation plus an admin server
+//!   ([`RegionServer::start_with`]), or every organisation on one port routed by path
+//!   (`/org/{code}/fhir`, [`RegionServer::start_shared`]); either way with the region's record
+//!   locator ([`RegionServer::locator_url`]) and the directory and routed broker config a
+//!   broker needs at scale ([`RegionServer::write_directory`],
+//!   [`RegionServer::broker_config_toml_routed`]).
 //! - [`FaultControl`]: latency and faults per organisation, the same as the admin API.
 #![forbid(unsafe_code)]
 
@@ -19,14 +24,16 @@ pub mod codes;
 pub mod faults;
 pub mod fhir;
 pub mod latency;
+mod locator;
 mod names;
 pub mod population;
 mod prng;
 mod record;
 pub mod server;
 
+pub use broker_config::DirectoryRow;
 pub use broker_config::FhirMode;
-pub use faults::{Fault, FaultControl, OrgStats, UnknownOrganisation};
+pub use faults::{Fault, FaultControl, LOCATOR, OrgStats, UnknownOrganisation};
 pub use latency::LatencyProfile;
 pub use population::{
     ConflictField, DemographicConflict, OrgKind, Organisation, PatientSummary, Region, RegionSpec,

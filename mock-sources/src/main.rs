@@ -3,6 +3,11 @@
 //! The binary is a thin shell over the library so that ops and tests get the same region for the
 //! same seed: `serve` prints where each organisation listens (and can write the broker config
 //! pointing at them); `patients` prints NHS numbers to try, marking the awkward cases.
+//!
+//! A whole area: `serve --shared-port --organisations 3000 --write-directory orgs.csv
+//! --write-broker-config broker.toml` serves every organisation from one port
+//! (`/org/{code}/fhir`) beside the record locator (`/locator/fhir`), and writes the directory
+//! and the routed broker config that reads it.
 
 use std::io::{IsTerminal, Write};
 use std::net::IpAddr;
@@ -32,7 +37,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start one FHIR server per organisation plus the admin server (the default).
+    /// Start the region's FHIR servers, its record locator and the admin server (the default).
     Serve(ServeArgs),
     /// List the region's patients: NHS number, name, date of birth, organisations.
     Patients(PatientsArgs),
@@ -46,7 +51,9 @@ struct RegionArgs {
     /// Number of patients.
     #[arg(long, default_value_t = 10_000)]
     patients: usize,
-    /// Number of organisations (about half GP practices).
+    /// Number of organisations (up to 5000; about half GP practices in a small region, 40% in
+    /// one of more than 50, with acute trusts, mental health trusts, an ambulance service and
+    /// care homes).
     #[arg(long, default_value_t = 10)]
     organisations: usize,
     /// Default search page size.
@@ -69,23 +76,37 @@ impl RegionArgs {
 struct ServeArgs {
     #[command(flatten)]
     region: RegionArgs,
-    /// Address to bind every server to (each gets its own port).
+    /// Address to bind every server to (each gets its own port unless --shared-port).
     #[arg(long, default_value = "127.0.0.1")]
     bind: IpAddr,
-    /// Write a broker config for this region to FILE.
+    /// Serve every organisation from one port, routed by path: /org/{code}/fhir. Cheap for
+    /// thousands of organisations.
+    #[arg(long)]
+    shared_port: bool,
+    /// Write the organisation directory (CSV: organisation_code,organisation_name,kind,base_url)
+    /// to FILE; the broker config written then is the routed one that reads it.
+    #[arg(long, value_name = "FILE")]
+    write_directory: Option<PathBuf>,
+    /// Write a broker config for this region to FILE (routed, reading the directory, when
+    /// --write-directory is given; otherwise one [[sources]] table per organisation).
     #[arg(long, value_name = "FILE")]
     write_broker_config: Option<PathBuf>,
+    /// The fraction (0..=1) of record pointers the locator does not hold.
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.0)]
+    locator_missing: f64,
     /// The broker listen address to put in that config.
     #[arg(long, default_value = "127.0.0.1:50051")]
     broker_listen: String,
-    /// How the broker config tells the broker to read every source.
-    #[arg(long, value_enum, default_value_t = Mode::Search)]
-    broker_mode: Mode,
-    /// Latency for an organisation (`all` for every one): fixed:MS, tail:MEDIAN_MS:P99_MS or none.
+    /// How the broker config tells the broker to read every source (default: search, or
+    /// everything in a routed config).
+    #[arg(long, value_enum)]
+    broker_mode: Option<Mode>,
+    /// Latency for an organisation (`all` for every one, `LOCATOR` for the locator):
+    /// fixed:MS, tail:MEDIAN_MS:P99_MS or none.
     #[arg(long = "latency", value_name = "ORG=SPEC", value_parser = org_setting::<LatencyProfile>)]
     latency: Vec<(String, LatencyProfile)>,
-    /// Fault for an organisation (`all` for every one): none, error_rate:0.3, http500, hang,
-    /// malformed_json, slow_body, reset, empty_bundle.
+    /// Fault for an organisation (`all` for every one, `LOCATOR` for the locator): none,
+    /// error_rate:0.3, http500, hang, malformed_json, slow_body, reset, empty_bundle.
     #[arg(long = "fault", value_name = "ORG=KIND", value_parser = org_setting::<Fault>)]
     fault: Vec<(String, Fault)>,
 }
@@ -194,7 +215,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let region = Arc::new(Region::generate(&args.region.spec()));
     let is_all = |org: &str| org.eq_ignore_ascii_case("all") || org == "*";
-    let mut options = ServerOptions::default();
+    let mut options = ServerOptions {
+        locator_missing_pointers: args.locator_missing,
+        ..ServerOptions::default()
+    };
     for (org, latency) in &args.latency {
         if is_all(org) {
             options.latency = Some(*latency);
@@ -213,41 +237,96 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             options.faults.push((org.clone(), *fault));
         }
     }
-    let server = RegionServer::start_with(region.clone(), args.bind, options)
-        .await
-        .context("starting the region's servers")?;
+    let started = std::time::Instant::now();
+    let server = if args.shared_port {
+        RegionServer::start_shared(region.clone(), args.bind, options).await
+    } else {
+        RegionServer::start_with(region.clone(), args.bind, options).await
+    }
+    .context("starting the region's servers")?;
+    let startup = started.elapsed();
 
     let mut out = std::io::stdout().lock();
     let orgs = server.organisations();
-    let width = orgs
-        .iter()
-        .map(|o| o.name.chars().count())
-        .max()
-        .unwrap_or(0);
-    for o in &orgs {
+    if orgs.len() > SUMMARY_ABOVE {
         writeln!(
             out,
-            "{:<7} {:<width$}  {:<20} {}",
-            o.code,
-            o.name,
-            o.kind.label(),
-            o.base_url
+            "{} organisations in {:.1?}: {}",
+            orgs.len(),
+            startup,
+            kind_summary(&orgs)
         )?;
+        match server.endpoint_template() {
+            Some(t) => writeln!(out, "{:<7} {t}", "orgs")?,
+            None => writeln!(
+                out,
+                "{:<7} one port each, {} .. {} (see the directory or /admin/organisations)",
+                "orgs",
+                orgs.first().map_or("", |o| o.base_url.as_str()),
+                orgs.last().map_or("", |o| o.base_url.as_str())
+            )?,
+        }
+        for o in orgs.iter().take(3) {
+            writeln!(out, "{:<7} {}  {}", o.code, o.name, o.base_url)?;
+        }
+        writeln!(
+            out,
+            "{:<7} always ask {}",
+            "",
+            server.always_ask().join(", ")
+        )?;
+    } else {
+        let width = orgs
+            .iter()
+            .map(|o| o.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        for o in &orgs {
+            writeln!(
+                out,
+                "{:<7} {:<width$}  {:<20} {}",
+                o.code,
+                o.name,
+                o.kind.label(),
+                o.base_url
+            )?;
+        }
     }
+    writeln!(out, "{:<7} {}", "locator", server.locator_url())?;
     writeln!(out, "{:<7} {}", "admin", server.admin_url())?;
     out.flush()?;
     drop(out);
 
+    if let Some(path) = &args.write_directory {
+        server
+            .write_directory(path)
+            .with_context(|| format!("writing the directory to {}", path.display()))?;
+        tracing::info!(path = %path.display(), rows = orgs.len(), "directory written");
+    }
     if let Some(path) = &args.write_broker_config {
-        let mode = match args.broker_mode {
+        let mode = |m: Mode| match m {
             Mode::Search => FhirMode::Search,
             Mode::Everything => FhirMode::Everything,
             Mode::Batch => FhirMode::Batch,
         };
-        let config = server.broker_config_toml_with(&args.broker_listen, |_| mode);
+        let config = match &args.write_directory {
+            Some(dir) => server.broker_config_toml_routed_with(
+                &args.broker_listen,
+                dir,
+                args.broker_mode.map_or(FhirMode::Everything, mode),
+            ),
+            None => {
+                let m = args.broker_mode.map_or(FhirMode::Search, mode);
+                server.broker_config_toml_with(&args.broker_listen, |_| m)
+            }
+        };
         std::fs::write(path, config)
             .with_context(|| format!("writing the broker config to {}", path.display()))?;
-        tracing::info!(path = %path.display(), "broker config written");
+        tracing::info!(
+            path = %path.display(),
+            routed = args.write_directory.is_some(),
+            "broker config written"
+        );
     }
     tracing::info!(
         patients = region.patient_count(),
@@ -260,6 +339,28 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("stopping");
     server.shutdown().await;
     Ok(())
+}
+
+/// Above this many organisations `serve` prints a summary rather than a line each.
+const SUMMARY_ABOVE: usize = 50;
+
+/// `1200 GP practices, 40 acute trusts, ...`.
+fn kind_summary(orgs: &[carerecord_mock_sources::RunningOrganisation]) -> String {
+    use carerecord_mock_sources::OrgKind;
+    [
+        (OrgKind::GpPractice, "GP practice"),
+        (OrgKind::AcuteTrust, "acute trust"),
+        (OrgKind::MentalHealthTrust, "mental health trust"),
+        (OrgKind::AmbulanceService, "ambulance service"),
+        (OrgKind::CareHome, "care home"),
+    ]
+    .iter()
+    .map(|(k, label)| {
+        let n = orgs.iter().filter(|o| o.kind == *k).count();
+        format!("{n} {label}{}", if n == 1 { "" } else { "s" })
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 async fn shutdown_signal() {

@@ -24,6 +24,9 @@ pub struct RegionSpec {
     /// Number of synthetic patients (capped at [`MAX_PATIENTS`]).
     pub patients: usize,
     /// Number of organisations (1..=[`MAX_ORGANISATIONS`]); 10 gives a realistic small region.
+    /// Above [`SMALL_REGION_MAX`] the mix is a whole area's (for 3,000: ~1,200 GP practices,
+    /// 40 acute trusts, 3 mental health trusts, 1 ambulance service, the rest care homes) and
+    /// every patient is known to 3–8 organisations.
     pub organisations: usize,
     /// Default search page size (`_count` overrides it per request; capped at 100).
     pub page_size: usize,
@@ -42,7 +45,10 @@ impl Default for RegionSpec {
 
 /// The 999 range holds ~909,000 valid NHS numbers; leave room for [`Region::unknown_nhs_number`].
 pub const MAX_PATIENTS: usize = 900_000;
-pub const MAX_ORGANISATIONS: usize = 500;
+pub const MAX_ORGANISATIONS: usize = 5000;
+/// Regions up to this many organisations keep the original small-region mix and patient
+/// assignment (so their data is unchanged); larger ones are laid out like a real area.
+pub const SMALL_REGION_MAX: usize = 50;
 const FIRST_STEM: u32 = 999_000_000;
 
 /// The kind of organisation, which decides what it records and how fast it answers by default.
@@ -200,6 +206,7 @@ pub struct Region {
 // Purpose tags for derived generators.
 const TAG_ORGS: u64 = 1;
 const TAG_PERSON: u64 = 2;
+const TAG_LOCATOR: u64 = 0x10C;
 
 impl Region {
     /// Generates the region for `spec`. Deterministic: the same spec gives the same region.
@@ -311,6 +318,71 @@ impl Region {
             .then(|| patient_id(&self.organisations[o], p))
     }
 
+    /// The organisations a routed broker should ask for every patient: the area's main acute
+    /// trusts (the at most two acute trusts that know the most patients, ties in region order)
+    /// and the ambulance service(s). Region order.
+    pub fn always_ask(&self) -> Vec<String> {
+        let mut known = vec![0usize; self.organisations.len()];
+        for p in &self.people {
+            for &o in &p.orgs {
+                known[usize::from(o)] += 1;
+            }
+        }
+        let mut acutes: Vec<usize> = (0..self.organisations.len())
+            .filter(|&i| self.organisations[i].kind == OrgKind::AcuteTrust)
+            .collect();
+        acutes.sort_by_key(|&i| (std::cmp::Reverse(known[i]), i));
+        acutes.truncate(2);
+        let mut chosen: Vec<usize> = acutes
+            .into_iter()
+            .chain(
+                (0..self.organisations.len())
+                    .filter(|&i| self.organisations[i].kind == OrgKind::AmbulanceService),
+            )
+            .collect();
+        chosen.sort_unstable();
+        chosen
+            .into_iter()
+            .map(|i| self.organisations[i].code.clone())
+            .collect()
+    }
+
+    /// The organisations the region's record locator points to for this patient: everyone who
+    /// knows them (GP first), less the pointers a locator missing `missing_fraction` of them
+    /// (0..=1, drawn reproducibly per patient and organisation) does not hold. Empty for an
+    /// unknown patient. The GP stays findable through `Patient.generalPractitioner` regardless.
+    pub fn located_organisations(
+        &self,
+        nhs_number: &NhsNumber,
+        missing_fraction: f64,
+    ) -> Vec<String> {
+        self.person_index(nhs_number)
+            .map(|p| {
+                self.pointers(p, missing_fraction)
+                    .map(|o| self.organisations[o].code.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Indices of the organisations the locator holds pointers to for person `person`.
+    pub(crate) fn pointers(
+        &self,
+        person: usize,
+        missing_fraction: f64,
+    ) -> impl Iterator<Item = usize> + '_ {
+        let seed = self.spec.seed;
+        self.people[person]
+            .orgs
+            .iter()
+            .map(|&o| usize::from(o))
+            .filter(move |&o| {
+                missing_fraction <= 0.0
+                    || Prng::keyed(&[seed, TAG_LOCATOR, person as u64, o as u64]).unit()
+                        >= missing_fraction
+            })
+    }
+
     pub(crate) fn org_index(&self, code: &str) -> Option<usize> {
         self.by_code.get(&code.to_ascii_uppercase()).copied()
     }
@@ -380,8 +452,11 @@ struct Layout {
     gps: Vec<usize>,
     acutes: Vec<usize>,
     mental_health: Option<usize>,
+    mental_health_all: Vec<usize>,
     ambulance: Option<usize>,
     care_homes: Vec<usize>,
+    /// A whole area rather than a small region: see [`scaled_organisations`].
+    scaled: bool,
 }
 
 impl Layout {
@@ -397,17 +472,26 @@ impl Layout {
             gps: of_kind(OrgKind::GpPractice),
             acutes: of_kind(OrgKind::AcuteTrust),
             mental_health: of_kind(OrgKind::MentalHealthTrust).first().copied(),
+            mental_health_all: of_kind(OrgKind::MentalHealthTrust),
             ambulance: of_kind(OrgKind::AmbulanceService).first().copied(),
             care_homes: of_kind(OrgKind::CareHome),
+            scaled: orgs.len() > SMALL_REGION_MAX,
         }
     }
 }
 
-/// How many of each kind for `n` organisations: about half GP practices, at least two acute
-/// trusts where room allows, one mental health trust and one ambulance service from four up, and
-/// care homes with what remains.
+/// How many of each kind for `n` organisations. Small regions (up to [`SMALL_REGION_MAX`]):
+/// about half GP practices, at least two acute trusts where room allows, one mental health trust
+/// and one ambulance service from four up, and care homes with what remains. A whole area (more):
+/// 40% GP practices, one acute trust per 75 organisations, one mental health trust per 1,000
+/// (1 to 8), one ambulance service, and the rest care homes — London's proportions.
 fn kind_counts(n: usize) -> [(OrgKind, usize); 5] {
-    let (gp, acute, mh, amb, care) = if n < 4 {
+    let (gp, acute, mh, amb, care) = if n > SMALL_REGION_MAX {
+        let acute = (n / 75).max(2);
+        let mh = (n / 1000).clamp(1, MENTAL_HEALTH_CODES.len());
+        let gp = n * 2 / 5;
+        (gp, acute, mh, 1, n - gp - acute - mh - 1)
+    } else if n < 4 {
         (1, n - 1, 0, 0, 0)
     } else {
         let rest = n - 2;
@@ -430,7 +514,50 @@ fn kind_counts(n: usize) -> [(OrgKind, usize); 5] {
     ]
 }
 
-const ACUTE_CODES: &[&str] = &["RJ1", "R1F", "RK9", "RA2", "RBD", "RDU", "RN3", "RTH"];
+/// Acute trust codes in order of use (real ODS trust codes, for shape; the trusts are fictional).
+/// Past the list, unused `R` + two characters codes are generated.
+const ACUTE_CODES: &[&str] = &[
+    "RJ1", "R1F", "RK9", "RA2", "RBD", "RDU", "RN3", "RTH", "RAL", "RAP", "RAS", "RAX", "RF4",
+    "RJ6", "RJ7", "RJZ", "RKE", "RQM", "RQX", "R1H", "R1K", "RVR", "RYJ", "RAJ", "RDE", "RGT",
+    "RGN", "RM1", "RQW", "RCX", "RWG", "RWH", "RC9", "RD8", "RGP", "RNA", "RL4", "RXW", "RBK",
+    "RXK", "RR1", "RRK", "RJE", "RWE", "RTG", "RK5", "RNS", "RXF", "RCD", "RFR", "RHQ", "RR8",
+    "RWA", "RTD", "RTE", "RTF", "RTR", "RVJ", "RWF", "RWP", "RWY", "RXC", "RXL", "RXN", "RXP",
+    "RXQ", "RXR", "RA7", "RA9", "RBN", "RBT",
+];
+/// Prefixes making a whole area's places from the region's towns (`""` is the town itself).
+const PLACE_PREFIXES: &[&str] = &[
+    "", "North", "South", "East", "West", "Upper", "Lower", "Old", "New", "Great", "Little",
+    "Central",
+];
+const CARE_HOME_SUFFIXES: &[&str] = &["Care Home", "Nursing Home", "Residential Home"];
+/// Mental health trust codes in order of use; the first is the small region's.
+const MENTAL_HEALTH_CODES: &[&str] = &["RV5", "RQY", "RRP", "RAT", "RKL", "RV3", "RWK", "RXT"];
+const AMBULANCE_CODE: &str = "RYA";
+
+/// The `i`th care home code: `VM123`..`VM999`, then `VN000`.. — always five characters.
+fn care_home_code(i: usize) -> String {
+    const SECOND: &[u8] = b"MNPQRSTWXY";
+    let k = 123 + i;
+    match SECOND.get(k / 1000) {
+        Some(&c) => format!("V{}{:03}", c as char, k % 1000),
+        None => format!("V{}", k),
+    }
+}
+
+/// The next unused trust-shaped code (`R` + letter + digit/letter) once the list runs out.
+fn synthetic_trust_code(taken: impl Fn(&str) -> bool) -> String {
+    const SECOND: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ";
+    const THIRD: &[u8] = b"0123456789ABCDEFGHJKLMNPQRSTUVWXYZ";
+    SECOND
+        .iter()
+        .flat_map(|&a| {
+            THIRD
+                .iter()
+                .map(move |&b| format!("R{}{}", a as char, b as char))
+        })
+        .find(|c| !taken(c))
+        .unwrap_or_else(|| "R00".to_string())
+}
 const GP_WORDS: &[&str] = &[
     "Riverside",
     "Parkside",
@@ -457,12 +584,68 @@ fn generate_organisations(seed: u64, n: usize) -> Vec<Organisation> {
     let gp_letter = *rng.pick(b"ABCFGHJKLM").unwrap_or(&b'A') as char;
     let town_offset = rng.below(names::TOWNS.len() as u64) as usize;
     let town = |i: usize| names::TOWNS[(town_offset + i) % names::TOWNS.len()].0;
+    // A whole area has more places than towns: "North Riverside", "Upper Kingsmead", ...
+    let scaled = n > SMALL_REGION_MAX;
+    let place = |k: usize| {
+        let t = names::TOWNS.len();
+        match PLACE_PREFIXES[(k / t) % PLACE_PREFIXES.len()] {
+            "" => town(k % t).to_string(),
+            prefix => format!("{prefix} {}", town(k % t)),
+        }
+    };
     let word_offset = rng.below(GP_WORDS.len() as u64) as usize;
 
     let mut orgs = Vec::with_capacity(n);
+    // Codes the later trusts will take, so acute trusts never take them first.
+    let reserved: std::collections::HashSet<&str> = MENTAL_HEALTH_CODES
+        .iter()
+        .take(kind_counts(n)[2].1)
+        .chain([&AMBULANCE_CODE])
+        .copied()
+        .collect();
+    let mut used: std::collections::HashSet<String> = std::collections::HashSet::with_capacity(n);
+    let mut names_seen = std::collections::HashSet::with_capacity(n);
     for (kind, count) in kind_counts(n) {
         for i in 0..count {
             let (code, name) = match kind {
+                OrgKind::GpPractice if scaled => {
+                    let (w, p) = (GP_WORDS.len(), names::GP_PATTERNS.len());
+                    let word = GP_WORDS[(word_offset + i) % w];
+                    let pattern = names::GP_PATTERNS[(i / w) % p];
+                    let base = match i / (w * p) {
+                        0 => word.to_string(),
+                        k => format!("{word} {}", place(k - 1)),
+                    };
+                    (
+                        format!("{gp_letter}{}", 81001 + i),
+                        pattern.replace("{}", &base),
+                    )
+                }
+                OrgKind::AcuteTrust if scaled => {
+                    let code = ACUTE_CODES
+                        .get(i)
+                        .map(|c| c.to_string())
+                        .filter(|c| !used.contains(c) && !reserved.contains(c.as_str()))
+                        .unwrap_or_else(|| {
+                            synthetic_trust_code(|c| used.contains(c) || reserved.contains(c))
+                        });
+                    let name = match i % 3 {
+                        0 => format!("{} University Hospitals NHS Foundation Trust", place(i)),
+                        1 => format!("{} Hospitals NHS Trust", place(i)),
+                        _ => format!("{} General Hospital NHS Trust", place(i)),
+                    };
+                    (code, name)
+                }
+                OrgKind::CareHome if scaled => {
+                    let c = names::CARE_HOME_NAMES.len();
+                    let base = names::CARE_HOME_NAMES[i % c];
+                    let suffix = CARE_HOME_SUFFIXES[(i / c) % CARE_HOME_SUFFIXES.len()];
+                    let name = format!(
+                        "{base} {suffix}, {}",
+                        place(i / (c * CARE_HOME_SUFFIXES.len()))
+                    );
+                    (care_home_code(i), name)
+                }
                 OrgKind::GpPractice => {
                     let word = GP_WORDS[(word_offset + i) % GP_WORDS.len()];
                     let pattern =
@@ -482,7 +665,10 @@ fn generate_organisations(seed: u64, n: usize) -> Vec<Organisation> {
                     let code = ACUTE_CODES
                         .get(i)
                         .map(|c| c.to_string())
-                        .unwrap_or_else(|| format!("RX{}", i));
+                        .filter(|c| !used.contains(c) && !reserved.contains(c.as_str()))
+                        .unwrap_or_else(|| {
+                            synthetic_trust_code(|c| used.contains(c) || reserved.contains(c))
+                        });
                     let name = match i % 3 {
                         0 => format!("{} University Hospitals NHS Foundation Trust", town(i)),
                         1 => format!("{} Hospitals NHS Trust", town(i)),
@@ -496,11 +682,23 @@ fn generate_organisations(seed: u64, n: usize) -> Vec<Organisation> {
                     (code, name)
                 }
                 OrgKind::MentalHealthTrust => (
-                    "RV5".to_string(),
-                    format!("{region} Mental Health NHS Foundation Trust"),
+                    MENTAL_HEALTH_CODES
+                        .get(i)
+                        .map(|c| c.to_string())
+                        .filter(|c| !used.contains(c))
+                        .unwrap_or_else(|| synthetic_trust_code(|c| used.contains(c))),
+                    if i == 0 {
+                        format!("{region} Mental Health NHS Foundation Trust")
+                    } else {
+                        format!("{} and {region} Partnership NHS Trust", place(i))
+                    },
                 ),
                 OrgKind::AmbulanceService => (
-                    "RYA".to_string(),
+                    if used.contains(AMBULANCE_CODE) {
+                        synthetic_trust_code(|c| used.contains(c))
+                    } else {
+                        AMBULANCE_CODE.to_string()
+                    },
                     format!("{region} Ambulance Service NHS Trust"),
                 ),
                 OrgKind::CareHome => {
@@ -516,8 +714,18 @@ fn generate_organisations(seed: u64, n: usize) -> Vec<Organisation> {
                     } else {
                         format!("{base} {suffix}, {}", town(round))
                     };
-                    (format!("VM{}", 123 + i), name)
+                    (care_home_code(i), name)
                 }
+            };
+            used.insert(code.clone());
+            // Big regions run out of name combinations: number the repeats, as real directories do.
+            let name = if names_seen.insert(name.clone()) {
+                name
+            } else {
+                (2..)
+                    .map(|k| format!("{name} ({k})"))
+                    .find(|n| names_seen.insert(n.clone()))
+                    .unwrap_or(name)
             };
             orgs.push(Organisation { code, name, kind });
         }
@@ -589,56 +797,70 @@ fn generate_person(seed: u64, index: u64, nhs: NhsNumber, today: i64, layout: &L
 
     // Registration and who else knows the patient.
     let gp = layout.gps[rng.below(layout.gps.len() as u64) as usize];
-    let mut orgs = vec![gp as u16];
-    let local_acute = (!layout.acutes.is_empty()).then(|| layout.acutes[gp % layout.acutes.len()]);
-    if let Some(a) = local_acute {
-        let mut p: f64 = 0.5;
-        if age >= 65 {
-            p += 0.25;
-        }
-        if n_conditions >= 2 {
-            p += 0.1;
-        }
-        if rng.chance(p.min(0.9)) {
-            orgs.push(a as u16);
-        }
-        if layout.acutes.len() > 1 && rng.chance(0.08) {
-            let other = layout.acutes[rng.below(layout.acutes.len() as u64) as usize];
-            if other != a {
-                orgs.push(other as u16);
-            }
-        }
-    }
-    if let Some(mh) = layout.mental_health {
-        let p = if has(Specialty::MentalHealth) {
-            0.45
-        } else {
-            0.01
-        };
-        if rng.chance(p) {
-            orgs.push(mh as u16);
-        }
-    }
-    if let Some(amb) = layout.ambulance {
-        let p = 0.06 + if age >= 65 { 0.05 } else { 0.0 } + if age >= 75 { 0.15 } else { 0.0 };
-        if rng.chance(p) {
-            orgs.push(amb as u16);
-        }
-    }
-    if age >= 75 && !layout.care_homes.is_empty() {
+    let (orgs, local_acute) = if layout.scaled {
         let dementia = codes::CONDITIONS
             .iter()
-            .position(|d| d.concept.code == "52448006");
-        let p = if dementia.is_some_and(|i| conditions & (1 << i) != 0) {
-            0.6
-        } else {
-            0.2
-        };
-        if rng.chance(p) {
-            let home = layout.care_homes[rng.below(layout.care_homes.len() as u64) as usize];
-            orgs.push(home as u16);
+            .position(|d| d.concept.code == "52448006")
+            .is_some_and(|i| conditions & (1 << i) != 0);
+        let mental = has(Specialty::MentalHealth);
+        scaled_organisations(&mut rng, layout, gp, age, n_conditions, mental, dementia)
+    } else {
+        let mut orgs = vec![gp as u16];
+        let local_acute =
+            (!layout.acutes.is_empty()).then(|| layout.acutes[gp % layout.acutes.len()]);
+        if let Some(a) = local_acute {
+            let mut p: f64 = 0.5;
+            if age >= 65 {
+                p += 0.25;
+            }
+            if n_conditions >= 2 {
+                p += 0.1;
+            }
+            if rng.chance(p.min(0.9)) {
+                orgs.push(a as u16);
+            }
+            if layout.acutes.len() > 1 && rng.chance(0.08) {
+                let other = layout.acutes[rng.below(layout.acutes.len() as u64) as usize];
+                if other != a {
+                    orgs.push(other as u16);
+                }
+            }
         }
-    }
+        if let Some(mh) = layout.mental_health {
+            let p = if has(Specialty::MentalHealth) {
+                0.45
+            } else {
+                0.01
+            };
+            if rng.chance(p) {
+                orgs.push(mh as u16);
+            }
+        }
+        if let Some(amb) = layout.ambulance {
+            let p = 0.06 + if age >= 65 { 0.05 } else { 0.0 } + if age >= 75 { 0.15 } else { 0.0 };
+            if rng.chance(p) {
+                orgs.push(amb as u16);
+            }
+        }
+        if age >= 75 && !layout.care_homes.is_empty() {
+            let dementia = codes::CONDITIONS
+                .iter()
+                .position(|d| d.concept.code == "52448006");
+            let p = if dementia.is_some_and(|i| conditions & (1 << i) != 0) {
+                0.6
+            } else {
+                0.2
+            };
+            if rng.chance(p) {
+                let home = layout.care_homes[rng.below(layout.care_homes.len() as u64) as usize];
+                orgs.push(home as u16);
+            }
+        }
+
+        (orgs, local_acute)
+    };
+    let mut orgs = orgs;
+    debug_assert!(!layout.scaled || (3..=8).contains(&orgs.len()));
 
     // ~3% of patients: one organisation holds a misspelt family name or a wrong birth date.
     let mut conflict = None;
@@ -677,6 +899,73 @@ fn generate_person(seed: u64, index: u64, nhs: NhsNumber, today: i64, layout: &L
         conflict,
         conditions,
     }
+}
+
+/// Who knows a patient in a whole area (more than [`SMALL_REGION_MAX`] organisations): the GP,
+/// the local acute trust of the GP's catchment, often one of the area's main (teaching) trusts
+/// as well, sometimes a third trust, the catchment's mental health trust, the ambulance service
+/// and a care home; never fewer than three organisations nor more than eight (seven at most).
+fn scaled_organisations(
+    rng: &mut Prng,
+    layout: &Layout,
+    gp: usize,
+    age: i64,
+    n_conditions: u32,
+    mental: bool,
+    dementia: bool,
+) -> (Vec<u16>, Option<usize>) {
+    let rank = layout.gps.iter().position(|&g| g == gp).unwrap_or(0);
+    let catchment = |of: &[usize]| of[rank * of.len() / layout.gps.len().max(1)];
+    let mut orgs = vec![gp as u16];
+    let push = |orgs: &mut Vec<u16>, o: usize| {
+        if !orgs.contains(&(o as u16)) {
+            orgs.push(o as u16);
+        }
+    };
+    // The scaled mix always has at least two acute trusts.
+    let local = catchment(&layout.acutes);
+    push(&mut orgs, local);
+    let main = &layout.acutes[..layout.acutes.len().min(2)];
+    let mut p = 0.45 + if age >= 65 { 0.15 } else { 0.0 };
+    if n_conditions >= 2 {
+        p += 0.15;
+    }
+    if rng.chance(p) {
+        let centre = if rng.chance(0.7) {
+            main[rng.below(main.len() as u64) as usize]
+        } else {
+            layout.acutes[rng.below(layout.acutes.len() as u64) as usize]
+        };
+        push(&mut orgs, centre);
+    }
+    if rng.chance(0.18) {
+        let other = layout.acutes[rng.below(layout.acutes.len() as u64) as usize];
+        push(&mut orgs, other);
+    }
+    if !layout.mental_health_all.is_empty() && rng.chance(if mental { 0.5 } else { 0.04 }) {
+        push(&mut orgs, catchment(&layout.mental_health_all));
+    }
+    if let Some(amb) = layout.ambulance {
+        let p = 0.15 + if age >= 65 { 0.1 } else { 0.0 } + if age >= 75 { 0.15 } else { 0.0 };
+        if rng.chance(p) {
+            push(&mut orgs, amb);
+        }
+    }
+    if age >= 75 && !layout.care_homes.is_empty() && rng.chance(if dementia { 0.6 } else { 0.2 }) {
+        let home = layout.care_homes[rng.below(layout.care_homes.len() as u64) as usize];
+        push(&mut orgs, home);
+    }
+    if orgs.len() < 3 {
+        // An outpatient referral to one of the area's main trusts.
+        let centre = main.iter().copied().find(|&a| a != local).unwrap_or(local);
+        push(&mut orgs, centre);
+        if orgs.len() < 3
+            && let Some(amb) = layout.ambulance
+        {
+            push(&mut orgs, amb);
+        }
+    }
+    (orgs, Some(local))
 }
 
 /// A birth date as another system might have mistyped it: day and month swapped, or a year out.
@@ -849,6 +1138,122 @@ mod tests {
             start.elapsed() < std::time::Duration::from_secs(2),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    fn ods_shaped(o: &Organisation) -> bool {
+        let c = o.code.as_bytes();
+        let alnum = |b: &[u8]| {
+            b.iter()
+                .all(|x| x.is_ascii_digit() || x.is_ascii_uppercase())
+        };
+        match o.kind {
+            OrgKind::GpPractice => {
+                c.len() == 6 && c[0].is_ascii_uppercase() && c[1..].iter().all(u8::is_ascii_digit)
+            }
+            OrgKind::CareHome => c.len() == 5 && c[0] == b'V' && alnum(c),
+            _ => c.len() == 3 && c[0] == b'R' && alnum(c),
+        }
+    }
+
+    #[test]
+    fn a_whole_area_has_realistic_proportions_and_unique_ods_shaped_codes() {
+        for (n, want) in [
+            (3000, [1200, 40, 3, 1, 1756]),
+            (5000, [2000, 66, 5, 1, 2928]),
+            (51, [20, 2, 1, 1, 27]),
+        ] {
+            let orgs = generate_organisations(42, n);
+            let count = |k| orgs.iter().filter(|o| o.kind == k).count();
+            let got = [
+                OrgKind::GpPractice,
+                OrgKind::AcuteTrust,
+                OrgKind::MentalHealthTrust,
+                OrgKind::AmbulanceService,
+                OrgKind::CareHome,
+            ]
+            .map(count);
+            assert_eq!(got, want, "n={n}");
+            let codes: std::collections::HashSet<_> = orgs.iter().map(|o| &o.code).collect();
+            assert_eq!(codes.len(), n, "codes are unique, n={n}");
+            let names: std::collections::HashSet<_> = orgs.iter().map(|o| &o.name).collect();
+            assert_eq!(names.len(), n, "names are unique, n={n}");
+            for o in &orgs {
+                assert!(ods_shaped(o), "{o:?}");
+            }
+        }
+        let capped = Region::generate(&RegionSpec {
+            patients: 10,
+            organisations: 9_999,
+            ..RegionSpec::default()
+        });
+        assert_eq!(capped.organisations().len(), MAX_ORGANISATIONS);
+    }
+
+    #[test]
+    fn in_a_whole_area_every_patient_is_known_to_three_to_eight() {
+        let start = std::time::Instant::now();
+        let r = Region::generate(&RegionSpec {
+            organisations: 3000,
+            ..RegionSpec::default()
+        });
+        println!(
+            "generated 10,000 patients x 3,000 organisations in {:?} (this build)",
+            start.elapsed()
+        );
+        let mut sizes = [0usize; 10];
+        for p in r.patients() {
+            let n = p.organisations.len();
+            assert!((3..=8).contains(&n), "{p:?}");
+            sizes[n] += 1;
+            assert_eq!(r.organisation(&p.gp).unwrap().kind, OrgKind::GpPractice);
+            assert_eq!(
+                p.organisations
+                    .iter()
+                    .filter(|c| r.organisation(c).unwrap().kind == OrgKind::GpPractice)
+                    .count(),
+                1
+            );
+            assert!(
+                p.organisations
+                    .iter()
+                    .any(|c| r.organisation(c).unwrap().kind == OrgKind::AcuteTrust)
+            );
+        }
+        println!("patients by number of organisations knowing them: {sizes:?}");
+        assert!(sizes[3] > 0 && sizes[5] > 0, "{sizes:?}");
+        let share = r.patients_with_conflicting_demographics().count() as f64 / 10_000.0;
+        assert!((0.02..0.04).contains(&share), "{share}");
+        let always = r.always_ask();
+        assert_eq!(always.len(), 3, "{always:?}");
+        let kinds: Vec<OrgKind> = always
+            .iter()
+            .map(|c| r.organisation(c).unwrap().kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                OrgKind::AcuteTrust,
+                OrgKind::AcuteTrust,
+                OrgKind::AmbulanceService
+            ]
+        );
+        assert_eq!(always, ["RJ1", "R1F", "RYA"], "the two main trusts");
+    }
+
+    #[test]
+    fn a_small_region_always_asks_its_busiest_acute_trusts_and_the_ambulance_service() {
+        let r = small();
+        assert_eq!(r.always_ask(), ["RJ1", "R1F", "RYA"]);
+        let tiny = Region::generate(&RegionSpec {
+            patients: 50,
+            organisations: 2,
+            ..RegionSpec::default()
+        });
+        assert_eq!(
+            tiny.always_ask(),
+            ["RJ1"],
+            "no ambulance service in a region of two"
         );
     }
 

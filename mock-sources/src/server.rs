@@ -1,4 +1,7 @@
-//! Real HTTP servers for the region: one listener per organisation, plus the admin server.
+//! Real HTTP servers for the region: one listener per organisation ([`RegionServer::start_with`])
+//! or one listener for every organisation, routed by path (`/org/{code}/fhir`,
+//! [`RegionServer::start_shared`]); the region's record locator (`/locator/fhir`, on the shared
+//! listener, or on a listener of its own beside per-port organisations); and the admin server.
 //!
 //! Organisation ports are served with hyper directly rather than through a router because some
 //! faults live below HTTP: `reset` must close the TCP connection with an RST and no response,
@@ -30,8 +33,9 @@ use tracing::{debug, info, warn};
 
 use crate::api::{self, Ctx};
 use crate::broker_config::{self, FhirMode};
-use crate::faults::{Fault, FaultControl, OrgStats};
+use crate::faults::{Fault, FaultControl, LOCATOR, OrgStats, RequestKind};
 use crate::latency::LatencyProfile;
+use crate::locator::{self, LocatorCtx};
 use crate::population::{OrgKind, Region};
 
 /// A hung request is given up on by the server after this long (clients give up much sooner).
@@ -50,9 +54,18 @@ pub struct ServerOptions {
     pub latency: Option<LatencyProfile>,
     /// Per-organisation latency at start, by code (applied after `latency`).
     pub latency_overrides: Vec<(String, LatencyProfile)>,
-    /// Per-organisation faults at start, by code.
+    /// Per-organisation faults at start, by code ([`LOCATOR`] for the record locator).
     pub faults: Vec<(String, Fault)>,
+    /// The locator's latency at start; `None`: `latency` if given, else 10 ms fixed. (A
+    /// `latency_overrides` entry for [`LOCATOR`] works too.)
+    pub locator_latency: Option<LatencyProfile>,
+    /// The fraction (0..=1) of record pointers the locator does not hold, drawn reproducibly per
+    /// patient and organisation: a locator that does not know every organisation. Default 0.
+    pub locator_missing_pointers: f64,
 }
+
+/// The locator's latency when nothing else is said: a national service, quick but not free.
+const LOCATOR_DEFAULT_LATENCY: LatencyProfile = LatencyProfile::Fixed { ms: 10 };
 
 /// One organisation as served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,8 +73,9 @@ pub struct RunningOrganisation {
     pub code: String,
     pub name: String,
     pub kind: OrgKind,
-    /// `http://127.0.0.1:PORT/fhir`.
+    /// `http://127.0.0.1:PORT/fhir`, or `http://127.0.0.1:PORT/org/{code}/fhir` on a shared port.
     pub base_url: String,
+    /// Where it listens (the shared port's address when started with `start_shared`).
     pub addr: SocketAddr,
 }
 
@@ -71,6 +85,11 @@ pub struct RegionServer {
     region: Arc<Region>,
     organisations: Vec<RunningOrganisation>,
     admin_addr: SocketAddr,
+    /// The listener serving the locator (and, when shared, every organisation).
+    router_addr: SocketAddr,
+    /// Every organisation on `router_addr` (`start_shared`) rather than on ports of their own.
+    shared: bool,
+    locator_missing_pointers: f64,
     /// Shared with every server and the admin API: the same knobs from code and over HTTP.
     control: FaultControl,
     /// Flipped to stop accept loops and cut open connections (also fires when dropped).
@@ -82,7 +101,9 @@ pub struct RegionServer {
 impl std::fmt::Debug for RegionServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegionServer")
-            .field("organisations", &self.organisations)
+            .field("organisations", &self.organisations.len())
+            .field("shared", &self.shared)
+            .field("router_addr", &self.router_addr)
             .field("admin_addr", &self.admin_addr)
             .finish_non_exhaustive()
     }
@@ -94,6 +115,26 @@ struct OrgServer {
     org: usize,
     base_url: String,
     control: FaultControl,
+}
+
+/// What every connection of the path-routed listener shares: `/org/{code}/fhir` for every
+/// organisation and `/locator/fhir` for the locator.
+struct RouterServer {
+    region: Arc<Region>,
+    control: FaultControl,
+    /// Every organisation's published FHIR base URL, region order (the locator's pointers).
+    org_base_urls: Vec<String>,
+    /// `http://IP:PORT/locator/fhir`, when the request has no usable Host header.
+    locator_base_url: String,
+    /// `http://IP:PORT`, when the request has no usable Host header.
+    origin: String,
+    missing_fraction: f64,
+}
+
+/// What a listener serves.
+enum App {
+    Org(OrgServer),
+    Router(RouterServer),
 }
 
 impl RegionServer {
@@ -108,38 +149,78 @@ impl RegionServer {
         ip: IpAddr,
         options: ServerOptions,
     ) -> io::Result<RegionServer> {
+        Self::start_mode(region, ip, options, false).await
+    }
+
+    /// Serves every organisation from ONE port, routed by path: organisation `CODE`'s FHIR base
+    /// is `http://IP:PORT/org/CODE/fhir` (same API, faults, latency and counters as a port of
+    /// its own), the locator is `http://IP:PORT/locator/fhir`, and the admin server has its own
+    /// port as usual. One listener and one accept loop whatever the number of organisations,
+    /// so a region of thousands starts in milliseconds.
+    pub async fn start_shared(
+        region: Arc<Region>,
+        ip: IpAddr,
+        options: ServerOptions,
+    ) -> io::Result<RegionServer> {
+        Self::start_mode(region, ip, options, true).await
+    }
+
+    async fn start_mode(
+        region: Arc<Region>,
+        ip: IpAddr,
+        options: ServerOptions,
+        shared: bool,
+    ) -> io::Result<RegionServer> {
         let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
         let named = options.latency_overrides.iter().map(|(c, _)| c);
         for code in named.chain(options.faults.iter().map(|(c, _)| c)) {
-            if region.organisation(code).is_none() {
+            if region.organisation(code).is_none() && !code.eq_ignore_ascii_case(LOCATOR) {
                 return Err(invalid(format!(
                     "no organisation with code {code:?} in this region"
                 )));
             }
         }
+        if !(0.0..=1.0).contains(&options.locator_missing_pointers) {
+            return Err(invalid(format!(
+                "locator_missing_pointers must be between 0 and 1, not {}",
+                options.locator_missing_pointers
+            )));
+        }
+        // Last setting wins, as on the command line; by code, so thousands stay cheap.
+        let mut latency_by_code = std::collections::HashMap::new();
+        for (c, l) in &options.latency_overrides {
+            latency_by_code.insert(c.to_ascii_uppercase(), *l);
+        }
+        let mut fault_by_code = std::collections::HashMap::new();
+        for (c, f) in &options.faults {
+            fault_by_code.insert(c.to_ascii_uppercase(), *f);
+        }
         let settings = region
             .organisations()
             .iter()
             .map(|o| {
-                let latency = options
-                    .latency_overrides
-                    .iter()
-                    .rev()
-                    .find(|(c, _)| c.eq_ignore_ascii_case(&o.code))
-                    .map(|(_, l)| *l)
+                let key = o.code.to_ascii_uppercase();
+                let latency = latency_by_code
+                    .get(&key)
+                    .copied()
                     .or(options.latency)
                     .unwrap_or_else(|| LatencyProfile::default_for(o.kind));
-                let fault = options
-                    .faults
-                    .iter()
-                    .rev()
-                    .find(|(c, _)| c.eq_ignore_ascii_case(&o.code))
-                    .map(|(_, f)| *f)
-                    .unwrap_or_default();
+                let fault = fault_by_code.get(&key).copied().unwrap_or_default();
                 (o.code.clone(), latency, fault)
             })
             .collect();
-        let control = FaultControl::new(region.spec().seed, settings);
+        let locator_latency = latency_by_code
+            .get(LOCATOR)
+            .copied()
+            .or(options.locator_latency)
+            .or(options.latency)
+            .unwrap_or(LOCATOR_DEFAULT_LATENCY);
+        let locator_fault = fault_by_code.get(LOCATOR).copied().unwrap_or_default();
+        let control = FaultControl::with_locator(
+            region.spec().seed,
+            settings,
+            (locator_latency, locator_fault),
+        );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let display_ip = match ip {
             IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -147,23 +228,31 @@ impl RegionServer {
             other => other,
         };
 
-        let mut organisations = Vec::new();
+        let mut organisations = Vec::with_capacity(region.organisations().len());
         let mut tasks = Vec::new();
+        let router_listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+        let router_addr = SocketAddr::new(display_ip, router_listener.local_addr()?.port());
+        let origin = format!("http://{router_addr}");
         for (i, o) in region.organisations().iter().enumerate() {
-            let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
-            let addr = listener.local_addr()?;
-            let base_url = format!("http://{}/fhir", SocketAddr::new(display_ip, addr.port()));
-            let server = Arc::new(OrgServer {
-                region: region.clone(),
-                org: i,
-                base_url: base_url.clone(),
-                control: control.clone(),
-            });
-            tasks.push(tokio::spawn(accept_loop(
-                listener,
-                server,
-                shutdown_rx.clone(),
-            )));
+            let (base_url, addr) = if shared {
+                (format!("{origin}/org/{}/fhir", o.code), router_addr)
+            } else {
+                let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+                let addr = listener.local_addr()?;
+                let base_url = format!("http://{}/fhir", SocketAddr::new(display_ip, addr.port()));
+                let server = Arc::new(App::Org(OrgServer {
+                    region: region.clone(),
+                    org: i,
+                    base_url: base_url.clone(),
+                    control: control.clone(),
+                }));
+                tasks.push(tokio::spawn(accept_loop(
+                    listener,
+                    server,
+                    shutdown_rx.clone(),
+                )));
+                (base_url, addr)
+            };
             organisations.push(RunningOrganisation {
                 code: o.code.clone(),
                 name: o.name.clone(),
@@ -172,10 +261,27 @@ impl RegionServer {
                 addr,
             });
         }
+        let router = Arc::new(App::Router(RouterServer {
+            region: region.clone(),
+            control: control.clone(),
+            org_base_urls: organisations.iter().map(|o| o.base_url.clone()).collect(),
+            locator_base_url: format!("{origin}/locator/fhir"),
+            origin,
+            missing_fraction: options.locator_missing_pointers,
+        }));
+        tasks.push(tokio::spawn(accept_loop(
+            router_listener,
+            router,
+            shutdown_rx.clone(),
+        )));
 
         let admin_listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
         let admin_addr = SocketAddr::new(display_ip, admin_listener.local_addr()?.port());
-        let router = crate::admin::router(control.clone(), organisations.clone());
+        let router = crate::admin::router(
+            control.clone(),
+            organisations.clone(),
+            format!("http://{router_addr}/locator/fhir"),
+        );
         let mut admin_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -188,11 +294,20 @@ impl RegionServer {
                 warn!(error = %e, "admin server stopped");
             }
         }));
-        info!(organisations = organisations.len(), admin = %admin_addr, "mock region started");
+        info!(
+            organisations = organisations.len(),
+            shared,
+            router = %router_addr,
+            admin = %admin_addr,
+            "mock region started"
+        );
         Ok(RegionServer {
             region,
             organisations,
             admin_addr,
+            router_addr,
+            shared,
+            locator_missing_pointers: options.locator_missing_pointers,
             control,
             shutdown,
             tasks,
@@ -209,9 +324,98 @@ impl RegionServer {
 
     /// The running organisation with this code (case-insensitive).
     pub fn organisation(&self, code: &str) -> Option<&RunningOrganisation> {
-        self.organisations
+        self.region
+            .org_index(code)
+            .and_then(|i| self.organisations.get(i))
+    }
+
+    /// The record locator's FHIR base, `http://IP:PORT/locator/fhir` (on the shared port, or
+    /// on a port of its own beside per-port organisations). See the `locator` module docs.
+    pub fn locator_url(&self) -> String {
+        format!("http://{}/locator/fhir", self.router_addr)
+    }
+
+    /// Were the organisations started on one shared port ([`RegionServer::start_shared`])?
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// `http://IP:PORT/org/{code}/fhir` when shared (the directory's endpoint template: `{code}`
+    /// is literal), else `None` (every organisation has its own port).
+    pub fn endpoint_template(&self) -> Option<String> {
+        self.shared
+            .then(|| format!("http://{}/org/{{code}}/fhir", self.router_addr))
+    }
+
+    /// The organisations a routed broker should always ask: see [`Region::always_ask`].
+    pub fn always_ask(&self) -> Vec<String> {
+        self.region.always_ask()
+    }
+
+    /// The organisations the locator's record pointers name for this patient (GP first),
+    /// allowing for `ServerOptions::locator_missing_pointers`. Empty for an unknown patient.
+    pub fn located_organisations(
+        &self,
+        nhs_number: &carerecord_adapters::NhsNumber,
+    ) -> Vec<String> {
+        self.region
+            .located_organisations(nhs_number, self.locator_missing_pointers)
+    }
+
+    /// The organisation directory as CSV (RFC 4180; `\n` line ends): header
+    /// `organisation_code,organisation_name,kind,base_url`, one row per organisation in region
+    /// order; `base_url` empty when shared (the endpoint template covers it), filled otherwise.
+    pub fn directory_csv(&self) -> String {
+        let rows = self
+            .organisations
             .iter()
-            .find(|o| o.code.eq_ignore_ascii_case(code))
+            .map(|o| broker_config::DirectoryRow {
+                organisation_code: o.code.clone(),
+                organisation_name: o.name.clone(),
+                kind: o.kind,
+                base_url: if self.shared {
+                    String::new()
+                } else {
+                    o.base_url.clone()
+                },
+            });
+        broker_config::directory_csv(rows)
+    }
+
+    /// Writes [`RegionServer::directory_csv`] to `path`.
+    pub fn write_directory(&self, path: &std::path::Path) -> io::Result<()> {
+        std::fs::write(path, self.directory_csv())
+    }
+
+    /// A routed broker config: `[routing]` in `located` mode with this region's always-ask
+    /// organisations and its locator, and every organisation from the directory at
+    /// `directory_path` (made absolute); no `[[sources]]`. Organisations are read with
+    /// `$everything`.
+    pub fn broker_config_toml_routed(
+        &self,
+        broker_listen: &str,
+        directory_path: &std::path::Path,
+    ) -> String {
+        self.broker_config_toml_routed_with(broker_listen, directory_path, FhirMode::Everything)
+    }
+
+    /// As [`RegionServer::broker_config_toml_routed`], choosing the directory's FHIR mode.
+    pub fn broker_config_toml_routed_with(
+        &self,
+        broker_listen: &str,
+        directory_path: &std::path::Path,
+        mode: FhirMode,
+    ) -> String {
+        let file =
+            std::path::absolute(directory_path).unwrap_or_else(|_| directory_path.to_path_buf());
+        broker_config::render_routed(&broker_config::Routed {
+            broker_listen,
+            always_ask: &self.always_ask(),
+            locator_url: &self.locator_url(),
+            directory_file: &file.to_string_lossy(),
+            endpoint_template: self.endpoint_template().as_deref(),
+            mode,
+        })
     }
 
     /// `http://127.0.0.1:PORT/admin`.
@@ -256,11 +460,7 @@ impl Drop for RegionServer {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    server: Arc<OrgServer>,
-    shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: TcpListener, server: Arc<App>, shutdown: watch::Receiver<bool>) {
     let mut stop = shutdown.clone();
     loop {
         tokio::select! {
@@ -309,7 +509,7 @@ impl ConnectionControl {
 
 async fn serve_connection(
     stream: TcpStream,
-    server: Arc<OrgServer>,
+    server: Arc<App>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let conn = Arc::new(ConnectionControl::default());
@@ -321,7 +521,13 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let server = server.clone();
         let conn = handler_conn.clone();
-        async move { Ok::<_, Infallible>(handle(&server, &conn, req).await) }
+        async move {
+            let resp = match &*server {
+                App::Org(org) => handle(org, &conn, req).await,
+                App::Router(router) => handle_routed(router, &conn, req).await,
+            };
+            Ok::<_, Infallible>(resp)
+        }
     });
     let serving = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
     tokio::select! {
@@ -377,10 +583,9 @@ impl AsyncWrite for ResettableStream {
     }
 }
 
-/// Host header → base URL for links, so clients that reached us by another name can follow them.
-fn base_url_for(server: &OrgServer, req: &Request<Incoming>) -> String {
-    let host = req
-        .headers()
+/// The Host header, if it is safe to build links from.
+fn host_of(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .filter(|h| {
@@ -388,8 +593,12 @@ fn base_url_for(server: &OrgServer, req: &Request<Incoming>) -> String {
                 && h.len() < 256
                 && h.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        });
-    match host {
+        })
+}
+
+/// Host header → base URL for links, so clients that reached us by another name can follow them.
+fn base_url_for(server: &OrgServer, req: &Request<Incoming>) -> String {
+    match host_of(req) {
         Some(h) => format!("http://{h}/fhir"),
         None => server.base_url.clone(),
     }
@@ -401,11 +610,135 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let kind = api::classify(req.method(), req.uri().path());
-    let (n, fault, latency) = server.control.begin(server.org, kind);
+    let base_url = base_url_for(server, &req);
+    with_faults(
+        &server.control,
+        server.org,
+        kind,
+        conn,
+        req,
+        |parts, body, empty| {
+            let ctx = Ctx {
+                region: &server.region,
+                org: server.org,
+                base_url: &base_url,
+                path_prefix: "",
+                empty,
+                control: Some(&server.control),
+            };
+            api::handle(
+                &ctx,
+                &parts.method,
+                parts.uri.path(),
+                parts.uri.query(),
+                body,
+            )
+        },
+    )
+    .await
+}
+
+/// The path-routed listener: `/org/{code}/fhir...` → that organisation, `/locator/...` → the
+/// locator, anything else → 404 (counted nowhere).
+async fn handle_routed(
+    server: &RouterServer,
+    conn: &ConnectionControl,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let origin = host_of(&req).map_or_else(|| server.origin.clone(), |h| format!("http://{h}"));
+    if let Some(rest) = path.strip_prefix("/org/") {
+        let (code, tail) = rest.split_once('/').map_or((rest, ""), |(c, t)| (c, t));
+        let org = server.region.org_index(code);
+        if let Some(org) = org.filter(|_| tail == "fhir" || tail.starts_with("fhir/")) {
+            let code = &server.region.organisations()[org].code;
+            let prefix = format!("/org/{code}");
+            let inner = format!("/{tail}");
+            let base_url = format!("{origin}{prefix}/fhir");
+            let kind = api::classify(req.method(), &inner);
+            return with_faults(
+                &server.control,
+                org,
+                kind,
+                conn,
+                req,
+                |parts, body, empty| {
+                    let ctx = Ctx {
+                        region: &server.region,
+                        org,
+                        base_url: &base_url,
+                        path_prefix: &prefix,
+                        empty,
+                        control: Some(&server.control),
+                    };
+                    api::handle(&ctx, &parts.method, &inner, parts.uri.query(), body)
+                },
+            )
+            .await;
+        }
+        let message = match org {
+            None => format!("no organisation with code {code:?} in this region"),
+            Some(_) => format!("no such endpoint: {path} (FHIR is below /org/{code}/fhir)"),
+        };
+        return fhir_response(api::outcome_response(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &message,
+        ));
+    }
+    if let Some(inner) = path.strip_prefix("/locator")
+        && let Some(index) = server.control.locator_index()
+    {
+        let inner = inner.to_string();
+        let base_url = if host_of(&req).is_some() {
+            format!("{origin}/locator/fhir")
+        } else {
+            server.locator_base_url.clone()
+        };
+        let kind = locator::classify(req.method(), &inner);
+        return with_faults(
+            &server.control,
+            index,
+            kind,
+            conn,
+            req,
+            |parts, _, empty| {
+                let ctx = LocatorCtx {
+                    region: &server.region,
+                    base_url: &base_url,
+                    org_base_urls: &server.org_base_urls,
+                    missing_fraction: server.missing_fraction,
+                    empty,
+                };
+                locator::handle(&ctx, &parts.method, &inner, parts.uri.query())
+            },
+        )
+        .await;
+    }
+    fhir_response(api::outcome_response(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        &format!(
+            "no such endpoint: {path} (organisations are at /org/{{code}}/fhir, the locator at /locator/fhir)"
+        ),
+    ))
+}
+
+/// Counts the request against `index` (an organisation, or the locator), applies its latency
+/// and fault, and otherwise answers with `serve(parts, body, empty_bundle)`.
+async fn with_faults(
+    control: &FaultControl,
+    index: usize,
+    kind: RequestKind,
+    conn: &ConnectionControl,
+    req: Request<Incoming>,
+    serve: impl FnOnce(&http::request::Parts, &[u8], bool) -> api::ApiResponse,
+) -> Response<Body> {
+    let (n, fault, latency) = control.begin(index, kind);
     let faulted = !matches!(fault, Fault::None | Fault::EmptyBundle)
-        && !matches!(fault, Fault::ErrorRate(p) if server.control.draw(server.org, n, 1) >= p);
+        && !matches!(fault, Fault::ErrorRate(p) if control.draw(index, n, 1) >= p);
     if faulted {
-        server.control.count_fault(server.org);
+        control.count_fault(index);
     }
 
     if fault == Fault::Hang {
@@ -413,7 +746,7 @@ async fn handle(
         conn.reset_now();
         return std::future::pending().await;
     }
-    let delay = latency.sample(&[server.control.seed(), 0x1A7E, server.org as u64, n]);
+    let delay = latency.sample(&[control.seed(), 0x1A7E, index as u64, n]);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -439,7 +772,6 @@ async fn handle(
         _ => {}
     }
 
-    let base_url = base_url_for(server, &req);
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(Body::new(body), MAX_BODY).await {
         Ok(b) => b,
@@ -451,20 +783,7 @@ async fn handle(
             ));
         }
     };
-    let ctx = Ctx {
-        region: &server.region,
-        org: server.org,
-        base_url: &base_url,
-        empty: fault == Fault::EmptyBundle,
-        control: Some(&server.control),
-    };
-    let resp = api::handle(
-        &ctx,
-        &parts.method,
-        parts.uri.path(),
-        parts.uri.query(),
-        &body,
-    );
+    let resp = serve(&parts, &body, fault == Fault::EmptyBundle);
     match fault {
         Fault::MalformedJson => {
             // Cut the document off part-way and add junk: a parser must fail, not guess.

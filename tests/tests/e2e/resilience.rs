@@ -261,3 +261,75 @@ async fn an_invalid_reloaded_config_is_rejected_and_the_old_sources_stay() {
     );
     assert_eq!(broker.sources().epoch, 2);
 }
+
+#[tokio::test]
+async fn a_callers_tight_deadline_neither_trips_breakers_nor_poisons_the_cache() {
+    let hospital = Arc::new(hospital_source().with_delay(Duration::from_millis(300)));
+    let b = start_with(build_broker_from(
+        vec![
+            ConfiguredSource::new(Arc::new(gp_source()), LONG),
+            ConfiguredSource::with_limits(hospital.clone(), LONG, breaker(2), 64),
+        ],
+        Settings::default(),
+    ))
+    .await;
+    let mut c = b.client().await;
+    for _ in 0..4 {
+        let r = c
+            .get_care_record(fresh(
+                &shared_patient().as_digits(),
+                Duration::from_millis(100),
+            ))
+            .await
+            .expect("answered within the short deadline")
+            .into_inner();
+        assert_eq!(outcome(&r, "hospital"), SourceOutcome::Timeout);
+    }
+    // A caller with time to wait: not served the cut-short record from cache, and the hospital's
+    // circuit is still closed although it "timed out" four times.
+    let r = c
+        .get_care_record(request(&shared_patient().as_digits(), LONG))
+        .await
+        .expect("lookup")
+        .into_inner();
+    assert!(!r.from_cache);
+    assert_eq!(outcome(&r, "hospital"), SourceOutcome::Ok);
+    assert!(r.complete);
+}
+
+#[tokio::test]
+async fn a_caller_with_more_time_does_not_inherit_a_tight_deadline_fetch() {
+    let hospital = Arc::new(hospital_source().with_delay(Duration::from_millis(300)));
+    let b = start_broker(
+        vec![
+            (Arc::new(gp_source()) as Arc<dyn Source>, LONG),
+            (hospital.clone() as Arc<dyn Source>, LONG),
+        ],
+        Settings::default(),
+    )
+    .await;
+    let client = b.client().await;
+    let mut hurried = client.clone();
+    let mut patient = client.clone();
+    let (short, long) = tokio::join!(
+        hurried.get_care_record(request(
+            &shared_patient().as_digits(),
+            Duration::from_millis(120)
+        )),
+        async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            patient
+                .get_care_record(request(&shared_patient().as_digits(), LONG))
+                .await
+        }
+    );
+    let short = short.expect("short answered").into_inner();
+    let long = long.expect("long answered").into_inner();
+    assert_eq!(outcome(&short, "hospital"), SourceOutcome::Timeout);
+    assert_eq!(
+        outcome(&long, "hospital"),
+        SourceOutcome::Ok,
+        "its own fetch, not the hurried one"
+    );
+    assert!(long.complete);
+}
