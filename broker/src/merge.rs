@@ -388,6 +388,7 @@ mod tests {
     fn answer(index: usize, record: CareRecord) -> Arc<Answer> {
         Arc::new(Answer {
             index,
+            cut_short: false,
             status: SourceStatus {
                 source_id: format!("s{index}"),
                 organisation_name: format!("Org {index}"),
