@@ -7,6 +7,7 @@ mod e2e {
     pub mod foundation;
     pub mod pipeline;
     pub mod region;
+    pub mod region_scale;
     pub mod resilience;
     pub mod routing;
 }
