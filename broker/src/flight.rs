@@ -107,9 +107,12 @@ impl Flights {
         router: Arc<Router>,
         request: SourceRequest,
         budget: Budget,
-        needed_until: Instant,
         cache: Arc<RecordCache>,
     ) -> (Arc<Flight>, bool) {
+        // What this caller could use: up to the slowest source timeout, within its budget.
+        let needed_until = budget
+            .sources_deadline
+            .min(budget.started + sources.longest_timeout());
         let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         // A flight bounded only by the configured cap serves everyone equally well; one cut
         // short by its caller's tight deadline does not serve a caller who can wait longer.

@@ -272,17 +272,12 @@ impl Broker {
             requester: request.requester.clone(),
             via_brokers,
         };
-        // What this caller could use: up to the slowest source timeout, within its budget.
-        let needed_until = budget
-            .sources_deadline
-            .min(budget.started + sources.longest_timeout());
         let (flight, started) = self.flights.join_or_start(
             key,
             sources,
             self.router(),
             source_request,
             budget,
-            needed_until,
             self.cache.clone(),
         );
         tracing::debug!(joined = !started, "fan-out");
