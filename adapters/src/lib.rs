@@ -5,6 +5,7 @@
 //! - [`NhsNumber`] and [`SectionSet`]: the request vocabulary sources receive.
 #![forbid(unsafe_code)]
 
+pub mod calendar;
 pub mod federation;
 pub mod fhir;
 pub mod locator;

@@ -20,7 +20,6 @@ pub mod registry;
 pub mod routing;
 pub mod server;
 pub mod service;
-pub mod time;
 pub mod validate;
 
 pub use lookup::Broker;

@@ -394,7 +394,7 @@ impl Broker {
             warnings: merged.warnings.clone(),
             emergency_access: emergency,
             withheld: view.withheld,
-            assembled_at: crate::time::rfc3339(merged.assembled_at),
+            assembled_at: carerecord_adapters::calendar::rfc3339(merged.assembled_at),
             locators: merged.locators.clone(),
         })
     }
@@ -412,7 +412,7 @@ impl Broker {
     ) -> AuditEvent {
         let q = &request.requester;
         AuditEvent {
-            time: crate::time::rfc3339(SystemTime::now()),
+            time: carerecord_adapters::calendar::rfc3339(SystemTime::now()),
             request_id: request.request_id.clone(),
             kind: kind.to_owned(),
             system: caller.system.clone(),

@@ -598,10 +598,10 @@ fn restricted_patient_has_no_address() {
 
 #[test]
 fn today_is_a_calendar_date() {
-    assert_eq!(civil_from_days(0), (1970, 1, 1));
-    assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-    assert_eq!(civil_from_days(20_454), (2026, 1, 1));
-    assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    assert_eq!(crate::calendar::civil_from_days(0), (1970, 1, 1));
+    assert_eq!(crate::calendar::civil_from_days(19_723), (2024, 1, 1));
+    assert_eq!(crate::calendar::civil_from_days(20_454), (2026, 1, 1));
+    assert_eq!(crate::calendar::civil_from_days(19_782), (2024, 2, 29));
     let today = today_utc();
     assert_eq!(today.len(), 10);
     assert!(today.as_str() > "2024-01-01");
