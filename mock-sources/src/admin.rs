@@ -89,6 +89,11 @@ fn describe(state: &AdminState, o: &Entry) -> Value {
     })
 }
 
+/// `all` (or `*`) addresses every organisation, as the `--fault all=...` flag does.
+fn is_all(code: &str) -> bool {
+    code.eq_ignore_ascii_case("all") || code == "*"
+}
+
 fn find(state: &AdminState, code: &str) -> Result<Entry, AdminError> {
     if code.eq_ignore_ascii_case(LOCATOR) {
         return Ok(Entry {
@@ -162,10 +167,15 @@ async fn set_fault(
     Path(code): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, AdminError> {
-    let org = find(&state, &code)?;
     let fault = spec_from::<FaultBody>(&body, |b| b.fault)?
         .parse::<Fault>()
         .map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if is_all(&code) {
+        state.control.set_fault_all(fault);
+        tracing::info!(fault = %fault, "fault set on every organisation");
+        return Ok(list(State(state)).await);
+    }
+    let org = find(&state, &code)?;
     let _ = state.control.set_fault(&org.code, fault);
     tracing::info!(organisation = %org.code, fault = %fault, "fault set");
     Ok(Json(describe(&state, &org)))
@@ -176,10 +186,15 @@ async fn set_latency(
     Path(code): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, AdminError> {
-    let org = find(&state, &code)?;
     let latency = spec_from::<LatencyBody>(&body, |b| b.latency)?
         .parse::<LatencyProfile>()
         .map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if is_all(&code) {
+        state.control.set_latency_all(latency);
+        tracing::info!(latency = %latency, "latency set on every organisation");
+        return Ok(list(State(state)).await);
+    }
+    let org = find(&state, &code)?;
     let _ = state.control.set_latency(&org.code, latency);
     tracing::info!(organisation = %org.code, latency = %latency, "latency set");
     Ok(Json(describe(&state, &org)))

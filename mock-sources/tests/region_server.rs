@@ -600,6 +600,21 @@ async fn admin_api_switches_faults_and_latency_at_runtime() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["latency"], "tail:20:400");
 
+    // `all` addresses every organisation, as the --latency all=... flag does.
+    let r = c
+        .put(format!("{admin}/organisations/all/latency"))
+        .json(&json!({"latency": "fixed:7"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for org in server.organisations() {
+        assert_eq!(
+            server.faults().latency(&org.code).map(|l| l.to_string()),
+            Some("fixed:7".to_owned())
+        );
+    }
+
     for (path, body, want) in [
         (
             format!("{admin}/organisations/{code}/fault"),
