@@ -107,6 +107,12 @@ impl Source for BrokerSource {
         &self.info
     }
 
+    /// The remote broker applies its own access policy (relationship, objections, sensitive
+    /// data) for the forwarded requester.
+    fn answers_depend_on_requester(&self) -> bool {
+        true
+    }
+
     async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError> {
         let remaining = request.remaining();
         if remaining.is_zero() {
@@ -119,7 +125,14 @@ impl Source for BrokerSource {
             cache: CacheDirective::AllowCached as i32,
             via_brokers: request.via_brokers.clone(),
         });
-        call.set_timeout(remaining);
+        // Leave time for the answer to travel back and be decoded before our own deadline:
+        // data that arrives a moment late is data thrown away.
+        let margin = (remaining / 10).max(std::time::Duration::from_millis(50));
+        let remote_budget = remaining.saturating_sub(margin);
+        if remote_budget.is_zero() {
+            return Err(SourceError::Timeout);
+        }
+        call.set_timeout(remote_budget);
         if let Ok(id) = request.request_id.parse() {
             call.metadata_mut().insert("x-request-id", id);
         }

@@ -173,4 +173,13 @@ pub trait Source: Send + Sync {
 
     /// Reads the patient's record from the source.
     async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError>;
+
+    /// Whether this source's answer depends on who is asking. Sources should not filter by
+    /// requester (the broker applies access policy itself), and the default says they don't.
+    /// A source that cannot help it — another broker applying its own policy — says `true`, and
+    /// the broker then never shares its answer between different requesters (cache and
+    /// coalescing are keyed by requester too).
+    fn answers_depend_on_requester(&self) -> bool {
+        false
+    }
 }

@@ -247,7 +247,13 @@ impl Policy {
         let own_source_silent = merged.sources.iter().any(|s| {
             s.organisation_code.eq_ignore_ascii_case(org) && !crate::merge::answered(s.outcome)
         });
-        if own_source_silent {
+        // A locator that did not answer may be why the requester's own organisation was not
+        // asked: that is "could not confirm", not "no relationship".
+        let locator_silent = merged
+            .locators
+            .iter()
+            .any(|l| l.outcome != SourceOutcome::Ok as i32);
+        if own_source_silent || locator_silent {
             return Err(Denial::RelationshipUnconfirmed(org.to_owned()));
         }
         Err(Denial::NoRelationship(org.to_owned()))
@@ -260,46 +266,44 @@ impl Policy {
     }
 
     /// Whether the relationship is already established by this one source answer (streaming
-    /// uses it to release events before the whole record is in).
+    /// uses it to release events before the whole record is in). Only the requester's own
+    /// organisation answering OK counts: it implies the final decision ("holds records"), so a
+    /// released stream is never denied at the end.
     pub fn relationship_from_answer(
         &self,
         request: &LookupRequest,
         status_org: &str,
         outcome: i32,
-        record: Option<&CareRecord>,
     ) -> bool {
-        let org = request.requester.organisation_code.trim();
         outcome == SourceOutcome::Ok as i32
-            && (status_org.eq_ignore_ascii_case(org)
-                || record
-                    .and_then(|r| r.patient.as_ref())
-                    .is_some_and(|p| p.registered_gp_code.eq_ignore_ascii_case(org)))
+            && status_org.eq_ignore_ascii_case(request.requester.organisation_code.trim())
     }
 
-    /// What this requester may see of `record`.
+    /// Whether the patient objected to sharing and this request is not an emergency: only the
+    /// requester's own organisation's data (and sources) may be shown.
+    pub fn objection_applies(&self, request: &LookupRequest) -> bool {
+        request.purpose != Purpose::EmergencyAccess && self.objections.contains(&request.nhs_number)
+    }
+
+    /// Whether this requester may see sensitive entries.
+    pub fn sees_sensitive(&self, request: &LookupRequest) -> bool {
+        self.sensitive_roles
+            .contains(request.requester.role_code.trim())
+    }
+
+    /// What this requester may see of `record`: sensitive entries and a restricted patient's
+    /// address withheld unless the role permits. (A patient's objection is applied by the
+    /// broker, which rebuilds the record from the requester's own organisation's answers.)
     pub fn view(&self, request: &LookupRequest, record: &CareRecord) -> View {
         let mut out = record.clone();
         let mut withheld = false;
-        let emergency = request.purpose == Purpose::EmergencyAccess;
-        let org = request.requester.organisation_code.trim();
-        let objected = self.objections.contains(&request.nhs_number);
-        let sees_sensitive = self
-            .sensitive_roles
-            .contains(request.requester.role_code.trim());
+        let sees_sensitive = self.sees_sensitive(request);
 
         for section in Section::ALL {
             let Some(entries) = out.section_mut(section) else {
                 continue;
             };
             let before = entries.len();
-            if objected && !emergency {
-                // Only what the requester's own organisation reported.
-                entries.retain_mut(|e| {
-                    e.provenance
-                        .retain(|p| p.organisation_code.eq_ignore_ascii_case(org));
-                    !e.provenance.is_empty()
-                });
-            }
             if !sees_sensitive {
                 entries.retain(|e| !self.is_sensitive(e));
             }

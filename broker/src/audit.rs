@@ -97,6 +97,8 @@ pub struct AuditLog {
     head: Mutex<Head>,
     /// Also `fsync` every event (durable across power loss, slower).
     sync: bool,
+    /// A regular file (whose length can be restored after a failed write).
+    regular: bool,
 }
 
 impl AuditLog {
@@ -108,8 +110,9 @@ impl AuditLog {
             source,
         };
         // Only a regular file holds a chain to continue (a device such as /dev/null does not).
-        let regular = std::fs::metadata(path).map(|m| m.is_file());
-        let (seq, hash) = match regular.and_then(|regular| Ok((regular, File::open(path)?))) {
+        let kind = std::fs::metadata(path).map(|m| m.is_file());
+        let regular = !matches!(kind, Ok(false));
+        let (seq, hash) = match kind.and_then(|regular| Ok((regular, File::open(path)?))) {
             Ok((false, _)) => (0, GENESIS.to_owned()),
             Ok((true, file)) => match verify_reader(BufReader::new(file)) {
                 Verified::Intact { events, last_hash } => (events, last_hash),
@@ -133,6 +136,7 @@ impl AuditLog {
             path: path.to_owned(),
             head: Mutex::new(Head { file, seq, hash }),
             sync,
+            regular,
         })
     }
 
@@ -153,7 +157,15 @@ impl AuditLog {
             path: self.path.clone(),
             source,
         };
-        head.file.write_all(&bytes).map_err(io)?;
+        let before = head.file.metadata().map(|m| m.len()).ok();
+        if let Err(e) = head.file.write_all(&bytes) {
+            // A half-written line would corrupt the next event too: cut it off again. (On a
+            // device such as /dev/full there is no length to restore.)
+            if let Some(len) = before.filter(|_| self.regular) {
+                let _ = head.file.set_len(len);
+            }
+            return Err(io(e));
+        }
         if self.sync {
             head.file.sync_data().map_err(io)?;
         }

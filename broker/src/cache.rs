@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::merge::MergedRecord;
 
 /// Bumped whenever the meaning of a cached record changes, so old entries never match.
-const KEY_VERSION: u8 = 1;
+const KEY_VERSION: u8 = 2;
 
 /// What a merged record depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,6 +26,9 @@ pub struct CacheKey {
     epoch: u64,
     nhs_number: NhsNumber,
     sections: SectionSet,
+    /// 0, or — when a source's answer depends on the requester (federation) — a digest of
+    /// everything about the requester that can change it.
+    requester_scope: u64,
 }
 
 impl CacheKey {
@@ -35,7 +38,27 @@ impl CacheKey {
             epoch,
             nhs_number,
             sections,
+            requester_scope: 0,
         }
+    }
+
+    /// This key, for one requester only.
+    pub fn scoped_to(mut self, request: &crate::validate::LookupRequest) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let q = &request.requester;
+        (
+            &q.user_id,
+            &q.role_code,
+            &q.organisation_code,
+            q.purpose,
+            &q.asserted_relationship,
+            &request.via_brokers,
+        )
+            .hash(&mut h);
+        // Never 0, which means "shared".
+        self.requester_scope = h.finish() | 1;
+        self
     }
 }
 

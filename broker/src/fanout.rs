@@ -68,6 +68,9 @@ pub struct SourceSet {
     pub epoch: u64,
     /// Source positions by upper-case organisation code, for routing.
     by_organisation: HashMap<String, Vec<usize>>,
+    /// Some source's answer depends on the requester (a federated broker): fetches are then
+    /// shared and cached only between identical requesters.
+    pub requester_scoped: bool,
 }
 
 impl SourceSet {
@@ -79,10 +82,14 @@ impl SourceSet {
                 .or_default()
                 .push(index);
         }
+        let requester_scoped = sources
+            .iter()
+            .any(|s| s.source.answers_depend_on_requester());
         SourceSet {
             sources,
             epoch,
             by_organisation,
+            requester_scoped,
         }
     }
 
@@ -138,7 +145,14 @@ pub async fn run(
                 request_id = %request.request_id,
                 source = %configured.source.info().id
             );
-            ask(index, configured, request, budget.started, budget.caller_limited).instrument(span)
+            ask(
+                index,
+                configured,
+                request,
+                budget.started,
+                budget.caller_limited,
+            )
+            .instrument(span)
         })
         .collect();
     while let Some(answer) = pending.next().await {

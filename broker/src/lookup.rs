@@ -13,7 +13,15 @@ use carerecord_proto::{CareRecord, GetCareRecordResponse, Purpose, Section, Sour
 use tokio::time::Instant;
 use tonic::Status;
 
-use crate::access::{Caller, Denial, Policy, View};
+use crate::access::{Caller, Denial, Policy};
+
+/// A merged record as one requester may see it.
+pub struct Visible {
+    pub record: CareRecord,
+    pub withheld: bool,
+    pub sources: Vec<carerecord_proto::SourceStatus>,
+    pub warnings: Vec<carerecord_proto::Warning>,
+}
 use crate::audit::{AuditEvent, AuditLog};
 
 use crate::budget::Budget;
@@ -251,7 +259,10 @@ impl Broker {
             Duration::from_millis(self.budget.merge_headroom_ms),
         )?;
         let sources = self.sources();
-        let key = CacheKey::new(sources.epoch, request.nhs_number, request.sections);
+        let mut key = CacheKey::new(sources.epoch, request.nhs_number, request.sections);
+        if sources.requester_scoped {
+            key = key.scoped_to(request);
+        }
         if !request.require_fresh
             && let Some((record, age)) = self.cache.get(&key).await
         {
@@ -342,7 +353,7 @@ impl Broker {
             .policy
             .relationship(request, caller, merged)
             .map_err(|denial| self.deny(request, caller, &denial, Some(merged)))?;
-        let view = self.policy.view(request, &merged.record);
+        let view = self.visible(request, merged);
         let emergency = request.purpose == Purpose::EmergencyAccess;
         let kind = if emergency { "break_glass" } else { "access" };
         let event = self.audit_event(
@@ -383,7 +394,7 @@ impl Broker {
         Ok(GetCareRecordResponse {
             request_id: request.request_id.clone(),
             record: Some(view.record),
-            sources: merged.sources.clone(),
+            sources: view.sources,
             complete: merged.complete,
             from_cache,
             cache_age_ms: if from_cache {
@@ -391,12 +402,54 @@ impl Broker {
             } else {
                 0
             },
-            warnings: merged.warnings.clone(),
+            warnings: view.warnings,
             emergency_access: emergency,
             withheld: view.withheld,
             assembled_at: carerecord_adapters::calendar::rfc3339(merged.assembled_at),
             locators: merged.locators.clone(),
         })
+    }
+
+    /// What this requester may see of a merged record: everything their role permits, or —
+    /// when the patient objected to sharing and this is not an emergency — only their own
+    /// organisation's entries as it reported them (re-merged from its own answers, so no other
+    /// organisation's content rides under its name), its own source statuses and warnings.
+    fn visible(&self, request: &LookupRequest, merged: &MergedRecord) -> Visible {
+        if !self.policy.objection_applies(request) {
+            let view = self.policy.view(request, &merged.record);
+            return Visible {
+                record: view.record,
+                withheld: view.withheld,
+                sources: merged.sources.clone(),
+                warnings: merged.warnings.clone(),
+            };
+        }
+        let org = request.requester.organisation_code.trim();
+        let ours = |code: &str| code.eq_ignore_ascii_case(org);
+        let own: Vec<&Answer> = merged
+            .answers
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|a| ours(&a.status.organisation_code))
+            .collect();
+        let others_had_data = merged
+            .answers
+            .iter()
+            .any(|a| !ours(&a.status.organisation_code));
+        let mut warnings = Vec::new();
+        let record = crate::merge::merge_found(request.nhs_number, &own, &mut warnings);
+        let view = self.policy.view(request, &record);
+        Visible {
+            record: view.record,
+            withheld: view.withheld || others_had_data,
+            sources: merged
+                .sources
+                .iter()
+                .filter(|s| ours(&s.organisation_code))
+                .cloned()
+                .collect(),
+            warnings,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -407,7 +460,7 @@ impl Broker {
         kind: &str,
         decision: String,
         merged: Option<&MergedRecord>,
-        view: Option<&View>,
+        view: Option<&Visible>,
         from_cache: bool,
     ) -> AuditEvent {
         let q = &request.requester;
@@ -474,20 +527,62 @@ impl Broker {
                 request,
                 &a.status.organisation_code,
                 a.status.outcome,
-                a.record.as_ref().map(|r| &r.record),
             )
         })
     }
 
-    /// The stream event for one live answer, as this requester may see it.
-    pub fn source_event(&self, request: &LookupRequest, answer: &Answer) -> SourceEvent {
-        SourceEvent {
-            status: Some(answer.status.clone()),
-            contribution: answer
-                .record
-                .as_ref()
-                .map(|r| self.policy.view(request, &r.record).record),
+    /// Audits the moment a stream starts disclosing, before its first source event: a client
+    /// that disconnects mid-stream, or a break-glass view, is still on the record. Fails closed.
+    pub fn audit_release(&self, request: &LookupRequest, caller: &Caller) -> Result<(), Status> {
+        let emergency = request.purpose == Purpose::EmergencyAccess;
+        let basis = if emergency {
+            "emergency access"
+        } else if self.policy.trusted_assertion(request, caller) {
+            "relationship asserted by calling system"
+        } else {
+            "requesting organisation holds records for the patient"
+        };
+        let event = self.audit_event(
+            request,
+            caller,
+            if emergency { "break_glass" } else { "access" },
+            format!("stream released: {basis}"),
+            None,
+            None,
+            false,
+        );
+        self.audit.record(&event).map_err(|e| {
+            tracing::error!(request_id = %request.request_id, error = %e, "audit trail unavailable: not streaming");
+            Status::unavailable(
+                "the audit trail cannot be written, so the record is not disclosed; try again shortly",
+            )
+        })
+    }
+
+    /// The stream event for one live answer, as this requester may see it, or `None` when the
+    /// requester may not even learn that this source answered (a patient's objection).
+    /// Contributions never carry the address: the final event's demographics are authoritative
+    /// (another source may mark the patient restricted).
+    pub fn source_event(&self, request: &LookupRequest, answer: &Answer) -> Option<SourceEvent> {
+        if self.policy.objection_applies(request)
+            && !answer
+                .status
+                .organisation_code
+                .eq_ignore_ascii_case(request.requester.organisation_code.trim())
+        {
+            return None;
         }
+        Some(SourceEvent {
+            status: Some(answer.status.clone()),
+            contribution: answer.record.as_ref().map(|r| {
+                let mut view = self.policy.view(request, &r.record).record;
+                if let Some(p) = view.patient.as_mut() {
+                    p.address.clear();
+                    p.registered_gp_code.clear();
+                }
+                view
+            }),
+        })
     }
 
     /// Stream events replayed from a cached record: each source's status, and the merged
@@ -497,9 +592,12 @@ impl Broker {
         request: &LookupRequest,
         merged: &MergedRecord,
     ) -> Vec<SourceEvent> {
-        let visible = self.policy.view(request, &merged.record).record;
-        merged
-            .sources
+        let Visible {
+            record: visible,
+            sources,
+            ..
+        } = self.visible(request, merged);
+        sources
             .iter()
             .map(|status| {
                 let mut contribution = CareRecord::default();

@@ -35,6 +35,9 @@ pub struct MergedRecord {
     pub complete: bool,
     /// What the record locators said, when the broker routes through them.
     pub locators: Vec<LocatorStatus>,
+    /// The answers with data, in priority order: a patient's objection needs the requester's
+    /// own organisation's entries as it reported them, not as merged with others.
+    pub answers: Vec<Arc<Answer>>,
     /// Wall-clock time of assembly, for the response.
     pub assembled_at: SystemTime,
     /// Monotonic time of assembly, for cache age (tokio time, so tests can pause it).
@@ -50,7 +53,7 @@ pub fn merge(
 ) -> MergedRecord {
     let set: &SourceSet = &route.set;
     let now = Instant::now();
-    let mut by_index: Vec<Option<&Answer>> = vec![None; set.sources.len()];
+    let mut by_index: Vec<Option<&Arc<Answer>>> = vec![None; set.sources.len()];
     for answer in answers {
         if let Some(slot) = by_index.get_mut(answer.index) {
             *slot = Some(answer);
@@ -78,35 +81,14 @@ pub fn merge(
     }
 
     // Answers with data, in priority order.
-    let found: Vec<&Answer> = by_index
+    let found: Vec<Arc<Answer>> = by_index
         .iter()
         .flatten()
-        .copied()
         .filter(|a| a.record.is_some())
+        .map(|a| Arc::clone(a))
         .collect();
-
-    let mut record = CareRecord {
-        patient: merge_patient(nhs_number, &found, &mut warnings),
-        ..CareRecord::default()
-    };
-    for section in Section::ALL {
-        let merged = merge_section(section, &found);
-        if let Some(slot) = record.section_mut(section) {
-            *slot = merged;
-        }
-    }
-
-    for answer in &found {
-        if let Some(r) = &answer.record {
-            for w in &r.warnings {
-                warnings.push(Warning {
-                    kind: WarningKind::SourceDataInvalid as i32,
-                    message: format!("{}: {w}", answer.status.organisation_name),
-                    source_ids: vec![answer.status.source_id.clone()],
-                });
-            }
-        }
-    }
+    let refs: Vec<&Answer> = found.iter().map(AsRef::as_ref).collect();
+    let record = merge_found(nhs_number, &refs, &mut warnings);
 
     for (status, why) in sources.iter_mut().zip(&route.selected_by) {
         status.selected_by.clone_from(why);
@@ -136,9 +118,41 @@ pub fn merge(
         warnings,
         complete,
         locators: route.locators.clone(),
+        answers: found,
         assembled_at: SystemTime::now(),
         assembled: now,
     }
+}
+
+/// The record from answers with data (in priority order): demographics, deduplicated
+/// sections, and each source's own warnings.
+pub fn merge_found(
+    nhs_number: NhsNumber,
+    found: &[&Answer],
+    warnings: &mut Vec<Warning>,
+) -> CareRecord {
+    let mut record = CareRecord {
+        patient: merge_patient(nhs_number, found, warnings),
+        ..CareRecord::default()
+    };
+    for section in Section::ALL {
+        let merged = merge_section(section, found);
+        if let Some(slot) = record.section_mut(section) {
+            *slot = merged;
+        }
+    }
+    for answer in found {
+        if let Some(r) = &answer.record {
+            for w in &r.warnings {
+                warnings.push(Warning {
+                    kind: WarningKind::SourceDataInvalid as i32,
+                    message: format!("{}: {w}", answer.status.organisation_name),
+                    source_ids: vec![answer.status.source_id.clone()],
+                });
+            }
+        }
+    }
+    record
 }
 
 /// OK and NOT_FOUND are answers; everything else means data may be missing.
@@ -170,6 +184,9 @@ fn merge_patient(
     let (_, first) = reported.first()?;
     let mut patient = (*first).clone();
     patient.nhs_number = nhs.as_digits();
+    // Restricted anywhere means restricted: one source's flag must not be undone by another
+    // source's address.
+    patient.restricted = reported.iter().any(|(_, p)| p.restricted);
     for (_, other) in reported.iter().skip(1) {
         if patient.address.is_empty() {
             patient.address.clone_from(&other.address);
@@ -282,11 +299,25 @@ fn merge_section(section: Section, found: &[&Answer]) -> Vec<Entry> {
             continue;
         };
         for entry in record.record.section(section) {
-            match dedup_key(section, entry).and_then(|k| index.get(&k).copied().map(|i| (k, i))) {
+            // The same source reporting the same code twice (two potassium results on one day,
+            // two letters) is two entries: only different organisations' copies are merged.
+            let id = answer.status.source_id.as_str();
+            let same_source = |kept: &Entry| {
+                kept.provenance.iter().any(|p| {
+                    p.source_id == id
+                        || p.source_id
+                            .strip_prefix(id)
+                            .is_some_and(|rest| rest.starts_with('/'))
+                })
+            };
+            match dedup_key(section, entry)
+                .and_then(|k| index.get(&k).copied().map(|i| (k, i)))
+                .filter(|(_, i)| !same_source(&out[*i]))
+            {
                 Some((_, i)) => absorb(&mut out[i], entry),
                 None => {
                     if let Some(key) = dedup_key(section, entry) {
-                        index.insert(key, out.len());
+                        index.entry(key).or_insert(out.len());
                     }
                     out.push(entry.clone());
                 }
@@ -466,6 +497,38 @@ mod tests {
                 "{section:?} {a:?} {b:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_same_source_reporting_a_code_twice_keeps_both_entries() {
+        let r0 = CareRecord {
+            test_results: vec![
+                entry("2823-3", "2024-05-01T08:00:00Z", "s0"),
+                entry("2823-3", "2024-05-01T20:00:00Z", "s0"),
+            ],
+            ..CareRecord::default()
+        };
+        let r1 = CareRecord {
+            test_results: vec![entry("2823-3", "2024-05-01", "s1")],
+            ..CareRecord::default()
+        };
+        let merged = merge(
+            nhs(),
+            &Route::all(Arc::new(set(2))),
+            &[answer(0, r0), answer(1, r1)],
+            Instant::now(),
+        );
+        let results = &merged.record.test_results;
+        assert_eq!(
+            results.len(),
+            2,
+            "two potassium results from one lab stay two"
+        );
+        let provenance: usize = results.iter().map(|e| e.provenance.len()).sum();
+        assert_eq!(
+            provenance, 3,
+            "the other organisation's copy joins one of them"
+        );
     }
 
     #[test]

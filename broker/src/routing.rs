@@ -10,9 +10,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use carerecord_adapters::SourceError;
 use carerecord_adapters::locator::{LocateRequest, Located, Locator};
 use carerecord_adapters::{NhsNumber, SourceRequest};
 use carerecord_proto::{LocatorStatus, SourceOutcome, Warning, WarningKind};
+use futures::FutureExt;
 use futures::future::join_all;
 use moka::future::Cache;
 use tokio::time::Instant;
@@ -153,9 +155,14 @@ impl Router {
         let results = join_all(locators.iter().map(|l| {
             let ask = &ask;
             async move {
-                let result = tokio::time::timeout_at(ask.deadline, l.locate(ask))
-                    .await
-                    .unwrap_or(Err(carerecord_adapters::SourceError::Timeout));
+                let call = std::panic::AssertUnwindSafe(l.locate(ask)).catch_unwind();
+                let result = match tokio::time::timeout_at(ask.deadline, call).await {
+                    Err(_) => Err(SourceError::Timeout),
+                    Ok(Err(_panic)) => {
+                        Err(SourceError::Other("the locator failed unexpectedly".into()))
+                    }
+                    Ok(Ok(result)) => result,
+                };
                 (l.id().to_owned(), result, started.elapsed())
             }
         }))

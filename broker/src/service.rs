@@ -230,7 +230,10 @@ fn live_events(
         rx: tokio::sync::watch::Receiver<crate::flight::Progress>,
         deadline: Instant,
         seen: usize,
+        /// The relationship is established: events may flow (once the release is audited).
         released: bool,
+        /// The release was written to the audit trail.
+        audited: bool,
         held: Vec<Arc<crate::fanout::Answer>>,
         pending: VecDeque<Result<CareRecordEvent, Status>>,
         expired: bool,
@@ -247,6 +250,7 @@ fn live_events(
         deadline,
         seen: 0,
         released,
+        audited: false,
         held: Vec::new(),
         pending: VecDeque::new(),
         expired: false,
@@ -269,10 +273,20 @@ fn live_events(
                     }
                 }
                 s.seen = progress.answers.len();
-                if s.released {
+                if s.released && !s.audited && !s.held.is_empty() {
+                    // Nothing leaves before the audit trail says who is looking.
+                    if let Err(status) = s.broker.audit_release(&s.request, &s.caller) {
+                        s.pending.push_back(Err(status));
+                        s.finished = true;
+                        continue;
+                    }
+                    s.audited = true;
+                }
+                if s.audited {
                     for answer in s.held.drain(..) {
-                        let e = s.broker.source_event(&s.request, &answer);
-                        s.pending.push_back(Ok(event(Event::Source(e))));
+                        if let Some(e) = s.broker.source_event(&s.request, &answer) {
+                            s.pending.push_back(Ok(event(Event::Source(e))));
+                        }
                     }
                 }
                 if progress.merged.is_some() || s.expired {
@@ -284,13 +298,19 @@ fn live_events(
                     {
                         Ok(response) => {
                             for answer in s.held.drain(..) {
-                                let e = s.broker.source_event(&s.request, &answer);
-                                s.pending.push_back(Ok(event(Event::Source(e))));
+                                if let Some(e) = s.broker.source_event(&s.request, &answer) {
+                                    s.pending.push_back(Ok(event(Event::Source(e))));
+                                }
                             }
-                            let answered: Vec<usize> =
-                                progress.answers.iter().map(|a| a.index).collect();
-                            for (index, status) in merged.sources.iter().enumerate() {
-                                if !answered.contains(&index) {
+                            // Sources that never answered get their TIMEOUT event, as far as
+                            // this requester may see them (the final statuses are filtered).
+                            let answered: Vec<&str> = progress
+                                .answers
+                                .iter()
+                                .map(|a| a.status.source_id.as_str())
+                                .collect();
+                            for status in &response.sources {
+                                if !answered.contains(&status.source_id.as_str()) {
                                     s.pending.push_back(Ok(event(Event::Source(SourceEvent {
                                         status: Some(status.clone()),
                                         contribution: None,

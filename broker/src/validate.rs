@@ -25,6 +25,8 @@ pub struct LookupRequest {
 /// Longest identifier we accept in requester fields: long enough for any real id, short enough
 /// that nobody stuffs a document into the audit trail.
 const MAX_FIELD: usize = 256;
+/// No federation is this deep; a longer chain is a loop or an attack.
+const MAX_VIA_BROKERS: usize = 16;
 
 pub fn check(
     request: GetCareRecordRequest,
@@ -48,6 +50,7 @@ pub fn check(
         ("role_code", &requester.role_code),
         ("organisation_code", &requester.organisation_code),
         ("emergency_reason", &requester.emergency_reason),
+        ("asserted_relationship", &requester.asserted_relationship),
     ] {
         if value.len() > MAX_FIELD {
             return Err(LookupError::MalformedRequesterField {
@@ -75,6 +78,17 @@ pub fn check(
         Ok(_) => false,
         Err(_) => return Err(LookupError::UnknownCacheDirective(request.cache)),
     };
+    if request.via_brokers.len() > MAX_VIA_BROKERS
+        || request
+            .via_brokers
+            .iter()
+            .any(|b| b.len() > MAX_FIELD || b.chars().any(char::is_control))
+    {
+        return Err(LookupError::MalformedRequesterField {
+            field: "via_brokers",
+            why: "too many brokers, or a malformed broker id",
+        });
+    }
     let nhs_number = NhsNumber::parse(&request.nhs_number)?;
     let sections = SectionSet::from_request(&request.sections)?;
     Ok(LookupRequest {

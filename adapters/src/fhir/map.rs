@@ -880,6 +880,9 @@ pub(crate) fn patient(r: &Resource, nhs_number: &NhsNumber) -> Result<Patient, M
             .any(|c| matches!(c.code.str(), Ok(Some("R" | "restricted")))),
         None => false,
     };
+    // The broker withholds the address (and practice) of a restricted patient from roles not
+    // permitted to see it, whichever source supplied it: it must know.
+    patient.restricted = restricted;
     if !restricted {
         let addresses: Vec<_> = r.address.items()?.collect();
         let address = addresses

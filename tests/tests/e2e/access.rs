@@ -500,3 +500,121 @@ async fn when_the_requesters_own_source_does_not_answer_the_relationship_is_unco
     );
     assert!(s.message().contains("did not answer"), "{}", s.message());
 }
+
+#[tokio::test]
+async fn a_stream_is_audited_when_it_starts_disclosing_even_if_the_client_leaves() {
+    let audit_file = temp_path("stream-release.jsonl");
+    let slow_hospital = hospital_source().with_delay(Duration::from_secs(2));
+    let b = start_broker(
+        vec![
+            (Arc::new(gp_source()) as Arc<dyn Source>, LONG),
+            (Arc::new(slow_hospital), LONG),
+        ],
+        strict(audit_file.clone()),
+    )
+    .await;
+    let emergency = Requester {
+        purpose: Purpose::EmergencyAccess as i32,
+        emergency_reason: "collapsed in the street".into(),
+        ..clinician_of("Y99999")
+    };
+    let mut stream = b
+        .client()
+        .await
+        .stream_care_record(as_(emergency, LONG))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = stream.message().await.expect("event").expect("an event");
+    assert!(matches!(first.event, Some(Event::Source(_))));
+    drop(stream); // the client goes away before the final event
+    let events = audit_events(&audit_file);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, "break_glass");
+    assert!(
+        events[0].decision.starts_with("stream released"),
+        "{}",
+        events[0].decision
+    );
+    assert_eq!(events[0].emergency_reason, "collapsed in the street");
+}
+
+#[tokio::test]
+async fn a_restricted_patient_keeps_their_address_withheld_whichever_source_has_it() {
+    let mut gp_view = gp_record();
+    if let Some(p) = gp_view.patient.as_mut() {
+        p.restricted = true;
+        p.address.clear();
+    }
+    let gp = gp_source().with_patient(shared_patient(), gp_view);
+    let mut hospital_view = gp_record();
+    if let Some(p) = hospital_view.patient.as_mut() {
+        p.address = "5 Hidden Lane, Safe Town, ST1 1AA".into();
+    }
+    let hospital =
+        carerecord_adapters::memory::InMemorySource::new("hospital", "RJ122", "Royal Infirmary")
+            .with_patient(shared_patient(), hospital_view);
+    let b = start_broker(
+        vec![
+            (Arc::new(gp) as Arc<dyn Source>, LONG),
+            (Arc::new(hospital), LONG),
+        ],
+        strict(temp_path("restricted.jsonl")),
+    )
+    .await;
+    let mut c = b.client().await;
+    let nurse = c
+        .get_care_record(as_(with_role("RJ122", "R8001"), LONG))
+        .await
+        .expect("r8001")
+        .into_inner();
+    let patient = nurse.record.and_then(|r| r.patient).expect("patient");
+    assert!(patient.restricted);
+    assert_eq!(patient.address, "");
+    assert!(nurse.withheld);
+    let mut stream = c
+        .stream_care_record(as_(with_role("RJ122", "R8001"), LONG))
+        .await
+        .expect("stream")
+        .into_inner();
+    while let Some(event) = stream.message().await.expect("event") {
+        assert!(!format!("{event:?}").contains("Hidden Lane"), "{event:?}");
+    }
+}
+
+#[tokio::test]
+async fn under_an_objection_the_requester_sees_its_own_organisations_entries_as_it_reported_them() {
+    let objections = temp_path("objections-own.txt");
+    std::fs::write(&objections, format!("{}\n", shared_patient().as_digits())).expect("write");
+    let mut settings = strict(temp_path("objection-own.jsonl"));
+    settings.access.objections_file = Some(objections);
+    let b = start_broker(region(), settings).await;
+    let r = b
+        .client()
+        .await
+        .get_care_record(as_(clinician_of("RJ122"), LONG))
+        .await
+        .expect("hospital")
+        .into_inner();
+    let record = r.record.clone().expect("record");
+    // The penicillin allergy both recorded: the hospital's own entry (its date, its id), not
+    // the GP's content under the hospital's name.
+    assert_eq!(record.allergies.len(), 1);
+    assert_eq!(record.allergies[0].effective, "2015-02-02");
+    assert_eq!(
+        record.allergies[0].provenance[0].source_entry_id,
+        "rj-allergy-77"
+    );
+    // Nothing says which other organisations hold records.
+    assert!(
+        r.sources.iter().all(|s| s.organisation_code == "RJ122"),
+        "{:?}",
+        r.sources
+    );
+    assert!(
+        !format!("{:?}", r.warnings).contains("Riverside"),
+        "{:?}",
+        r.warnings
+    );
+    assert!(r.withheld);
+}

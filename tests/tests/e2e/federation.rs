@@ -160,3 +160,39 @@ async fn an_unreachable_remote_broker_is_an_error_outcome() {
     assert_eq!(gone.outcome, SourceOutcome::Error as i32);
     assert!(!r.complete);
 }
+
+#[tokio::test]
+async fn a_federated_answer_is_never_shared_between_different_requesters() {
+    let hospital = Arc::new(hospital_source());
+    let north = start_broker(
+        vec![(hospital.clone() as Arc<dyn Source>, LONG)],
+        named("north"),
+    )
+    .await;
+    let central = start_broker(vec![(remote("north", &north.url), LONG)], named("central")).await;
+    let mut c = central.client().await;
+    c.get_care_record(request(&shared_patient().as_digits(), LONG))
+        .await
+        .expect("first requester");
+    let mut other = request(&shared_patient().as_digits(), LONG);
+    if let Some(q) = other.get_mut().requester.as_mut() {
+        q.user_id = "another-clinician".into();
+        q.organisation_code = "RJ122".into();
+    }
+    let r = c
+        .get_care_record(other)
+        .await
+        .expect("second requester")
+        .into_inner();
+    assert!(
+        !r.from_cache,
+        "the remote applied the first requester's policy: not reusable"
+    );
+    // The same requester again is served from cache.
+    let again = c
+        .get_care_record(request(&shared_patient().as_digits(), LONG))
+        .await
+        .expect("first requester again")
+        .into_inner();
+    assert!(again.from_cache);
+}

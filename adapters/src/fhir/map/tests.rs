@@ -593,6 +593,10 @@ fn restricted_patient_has_no_address() {
     let nhs = NhsNumber::parse("9990000018").expect("valid");
     let patient = patient(&resource, &nhs).expect("readable");
     assert_eq!(patient.address, "");
+    assert!(
+        patient.restricted,
+        "the broker must know, to withhold other sources' address"
+    );
     assert_eq!(patient.family_name, "Smith");
 }
 
