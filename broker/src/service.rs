@@ -135,12 +135,14 @@ impl CareRecordService for CareRecordApi {
                 "miss"
             };
             let response = match lookup {
-                Lookup::Cached { record, age } => {
-                    broker.disclose(&request, &caller, &record, true, age)?
-                }
+                Lookup::Cached { record, age } => broker
+                    .disclose(&request, &caller, &record, true, age)
+                    .inspect_err(record_refusal)?,
                 Lookup::Live { flight, deadline } => {
                     let merged = flight.wait(deadline).await;
-                    broker.disclose(&request, &caller, &merged, false, Duration::ZERO)?
+                    broker
+                        .disclose(&request, &caller, &merged, false, Duration::ZERO)
+                        .inspect_err(record_refusal)?
                 }
             };
             let outcome = if response.complete {
@@ -196,6 +198,7 @@ impl CareRecordService for CareRecordApi {
 fn record_refusal(status: &Status) {
     let outcome = match status.code() {
         tonic::Code::PermissionDenied => "denied",
+        tonic::Code::Unavailable => "unavailable",
         _ => "invalid",
     };
     metrics::counter!(crate::metrics::LOOKUPS, "outcome" => outcome).increment(1);
