@@ -44,6 +44,8 @@ enum Command {
     /// Start a synthetic region (mock organisations over real HTTP) and a broker, look up a
     /// patient known to several organisations, and print the record.
     Demo(cli::demo::DemoArgs),
+    /// Load-generate against a broker (and reference programs) and print a Markdown table.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
             Command::Lookup(args) => cli::lookup::run(args).await,
             Command::Demo(args) => cli::demo::run(args).await,
             Command::Audit(command) => cli::audit::run(command),
+            Command::Bench(args) => cli::bench::run(args).await,
         }
     });
     match result {
