@@ -230,7 +230,7 @@ pub struct CacheConfig {
     /// How long a partial record (some source did not answer) is served: shorter, so the missing
     /// organisation is asked again soon.
     pub partial_ttl_secs: u64,
-    /// Upper bound on the cache's size, in bytes of encoded records.
+    /// Upper bound on the memory the cache holds, estimated as 4× the records' encoded size.
     pub max_bytes: u64,
 }
 

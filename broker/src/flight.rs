@@ -157,10 +157,11 @@ impl Flights {
                 };
                 // A record cut short by one caller's tight deadline would decide the next
                 // callers' answers (and their access) for the partial TTL: not cached.
+                // Callers first, then the cache (a new caller meanwhile still finds the flight).
+                tx.send_modify(|p| p.merged = Some(merged.clone()));
                 if !cut_short {
-                    cache.insert(key, merged.clone()).await;
+                    cache.insert(key, merged).await;
                 }
-                tx.send_modify(|p| p.merged = Some(merged));
             }
             .instrument(span),
         );

@@ -76,6 +76,10 @@ pub struct FhirConfig {
     /// Most pages followed per search (`link` relation `next`). Default 20.
     #[serde(default = "defaults::page_limit")]
     pub page_limit: usize,
+    /// Entries asked for per page (`_count`): large pages mean fewer round trips. Lower it for
+    /// servers that refuse large pages. Default 100.
+    #[serde(default = "defaults::page_size")]
+    pub page_size: usize,
     /// Which resources are read as medicines. Default `both`.
     #[serde(default)]
     pub medications: MedicationKinds,
@@ -90,6 +94,9 @@ mod defaults {
     }
     pub(super) fn page_limit() -> usize {
         20
+    }
+    pub(super) fn page_size() -> usize {
+        100
     }
 }
 
@@ -106,6 +113,7 @@ impl FhirConfig {
             max_concurrent_requests: defaults::max_concurrent_requests(),
             max_response_bytes: defaults::max_response_bytes(),
             page_limit: defaults::page_limit(),
+            page_size: defaults::page_size(),
             medications: MedicationKinds::default(),
         }
     }

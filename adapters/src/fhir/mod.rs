@@ -37,6 +37,8 @@ pub struct FhirSource {
     mode: QueryMode,
     /// Most pages followed per search, so a runaway server cannot keep a lookup paging.
     page_limit: usize,
+    /// `_count` asked for per page, ready for the query string.
+    page_size: String,
     /// Which medication resources count.
     medications: MedicationKinds,
 }
@@ -51,11 +53,15 @@ impl FhirSource {
                 field: "page_limit",
             });
         }
+        if config.page_size == 0 {
+            return Err(FhirConfigError::ZeroLimit { field: "page_size" });
+        }
         Ok(FhirSource {
             info,
             http: client::FhirHttp::new(config)?,
             mode: config.mode,
             page_limit: config.page_limit,
+            page_size: config.page_size.to_string(),
             medications: config.medications,
         })
     }

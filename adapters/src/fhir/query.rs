@@ -18,7 +18,6 @@ use super::model::Resource;
 use crate::{NhsNumber, SourceError, SourceRecord, SourceReply, SourceRequest};
 
 /// Results per page asked of the server.
-const PAGE_SIZE: &str = "100";
 
 pub(crate) struct Lookup<'a> {
     source: &'a FhirSource,
@@ -83,6 +82,9 @@ impl<'a> Lookup<'a> {
                     .map_err(|()| SourceError::Other("base URL cannot take a path".into()))?
                     .pop_if_empty()
                     .extend(["Patient", &patient_id, "$everything"]);
+                // Ask for large pages: every extra page is another round trip.
+                url.query_pairs_mut()
+                    .append_pair("_count", &self.source.page_size);
                 let first = self.source.http.get(url, &self.headers).await?;
                 self.read_pages(first, "$everything", &mut out).await?;
             }
@@ -266,7 +268,7 @@ impl<'a> Lookup<'a> {
                 }
                 _ => {}
             }
-            query.append_pair("_count", PAGE_SIZE);
+            query.append_pair("_count", &self.source.page_size);
         }
         url
     }

@@ -213,8 +213,8 @@ async fn search_everything_and_batch_give_the_same_record_with_fewer_requests_fo
     }
 }
 
-/// The adapter asks searches and batches for `_count=100`, so the server's default page size
-/// only governs `$everything`: that is where a small page size makes a record span pages.
+/// The adapter asks for `page_size` entries a page (default 100); a source configured with
+/// small pages makes a record span many `$everything` pages.
 #[tokio::test]
 async fn a_record_spread_over_many_pages_is_read_whole() {
     let paged = start_region(&small_region(SEED, 3)).await;
@@ -227,7 +227,13 @@ async fn a_record_spread_over_many_pages_is_read_whole() {
     );
 
     let read = |server: &RegionServer| region_config(server, FhirMode::Everything, SOURCE_TIMEOUT);
-    let paged_broker = start_region_broker(&read(&paged)).await;
+    let mut small_pages = read(&paged);
+    for source in &mut small_pages.sources {
+        if let Some(fhir) = source.fhir.as_mut() {
+            fhir.page_size = 3;
+        }
+    }
+    let paged_broker = start_region_broker(&small_pages).await;
     let whole_broker = start_region_broker(&read(&whole)).await;
     let from_pages = lookup(&paged_broker, &patient.nhs_number, DEADLINE).await;
     let from_one = lookup(&whole_broker, &patient.nhs_number, DEADLINE).await;
