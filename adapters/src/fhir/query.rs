@@ -17,8 +17,6 @@ use super::map::{self, Collected, Kind, MapContext, NHS_NUMBER_SYSTEM};
 use super::model::Resource;
 use crate::{NhsNumber, SourceError, SourceRecord, SourceReply, SourceRequest};
 
-/// Results per page asked of the server.
-
 pub(crate) struct Lookup<'a> {
     source: &'a FhirSource,
     /// Requester and request id headers, sent on every request of the lookup.
