@@ -37,7 +37,7 @@ use carerecord_broker::fanout::{ConfiguredSource, DEFAULT_BREAKER, SourceSet};
 use carerecord_broker::server::{self, Transport};
 use carerecord_broker::{Broker, registry};
 use carerecord_mock_sources::{
-    FhirMode, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
+    FhirMode, LOCATOR, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
 };
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::care_record_service_server::{CareRecordService, CareRecordServiceServer};
@@ -61,9 +61,16 @@ pub struct BenchArgs {
     /// fixed delay (isolates the broker from HTTP).
     #[arg(long, value_enum, default_value_t = RegionKind::Mock)]
     pub region: RegionKind,
-    /// Number of organisations.
-    #[arg(long, default_value_t = 10)]
+    /// Number of organisations (up to 5,000; above 50 the mock lays the region out like a real
+    /// area, each patient known to 3–8 organisations).
+    #[arg(long, visible_alias = "organisations", default_value_t = 10)]
     pub orgs: usize,
+    /// Mock region, routed: every organisation on one shared port (by path), an organisation
+    /// directory file instead of `[[sources]]`, and `[routing] mode = "located"` with the
+    /// region's always-ask organisations and its record locator (same latency as the
+    /// organisations). The broker asks only the organisations that hold the patient's records.
+    #[arg(long)]
+    pub routed: bool,
     /// How the broker reads each mock organisation.
     #[arg(long, value_enum, default_value_t = Mode::Everything)]
     pub mode: Mode,
@@ -281,22 +288,33 @@ impl Bench {
             },
             RegionKind::Memory => LatencyProfile::ZERO,
         };
-        let mock = RegionServer::start_with(
-            region.clone(),
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            ServerOptions {
-                latency: Some(latency),
-                ..ServerOptions::default()
-            },
-        )
-        .await
+        if args.routed && args.region != RegionKind::Mock {
+            bail!("--routed applies to the mock region only");
+        }
+        let options = ServerOptions {
+            latency: Some(latency),
+            ..ServerOptions::default()
+        };
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mock = if args.routed {
+            RegionServer::start_shared(region.clone(), ip, options).await
+        } else {
+            RegionServer::start_with(region.clone(), ip, options).await
+        }
         .context("cannot start the mock organisations")?;
         let mode = match args.mode {
             Mode::Search => FhirMode::Search,
             Mode::Everything => FhirMode::Everything,
             Mode::Batch => FhirMode::Batch,
         };
-        let mock_config = mock.broker_config_toml_with("@LISTEN@", |_| mode);
+        let mock_config = if args.routed {
+            let directory = workdir.join("directory.csv");
+            mock.write_directory(&directory)
+                .context("cannot write the organisation directory")?;
+            mock.broker_config_toml_routed_with("@LISTEN@", &directory, mode)
+        } else {
+            mock.broker_config_toml_with("@LISTEN@", |_| mode)
+        };
 
         let (pool, hot, templates) = match args.region {
             RegionKind::Mock => {
@@ -365,6 +383,7 @@ impl Bench {
             "carerecord bench: {} region, {} organisations, mode {:?}, latency {} ms, page size {}, \
              {}, hit ratio {}, deadline {} ms, {} run(s); machine: {} × {}",
             match a.region {
+                RegionKind::Mock if a.routed => "mock (HTTP, routed)",
                 RegionKind::Mock => "mock (HTTP)",
                 RegionKind::Memory => "memory (in-process)",
             },
@@ -382,6 +401,29 @@ impl Bench {
             num_cpus(),
             cpu_model(),
         );
+        if a.routed {
+            let always = self.mock.always_ask();
+            let asked: Vec<f64> = self
+                .pool
+                .iter()
+                .map(|p| {
+                    let mut orgs = self.mock.located_organisations(&p.nhs);
+                    orgs.extend(always.iter().cloned());
+                    orgs.sort();
+                    orgs.dedup();
+                    orgs.len() as f64
+                })
+                .collect();
+            let mean = asked.iter().sum::<f64>() / asked.len().max(1) as f64;
+            println!(
+                "routed: one shared port, directory of {} organisations, locator at {}; always ask \
+                 {:?}; organisations a lookup asks (always-ask ∪ located), mean over the pool: {:.1}",
+                self.mock.organisations().len(),
+                self.mock.locator_url(),
+                always,
+                mean,
+            );
+        }
         let mut all: BTreeMap<Target, Vec<Measured>> = BTreeMap::new();
         let mut fills: Vec<Fill> = Vec::new();
         for run in 1..=a.runs.max(1) {
@@ -403,6 +445,12 @@ impl Bench {
                         } else {
                             Some(self.measure_echo(run, &echo_responses).await?)
                         }
+                    }
+                    Target::Minimal | Target::Sequential if a.routed => {
+                        eprintln!(
+                            "{target:?} asks every organisation: not measured with --routed; skipped"
+                        );
+                        None
                     }
                     Target::Minimal if a.region == RegionKind::Mock => {
                         Some(self.measure_minimal(run).await?)
@@ -438,8 +486,7 @@ impl Bench {
                 .unwrap_or_default()
                 .to_owned();
         }
-        text.push_str(&self.extra_config(tag));
-        text
+        with_extra_tables(&text, &self.extra_config(tag))
     }
 
     fn extra_config(&self, tag: &str) -> String {
@@ -790,12 +837,13 @@ impl Bench {
         m
     }
 
-    /// HTTP requests the mock organisations have answered so far.
+    /// HTTP requests the mock organisations (and the record locator) have answered so far.
     fn http_requests(&self) -> u64 {
         self.mock
             .organisations()
             .iter()
             .filter_map(|o| self.mock.stats(&o.code))
+            .chain(self.mock.stats(LOCATOR))
             .map(|s| s.requests)
             .sum()
     }
@@ -1516,6 +1564,27 @@ impl Drop for ChildServer {
     }
 }
 
+/// `config` with `extra` (top-level tables) added where TOML keeps them top-level: before the
+/// first array of tables (`[[sources]]`, `[[routing.locators]]`), else at the end.
+fn with_extra_tables(config: &str, extra: &str) -> String {
+    let at = if config.starts_with("[[") {
+        Some(0)
+    } else {
+        config.find("\n[[").map(|i| i + 1)
+    };
+    match at {
+        Some(i) => {
+            let mut out = String::with_capacity(config.len() + extra.len() + 1);
+            out.push_str(&config[..i]);
+            out.push_str(extra.trim_start_matches('\n'));
+            out.push('\n');
+            out.push_str(&config[i..]);
+            out
+        }
+        None => format!("{config}{extra}"),
+    }
+}
+
 fn metrics_listen(text: &str) -> Option<SocketAddr> {
     // A TOML file, or the memory broker's JSON wrapping one.
     let toml_text = serde_json::from_str::<serde_json::Value>(text)
@@ -2225,6 +2294,40 @@ mod tests {
         assert_eq!(pct(&v, 0.99), 99.0);
         assert_eq!(pct(&v, 1.0), 100.0);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[tokio::test]
+    async fn extra_tables_stay_top_level_in_a_routed_config() {
+        let region = Arc::new(Region::generate(&RegionSpec {
+            patients: 50,
+            organisations: 5,
+            ..RegionSpec::default()
+        }));
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mock = RegionServer::start_shared(region, ip, ServerOptions::default())
+            .await
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let directory = dir.join("directory.csv");
+        mock.write_directory(&directory).unwrap();
+        let extra = "\n[budget]\nmax_lookup_ms = 5000\n\n[metrics]\nlisten = \"127.0.0.1:9100\"\n";
+        for base in [
+            mock.broker_config_toml_routed("127.0.0.1:1", &directory),
+            mock.broker_config_toml("127.0.0.1:1"),
+        ] {
+            let text = with_extra_tables(&base, extra);
+            let config = Config::parse(&text, Path::new("<test>")).unwrap();
+            assert_eq!(config.budget.max_lookup_ms, 5000, "{text}");
+            assert_eq!(
+                metrics_listen(&text),
+                Some("127.0.0.1:9100".parse().unwrap())
+            );
+            let sources = registry::build(&config, 1).unwrap();
+            assert_eq!(sources.sources.len(), 5);
+        }
+        mock.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
