@@ -46,6 +46,19 @@ impl TestBroker {
             .expect("connect to test broker")
     }
 
+    /// A unary lookup that must succeed.
+    pub async fn lookup(
+        &self,
+        request: tonic::Request<GetCareRecordRequest>,
+    ) -> carerecord_proto::GetCareRecordResponse {
+        self.client()
+            .await
+            .get_care_record(request)
+            .await
+            .expect("lookup")
+            .into_inner()
+    }
+
     /// Stops the server and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -53,12 +53,8 @@ async fn a_broker_federates_another_and_keeps_its_source_statuses_nested() {
     )
     .await;
     let r = central
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+        .lookup(request(&shared_patient().as_digits(), LONG))
+        .await;
     assert!(r.complete, "{:?}", r.sources);
     let north_status = r
         .sources
@@ -106,13 +102,7 @@ async fn a_federation_loop_is_refused_with_a_clear_outcome() {
             named("a"),
         ),
     );
-    let r = a
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = a.lookup(request(&shared_patient().as_digits(), LONG)).await;
     let via_b = r.sources.iter().find(|s| s.source_id == "b").expect("b");
     assert_eq!(
         via_b.outcome,
@@ -146,12 +136,8 @@ async fn an_unreachable_remote_broker_is_an_error_outcome() {
     )
     .await;
     let r = central
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+        .lookup(request(&shared_patient().as_digits(), LONG))
+        .await;
     let gone = r
         .sources
         .iter()

@@ -33,13 +33,7 @@ async fn duplicates_across_organisations_merge_into_one_entry_with_both_provenan
         Settings::default(),
     )
     .await;
-    let r = b
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().grouped(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(request(&shared_patient().grouped(), LONG)).await;
     let record = r.record.clone().expect("record");
     assert!(r.complete);
     assert_eq!(
@@ -87,13 +81,7 @@ async fn conflicting_dates_of_birth_are_a_visible_warning_not_overwritten() {
         Settings::default(),
     )
     .await;
-    let r = b
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(request(&shared_patient().as_digits(), LONG)).await;
     let mismatch: Vec<_> = r
         .warnings
         .iter()
@@ -126,13 +114,7 @@ async fn a_slow_source_times_out_and_the_answer_arrives_by_its_timeout() {
     )
     .await;
     let started = Instant::now();
-    let r = b
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(request(&shared_patient().as_digits(), LONG)).await;
     let took = started.elapsed();
     assert_eq!(outcome_of(&r, "slow"), SourceOutcome::Timeout);
     assert_eq!(outcome_of(&r, "gp"), SourceOutcome::Ok);
@@ -198,13 +180,7 @@ async fn outstanding_source_calls_are_cancelled_at_the_deadline() {
         Settings::default(),
     )
     .await;
-    let r = b
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(request(&shared_patient().as_digits(), LONG)).await;
     assert_eq!(outcome_of(&r, "hung"), SourceOutcome::Timeout);
     assert_eq!(hung.started.load(Ordering::SeqCst), 1);
     // The call was dropped, not left running in the background.
@@ -230,13 +206,7 @@ async fn a_failing_source_is_an_error_outcome_while_the_rest_is_served() {
         Settings::default(),
     )
     .await;
-    let r = b
-        .client()
-        .await
-        .get_care_record(request(&shared_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(request(&shared_patient().as_digits(), LONG)).await;
     assert_eq!(outcome_of(&r, "broken"), SourceOutcome::Error);
     assert_eq!(outcome_of(&r, "buggy"), SourceOutcome::Error);
     let broken = r
@@ -267,21 +237,13 @@ async fn a_patient_unknown_to_a_source_is_not_found_and_the_record_is_complete()
     )
     .await;
     let r = b
-        .client()
-        .await
-        .get_care_record(request(&gp_only_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+        .lookup(request(&gp_only_patient().as_digits(), LONG))
+        .await;
     assert_eq!(outcome_of(&r, "hospital"), SourceOutcome::NotFound);
     assert!(r.complete);
     let nobody = b
-        .client()
-        .await
-        .get_care_record(request(&unknown_patient().as_digits(), LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+        .lookup(request(&unknown_patient().as_digits(), LONG))
+        .await;
     assert!(nobody.record.expect("record").patient.is_none());
     assert!(nobody.complete);
 }

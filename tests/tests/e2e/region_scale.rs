@@ -79,13 +79,7 @@ async fn only_the_located_and_always_ask_organisations_of_thousands_are_called()
         .find(|p| p.organisations.len() >= 4)
         .expect("a patient known to several organisations");
     let before = requests_by_org(&server);
-    let r = b
-        .client()
-        .await
-        .get_care_record(fresh_request(&patient.nhs_number, LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(fresh_request(&patient.nhs_number, LONG)).await;
     let located: BTreeSet<String> = patient.organisations.iter().cloned().collect();
     let always: BTreeSet<String> = server.always_ask().into_iter().collect();
     let expected: BTreeSet<String> = located.union(&always).cloned().collect();
@@ -129,13 +123,7 @@ async fn with_the_locator_down_always_ask_is_still_served_and_flagged() {
         .set_fault(LOCATOR, Fault::Http500)
         .expect("locator fault");
     let patient = server.region().patients().next().expect("a patient");
-    let r = b
-        .client()
-        .await
-        .get_care_record(fresh_request(&patient.nhs_number, LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(fresh_request(&patient.nhs_number, LONG)).await;
     let always: BTreeSet<String> = server.always_ask().into_iter().collect();
     assert_eq!(asked(&r), always);
     assert!(!r.complete);
@@ -158,13 +146,7 @@ async fn an_organisation_the_locator_names_but_the_directory_lacks_is_reported()
     let missing = patient.organisations[0].clone(); // the GP
     let config = routed_config(&server, Some(&missing));
     let b = start_region_broker(&config).await;
-    let r = b
-        .client()
-        .await
-        .get_care_record(fresh_request(&patient.nhs_number, LONG))
-        .await
-        .expect("lookup")
-        .into_inner();
+    let r = b.lookup(fresh_request(&patient.nhs_number, LONG)).await;
     assert!(!asked(&r).contains(&missing));
     let warning = r
         .warnings
