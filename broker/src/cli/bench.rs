@@ -639,7 +639,6 @@ impl Bench {
         run: usize,
         responses: &[GetCareRecordResponse],
     ) -> anyhow::Result<Measured> {
-        let a = &self.args;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let tag = format!("echo-{run}");
         let path = self.workdir.join(format!("{tag}.bin"));
@@ -648,25 +647,11 @@ impl Bench {
             r.encode_length_delimited(&mut buf)?;
         }
         std::fs::write(&path, &buf)?;
-        let child = self.spawn_internal("echo", &path, addr, &tag).await?;
-        let clients = connect_clients(addr, 8).await?;
-        let workload = Arc::new(Workload::new(
-            self.pool.clone(),
-            self.hot.clone(),
-            a.hit_ratio,
-            a.deadline_ms,
-            true,
-        ));
-        let mut m = self
-            .drive(Target::Echo, &clients, &workload, Some(&child))
-            .await;
-        m.startup_ms = Some(child.startup.as_secs_f64() * 1000.0);
-        child.stop();
-        Ok(m)
+        self.drive_child_reference("echo", Target::Echo, &path, addr, &tag)
+            .await
     }
 
     async fn measure_minimal(&self, run: usize) -> anyhow::Result<Measured> {
-        let a = &self.args;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let tag = format!("minimal-{run}");
         let orgs: Vec<serde_json::Value> = self
@@ -690,7 +675,22 @@ impl Bench {
             &path,
             serde_json::to_vec(&serde_json::json!({"orgs": orgs, "patients": patients}))?,
         )?;
-        let child = self.spawn_internal("minimal", &path, addr, &tag).await?;
+        self.drive_child_reference("minimal", Target::Minimal, &path, addr, &tag)
+            .await
+    }
+
+    /// Runs one reference server (`echo`, `minimal`) as a child process on `addr` and drives
+    /// the same workload at it as at the broker.
+    async fn drive_child_reference(
+        &self,
+        kind: &str,
+        target: Target,
+        input: &std::path::Path,
+        addr: SocketAddr,
+        tag: &str,
+    ) -> anyhow::Result<Measured> {
+        let a = &self.args;
+        let child = self.spawn_internal(kind, input, addr, tag).await?;
         let clients = connect_clients(addr, 8).await?;
         let workload = Arc::new(Workload::new(
             self.pool.clone(),
@@ -699,9 +699,7 @@ impl Bench {
             a.deadline_ms,
             true,
         ));
-        let mut m = self
-            .drive(Target::Minimal, &clients, &workload, Some(&child))
-            .await;
+        let mut m = self.drive(target, &clients, &workload, Some(&child)).await;
         m.startup_ms = Some(child.startup.as_secs_f64() * 1000.0);
         child.stop();
         Ok(m)
