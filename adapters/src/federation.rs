@@ -175,6 +175,7 @@ impl Source for BrokerSource {
             record,
             warnings,
             nested: response.sources,
+            ..SourceRecord::default()
         }))
     }
 }

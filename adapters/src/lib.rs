@@ -17,7 +17,9 @@ pub mod testkit;
 
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use sections::{SectionSet, UnknownSection};
-pub use source::{Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest};
+pub use source::{
+    Shortfall, Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest,
+};
 
 /// Re-exported so adapter authors implement [`Source`] without another dependency.
 pub use async_trait::async_trait;

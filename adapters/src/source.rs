@@ -72,6 +72,24 @@ pub struct SourceRecord {
     pub warnings: Vec<String>,
     /// When the source is itself a broker: the statuses of its sources.
     pub nested: Vec<SourceStatus>,
+    /// Where this answer is known to be incomplete: sections cut at the page limit, resources
+    /// that could not be read, references that could not be resolved, or (for a federated
+    /// broker) its own sources not all answering. Any shortfall makes the source PARTIAL and the
+    /// record not complete. Redacted text only.
+    pub shortfalls: Vec<Shortfall>,
+    /// Resources the source returned about another patient, discarded before they reached the
+    /// record: one redacted description each (resource type and why, never content). Non-empty
+    /// raises a WRONG_PATIENT warning and makes the record not complete.
+    pub wrong_patient: Vec<String>,
+}
+
+/// Part of a source's answer that is known to be missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    /// The sections affected.
+    pub sections: SectionSet,
+    /// What is missing and why, e.g. "results cut at the 20-page limit". Redacted text.
+    pub reason: String,
 }
 
 impl SourceRecord {
@@ -130,6 +148,10 @@ pub enum SourceError {
     /// The source refused the lookup (e.g. a federation loop).
     #[error("refused: {0}")]
     Refused(String),
+    /// The source answered about a different patient (its Patient does not carry the requested
+    /// NHS number): nothing it said may be used.
+    #[error("answered about another patient: {0}")]
+    WrongPatient(String),
     /// The source was not asked because it is known to be unavailable.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -147,6 +169,7 @@ impl SourceError {
         match self {
             SourceError::Timeout => SourceOutcome::Timeout,
             SourceError::Refused(_) => SourceOutcome::Refused,
+            SourceError::WrongPatient(_) => SourceOutcome::WrongPatient,
             SourceError::Unavailable(_) => SourceOutcome::Unavailable,
             SourceError::CircuitOpen => SourceOutcome::CircuitOpen,
             SourceError::Connect(_)

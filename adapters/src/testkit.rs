@@ -422,6 +422,7 @@ fn variant(error: &SourceError) -> &'static str {
         SourceError::InvalidResponse(_) => "InvalidResponse",
         SourceError::TooLarge(_) => "TooLarge",
         SourceError::Refused(_) => "Refused",
+        SourceError::WrongPatient(_) => "WrongPatient",
         SourceError::Unavailable(_) => "Unavailable",
         SourceError::CircuitOpen => "CircuitOpen",
         SourceError::Other(_) => "Other",

@@ -407,6 +407,7 @@ impl Broker {
             withheld: view.withheld,
             assembled_at: carerecord_adapters::calendar::rfc3339(merged.assembled_at),
             locators: merged.locators.clone(),
+            section_statuses: Vec::new(),
         })
     }
 

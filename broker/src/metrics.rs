@@ -52,6 +52,8 @@ pub fn outcome_label(outcome: SourceOutcome) -> &'static str {
         SourceOutcome::Unavailable => "unavailable",
         SourceOutcome::CircuitOpen => "circuit_open",
         SourceOutcome::Refused => "refused",
+        SourceOutcome::Partial => "partial",
+        SourceOutcome::WrongPatient => "wrong_patient",
         SourceOutcome::Unspecified => "unspecified",
     }
 }

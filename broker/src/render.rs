@@ -30,6 +30,8 @@ pub fn outcome_label(outcome: i32) -> &'static str {
         Ok(SourceOutcome::Unavailable) => "UNAVAILABLE",
         Ok(SourceOutcome::CircuitOpen) => "CIRCUIT_OPEN",
         Ok(SourceOutcome::Refused) => "REFUSED",
+        Ok(SourceOutcome::Partial) => "PARTIAL",
+        Ok(SourceOutcome::WrongPatient) => "WRONG_PATIENT",
         _ => "UNKNOWN",
     }
 }

@@ -315,6 +315,7 @@ fn penicillin(id: &str, effective: &str) -> Entry {
             criticality: "high".into(),
             reactions: vec!["Anaphylaxis".into()],
             allergy_type: "allergy".into(),
+            ..AllergyDetail::default()
         })),
     )
 }
@@ -328,6 +329,7 @@ fn metformin(id: &str) -> Entry {
         Some(entry::Detail::Medication(MedicationDetail {
             dosage: "One tablet twice a day".into(),
             kind: "statement".into(),
+            ..MedicationDetail::default()
         })),
     )
 }

@@ -169,6 +169,7 @@ fn parse_export(text: &str, request: &SourceRequest) -> Result<SourceReply, Sour
         record,
         warnings,
         nested: Vec::new(),
+        ..SourceRecord::default()
     }))
 }
 
@@ -225,6 +226,7 @@ fn row_to_entry(fields: &[String]) -> Result<(Section, Entry), &'static str> {
                 dosage: dose.clone(),
                 // The MAR records what the home gives: a statement that the resident takes it.
                 kind: "statement".into(),
+                ..MedicationDetail::default()
             }),
         ),
         _ => (

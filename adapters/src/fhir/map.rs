@@ -362,6 +362,7 @@ fn allergy(r: &Resource) -> Result<Entry, Malformed> {
             criticality,
             reactions,
             allergy_type,
+            ..AllergyDetail::default()
         })),
         ..Entry::default()
     })
@@ -416,6 +417,7 @@ fn medication(
         detail: Some(Detail::Medication(MedicationDetail {
             dosage,
             kind: detail_kind.to_owned(),
+            ..MedicationDetail::default()
         })),
         ..Entry::default()
     })

@@ -94,6 +94,7 @@ impl<'a> Lookup<'a> {
             record,
             warnings,
             nested: Vec::new(),
+            ..SourceRecord::default()
         };
         record.stamp_provenance(&self.source.info);
         Ok(SourceReply::Found(record))

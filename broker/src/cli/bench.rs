@@ -2170,6 +2170,7 @@ impl CareRecordService for Minimal {
                     organisation_name: org.name.clone(),
                     source_entry_id: r.id.clone(),
                     last_updated: r.meta.last_updated,
+                    ..Provenance::default()
                 };
                 let key = (
                     section as i32,

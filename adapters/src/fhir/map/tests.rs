@@ -135,6 +135,7 @@ fn uk_core_medication_statement_example_maps() {
         Some(Detail::Medication(MedicationDetail {
             dosage: "500mg three times a day".into(),
             kind: "statement".into(),
+            ..MedicationDetail::default()
         }))
     );
 }
