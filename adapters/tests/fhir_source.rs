@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use carerecord_adapters::fhir::{FhirConfig, FhirConfigError, FhirSource, QueryMode};
 use carerecord_adapters::proto::{CareRecord, Purpose, Requester, Section};
 use carerecord_adapters::{
-    NhsNumber, SectionSet, Source, SourceError, SourceInfo, SourceRecord, SourceReply,
+    NhsNumber, SectionSet, Shortfall, Source, SourceError, SourceInfo, SourceRecord, SourceReply,
     SourceRequest,
 };
 use serde_json::{Value, json};
@@ -365,6 +365,8 @@ fn standard_resources() -> Vec<Value> {
         json!({"resourceType": "DiagnosticReport", "id": "dr1", "subject": subject, "status": "final", "code": snomed("399208008", "Chest X-ray"),
                "conclusion": "No acute abnormality"}),
         json!({"resourceType": "CarePlan", "id": "cp1", "subject": subject, "status": "active", "title": "Diabetes care plan"}),
+        json!({"resourceType": "Composition", "id": "comp1", "subject": subject, "status": "final", "type": snomed("373942005", "Discharge summary"),
+               "title": "Discharge summary", "date": "2024-02-03T12:00:00Z"}),
         json!({"resourceType": "DocumentReference", "id": "d1", "subject": subject, "status": "current", "type": snomed("373942005", "Discharge summary"),
                "date": "2024-02-03T12:00:00Z"}),
         json!({"resourceType": "Encounter", "id": "e1", "subject": subject, "status": "finished",
@@ -472,7 +474,7 @@ async fn search_mode_reads_every_section_across_pages() {
     assert_eq!(ids["medications"], ["mr1", "ms1"]);
     assert_eq!(ids["test_results"], ["dr1", "o1", "o2"]);
     assert_eq!(ids["care_plans"], ["cp1"]);
-    assert_eq!(ids["documents"], ["d1"]);
+    assert_eq!(ids["documents"], ["comp1", "d1"]);
     assert_eq!(ids["encounters"], ["e1"]);
     assert_eq!(ids["appointments"], ["ap1"], "future appointments only");
 
@@ -532,7 +534,15 @@ async fn search_everything_and_batch_give_the_same_record() {
     );
     assert!(everything.warnings.is_empty(), "{:?}", everything.warnings);
     assert!(batch.warnings.is_empty(), "{:?}", batch.warnings);
-    assert_eq!(search.record.entry_count(), 15);
+    assert_eq!(search.record.entry_count(), 16);
+    assert!(
+        search
+            .record
+            .documents
+            .iter()
+            .any(|d| d.provenance[0].source_entry_id == "comp1"),
+        "search asks for Compositions too, as $everything returns them"
+    );
     assert_eq!(sorted(everything.record), sorted(search.record.clone()));
     assert_eq!(sorted(batch.record), sorted(search.record));
 
@@ -588,6 +598,8 @@ async fn unknown_patient_is_not_found_not_an_error() {
 
 #[tokio::test]
 async fn a_server_ignoring_the_identifier_search_does_not_yield_someone_else() {
+    // Only someone else comes back: that is an answer about another patient, not "not found"
+    // (which a clinician would believe).
     let (_fhir, base) = serve(Fhir {
         patients: vec![patient("other", "9434765919")],
         ignore_identifier: true,
@@ -595,7 +607,22 @@ async fn a_server_ignoring_the_identifier_search_does_not_yield_someone_else() {
     })
     .await;
     let reply = source(&base, |_| {}).fetch(&request(WITHIN)).await;
-    assert!(matches!(reply, Ok(SourceReply::NotFound)), "{reply:?}");
+    assert!(
+        matches!(reply, Err(SourceError::WrongPatient(_))),
+        "{reply:?}"
+    );
+
+    // Ours among others: ours is used, the others are rejected and reported.
+    let (_fhir, base) = serve(Fhir {
+        patients: vec![patient("other", "9434765919"), patient("p1", NHS)],
+        ignore_identifier: true,
+        ..Fhir::with_standard_record()
+    })
+    .await;
+    let record = found(source(&base, |_| {}).fetch(&request(WITHIN)).await);
+    assert_eq!(record.record.conditions.len(), 5);
+    assert_eq!(record.wrong_patient.len(), 1, "{:?}", record.wrong_patient);
+    assert!(!record.wrong_patient[0].contains("9434765919"));
 }
 
 #[tokio::test]
@@ -640,21 +667,35 @@ async fn page_limit_stops_paging_with_a_warning() {
         record.warnings,
         vec!["Condition results run past 2 pages; later pages were not read".to_owned()]
     );
+    assert_eq!(
+        record.shortfalls,
+        vec![Shortfall {
+            sections: SectionSet::NONE.with(Section::Conditions),
+            reason: "Condition results run past 2 pages; later pages were not read".into(),
+        }],
+        "the cut is a shortfall: the source is PARTIAL, not complete"
+    );
 }
 
 #[tokio::test]
 async fn malformed_resources_are_warnings_and_the_rest_is_kept() {
     let mut fhir = Fhir::with_standard_record();
     fhir.resources
-        .push(json!({"resourceType": "Condition", "id": "bad1", "code": "not-a-concept"}));
-    fhir.resources
-        .push(json!({"resourceType": "Condition", "id": "bad2", "onsetDateTime": "2020"}));
+        .push(json!({"resourceType": "Condition", "id": "bad1", "subject": {"reference": "Patient/p1"}, "code": "not-a-concept"}));
+    fhir.resources.push(json!({"resourceType": "Condition", "id": "bad2", "subject": {"reference": "Patient/p1"}, "onsetDateTime": "2020"}));
     let (_fhir, base) = serve(fhir).await;
     let record = found(source(&base, |_| {}).fetch(&request(WITHIN)).await);
     assert_eq!(record.record.conditions.len(), 5);
     assert_eq!(
         record.warnings,
         vec!["2 Condition resources could not be read".to_owned()]
+    );
+    assert_eq!(
+        record.shortfalls,
+        vec![Shortfall {
+            sections: SectionSet::NONE.with(Section::Conditions),
+            reason: "2 Condition resources could not be read".into(),
+        }]
     );
 }
 

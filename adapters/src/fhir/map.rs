@@ -9,13 +9,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use carerecord_proto::{
     AllergyDetail, CareRecord, Coding as ProtoCoding, DocumentDetail, EncounterDetail, Entry,
-    MedicationDetail, Patient, Provenance, ResultDetail, Section, entry::Detail,
+    MedicationDetail, Patient, Provenance, ResultDetail, Section, VerificationStatus,
+    entry::Detail,
 };
 
 use super::config::MedicationKinds;
 use super::json::{Field, Malformed};
 use super::model::{CodeOrConcept, CodeableConcept, Coding, Quantity, Reference, Resource};
-use crate::{NhsNumber, SectionSet};
+use crate::{NhsNumber, SectionSet, Shortfall, SourceRecord};
 
 pub(crate) const SNOMED: &str = "http://snomed.info/sct";
 pub(crate) const DMD: &str = "https://dmd.nhs.uk";
@@ -89,9 +90,10 @@ impl Kind {
         }
     }
 
-    /// The resource types searched for in `search` and `batch` mode, for the wanted sections.
-    /// (`Composition` is mapped when a source returns it, but not searched for: few servers
-    /// support searching it, and an unsupported search would fail the whole source.)
+    /// The resource types searched for in `search` and `batch` mode, for the wanted sections:
+    /// every type that is mapped, so a server gives the same record whichever mode reads it
+    /// (`$everything` returns Compositions too). A server that cannot search `Composition`
+    /// costs a shortfall of documents, not the source (see `query`).
     pub(crate) fn searched(sections: SectionSet, medications: MedicationKinds) -> Vec<Kind> {
         let mut kinds = Vec::with_capacity(11);
         for section in sections.iter() {
@@ -108,7 +110,7 @@ impl Kind {
                 }
                 Section::TestResults => kinds.extend([Kind::Observation, Kind::DiagnosticReport]),
                 Section::CarePlans => kinds.push(Kind::CarePlan),
-                Section::Documents => kinds.push(Kind::DocumentReference),
+                Section::Documents => kinds.extend([Kind::DocumentReference, Kind::Composition]),
                 Section::Encounters => kinds.push(Kind::Encounter),
                 Section::Appointments => kinds.push(Kind::Appointment),
                 Section::Unspecified => {}
@@ -128,7 +130,7 @@ pub(crate) struct MapContext {
 }
 
 impl MapContext {
-    fn wants(&self, kind: Kind) -> bool {
+    pub(crate) fn wants(&self, kind: Kind) -> bool {
         self.sections.contains(kind.section())
             && match kind {
                 Kind::MedicationStatement => self.medications.statements(),
@@ -138,14 +140,21 @@ impl MapContext {
     }
 }
 
-/// Entries gathered from one or more pages, and what could not be read.
+/// Entries gathered from a whole answer (every page, every search), and what could not be read.
 #[derive(Debug, Default)]
 pub(crate) struct Collected {
     pub record: CareRecord,
     /// Unreadable resources per resource type name.
     unreadable: BTreeMap<&'static str, u32>,
+    /// Medicines kept although the Medication they name could not be read.
+    unresolved_medications: u32,
     /// Redacted warnings (counts and codes only).
     pub warnings: Vec<String>,
+    /// Where the answer is known to be short (page limits, unsupported searches); unreadable
+    /// resources and unresolved references are added by [`Collected::into_source_record`].
+    pub shortfalls: Vec<Shortfall>,
+    /// Resources about someone else, discarded: type and reason only.
+    pub wrong_patient: Vec<String>,
 }
 
 impl Collected {
@@ -163,12 +172,24 @@ impl Collected {
         for (kind, n) in other.unreadable {
             *self.unreadable.entry(kind).or_default() += n;
         }
-        self.warnings.extend(other.warnings);
+        self.unresolved_medications += other.unresolved_medications;
+        for warning in other.warnings {
+            self.warn(warning);
+        }
+        self.shortfalls.extend(other.shortfalls);
+        self.wrong_patient.extend(other.wrong_patient);
     }
 
     /// Counts a resource that could not be read.
     pub(crate) fn unreadable(&mut self, what: &'static str) {
         *self.unreadable.entry(what).or_default() += 1;
+    }
+
+    /// Adds a warning once.
+    pub(crate) fn warn(&mut self, warning: String) {
+        if !self.warnings.contains(&warning) {
+            self.warnings.push(warning);
+        }
     }
 
     /// How many resources of a type could not be read (for tests and logs).
@@ -180,11 +201,54 @@ impl Collected {
     /// The warnings, with the unreadable counts spelled out.
     pub(crate) fn into_parts(self) -> (CareRecord, Vec<String>) {
         let mut warnings = self.warnings;
-        for (what, n) in self.unreadable {
-            let noun = if n == 1 { "resource" } else { "resources" };
+        for (what, n) in &self.unreadable {
+            let noun = if *n == 1 { "resource" } else { "resources" };
             warnings.push(format!("{n} {what} {noun} could not be read"));
         }
         (self.record, warnings)
+    }
+
+    /// The source's answer: every unreadable resource and unresolved reference is also a
+    /// [`Shortfall`] of its section (`wanted` for resources of unknown type), so the source is
+    /// PARTIAL and the record not complete, never silently short.
+    pub(crate) fn into_source_record(mut self, wanted: SectionSet) -> SourceRecord {
+        let mut shortfalls = std::mem::take(&mut self.shortfalls);
+        for (what, n) in &self.unreadable {
+            let sections = match Kind::from_name(what) {
+                Some(kind) => SectionSet::NONE.with(kind.section()),
+                None => wanted,
+            };
+            let noun = if *n == 1 { "resource" } else { "resources" };
+            shortfalls.push(Shortfall {
+                sections,
+                reason: format!("{n} {what} {noun} could not be read"),
+            });
+        }
+        if self.unresolved_medications > 0 {
+            let n = self.unresolved_medications;
+            let (noun, verb) = if n == 1 {
+                ("medicine's", "was")
+            } else {
+                ("medicines'", "were")
+            };
+            let reason = format!(
+                "{n} {noun} Medication could not be read; {verb} shown by what the prescription says"
+            );
+            self.warnings.push(reason.clone());
+            shortfalls.push(Shortfall {
+                sections: SectionSet::NONE.with(Section::Medications),
+                reason,
+            });
+        }
+        let wrong_patient = std::mem::take(&mut self.wrong_patient);
+        let (record, warnings) = self.into_parts();
+        SourceRecord {
+            record,
+            warnings,
+            shortfalls,
+            wrong_patient,
+            ..SourceRecord::default()
+        }
     }
 
     fn push(&mut self, section: Section, entry: Entry) {
@@ -196,33 +260,146 @@ impl Collected {
 
 /// One resource from a page, with the `fullUrl` it was listed under (for resolving references
 /// to included resources).
+#[derive(Debug)]
 pub(crate) struct PageResource {
     pub full_url: Option<String>,
     pub resource: Box<Resource>,
 }
 
-/// Maps every resource of a wanted type on one page into `out`. Resources of other types are
-/// ignored, except `Medication` resources, which resolve `medicationReference`s on the same page
-/// (`_include`d or `$everything` output).
-pub(crate) fn map_page(resources: &[PageResource], ctx: &MapContext, out: &mut Collected) {
-    let mut medications: Option<HashMap<&str, &Resource>> = None;
-    for item in resources {
-        let resource = &item.resource;
-        let kind = match resource.resource_type.str() {
-            Ok(Some(name)) => match Kind::from_name(name) {
-                Some(kind) => kind,
-                None => continue,
-            },
-            Ok(None) | Err(Malformed) => {
-                out.unreadable("unidentified");
+impl PageResource {
+    /// The resource's mapped type: `Ok(None)` for types the adapter does not map, `Err` when
+    /// it has no readable `resourceType`.
+    pub(crate) fn kind(&self) -> Result<Option<Kind>, Malformed> {
+        match self.resource.resource_type.str() {
+            Ok(Some(name)) => Ok(Kind::from_name(name)),
+            Ok(None) | Err(Malformed) => Err(Malformed),
+        }
+    }
+}
+
+/// The Medications of a whole answer (every page, `_include`d, `$everything` output, and any
+/// read afterwards), by `fullUrl` and by id, for resolving `medicationReference`s.
+pub(crate) struct Medications<'a> {
+    /// The source's base URL: `{base}Medication/{id}` is matched by id.
+    base: &'a str,
+    by_url: HashMap<&'a str, &'a Resource>,
+    by_id: HashMap<&'a str, &'a Resource>,
+}
+
+impl<'a> Medications<'a> {
+    pub(crate) fn new(
+        base: &'a str,
+        resources: impl IntoIterator<Item = &'a PageResource>,
+    ) -> Self {
+        let mut index = Medications {
+            base,
+            by_url: HashMap::new(),
+            by_id: HashMap::new(),
+        };
+        for item in resources {
+            let r = &*item.resource;
+            if r.resource_type.str() != Ok(Some("Medication")) {
                 continue;
             }
+            if let Ok(Some(id)) = r.id.str() {
+                index.by_id.insert(id, r);
+            }
+            if let Some(url) = &item.full_url {
+                index.by_url.insert(without_history(url), r);
+            }
+        }
+        index
+    }
+
+    /// The Medication a (non-contained) reference names, if the answer holds it. Matched by
+    /// `fullUrl`, or by id when the reference is relative or on this source: another server's
+    /// `Medication/123` is not this server's.
+    fn get(&self, reference: &str) -> Option<&'a Resource> {
+        let reference = without_history(reference);
+        if let Some(found) = self.by_url.get(reference) {
+            return Some(found);
+        }
+        let relative = match reference.strip_prefix(self.base) {
+            Some(rest) => rest,
+            None if reference.contains(':') => return None,
+            None => reference,
         };
-        if !ctx.wants(kind) {
+        match relative.split_once('/') {
+            Some(("Medication", id)) => self.by_id.get(id).copied(),
+            _ => None,
+        }
+    }
+}
+
+/// `Medication/1/_history/2` → `Medication/1`.
+pub(crate) fn without_history(reference: &str) -> &str {
+    match reference.find("/_history/") {
+        Some(at) => &reference[..at],
+        None => reference,
+    }
+}
+
+/// The `medicationReference`s of these (accepted) medicine resources that neither a contained
+/// resource nor the answer resolves: each must be read separately, or its medicine is shown
+/// incomplete. Deduplicated, in first-seen order.
+pub(crate) fn unresolved_medication_references<'b>(
+    resources: impl IntoIterator<Item = &'b PageResource>,
+    medications: &Medications<'_>,
+) -> Vec<String> {
+    let mut missing: Vec<String> = Vec::new();
+    for item in resources {
+        let r = &item.resource;
+        if !matches!(
+            r.resource_type.str(),
+            Ok(Some("MedicationRequest" | "MedicationStatement"))
+        ) || matches!(r.medication_codeable_concept, Field::Valid(_))
+        {
             continue;
         }
-        let index = medications.get_or_insert_with(|| medication_index(resources));
-        match map_resource(kind, resource, ctx, index) {
+        let Some(reference) = r
+            .medication_reference
+            .ok()
+            .and_then(|m| m.reference.ok())
+            .map(String::as_str)
+        else {
+            continue;
+        };
+        if reference.starts_with('#') || medications.get(reference).is_some() {
+            continue;
+        }
+        let reference = without_history(reference);
+        if !missing.iter().any(|m| m == reference) {
+            missing.push(reference.to_owned());
+        }
+    }
+    missing
+}
+
+/// Maps every page resource of a wanted type (tests: no identity check, no follow-up reads).
+#[cfg(test)]
+pub(crate) fn map_page(resources: &[PageResource], ctx: &MapContext, out: &mut Collected) {
+    let medications = Medications::new("https://fhir.example/", resources);
+    let mut wanted = Vec::new();
+    for item in resources {
+        match item.kind() {
+            Ok(Some(kind)) if ctx.wants(kind) => wanted.push((kind, item)),
+            Ok(_) => {}
+            Err(Malformed) => out.unreadable("unidentified"),
+        }
+    }
+    map_resources(&wanted, &medications, ctx, out);
+}
+
+/// Maps resources that passed the identity check into `out`. A resource that cannot be read
+/// is counted, never costing its siblings.
+pub(crate) fn map_resources(
+    resources: &[(Kind, &PageResource)],
+    medications: &Medications<'_>,
+    ctx: &MapContext,
+    out: &mut Collected,
+) {
+    for (kind, item) in resources {
+        match map_resource(*kind, &item.resource, ctx, medications, out) {
             Ok(Some(entry)) => out.push(kind.section(), entry),
             Ok(None) => {}
             Err(Malformed) => out.unreadable(kind.name()),
@@ -230,37 +407,16 @@ pub(crate) fn map_page(resources: &[PageResource], ctx: &MapContext, out: &mut C
     }
 }
 
-fn medication_index(resources: &[PageResource]) -> HashMap<&str, &Resource> {
-    let mut index = HashMap::new();
-    for item in resources {
-        let r = &item.resource;
-        if r.resource_type.str() != Ok(Some("Medication")) {
-            continue;
-        }
-        if let Ok(Some(id)) = r.id.str() {
-            // Keyed by the id alone: `Medication/{id}` references are matched on their last part.
-            index.insert(id, &**r);
-        }
-        if let Some(url) = &item.full_url {
-            index.insert(url.as_str(), &**r);
-        }
-    }
-    index
-}
-
-/// One resource to one entry: `Ok(None)` when the source says the resource is void
-/// (entered in error) or it falls outside what was asked (a past appointment).
+/// One resource to one entry: `Ok(None)` when it falls outside what was asked (a past
+/// appointment) or says the source does not know (IPS "no ... info": a warning, not an entry).
+/// Entered-in-error and refuted resources are carried, marked: the merge decides what is current.
 fn map_resource(
     kind: Kind,
     r: &Resource,
     ctx: &MapContext,
-    medications: &HashMap<&str, &Resource>,
+    medications: &Medications<'_>,
+    out: &mut Collected,
 ) -> Result<Option<Entry>, Malformed> {
-    if r.status.str()? == Some("entered-in-error")
-        || code_of(&r.verification_status)? == Some("entered-in-error")
-    {
-        return Ok(None);
-    }
     let mut entry = match kind {
         Kind::Condition => condition(r)?,
         Kind::AllergyIntolerance => allergy(r)?,
@@ -280,6 +436,31 @@ fn map_resource(
             entry
         }
     };
+    if entry.codings.is_empty() {
+        entry.codings = all_codings(entry.concept.as_ref(), concepts_of(kind, r)?)?;
+    }
+    entry.verification_status = verification(r)? as i32;
+    if matches!(
+        kind,
+        Kind::Condition
+            | Kind::AllergyIntolerance
+            | Kind::MedicationStatement
+            | Kind::MedicationRequest
+    ) {
+        match absence(&entry.codings) {
+            Absence::None => {}
+            Absence::Asserted => entry.asserts_absence = true,
+            Absence::Unknown(what) => {
+                out.warn(format!(
+                    "the source says it has no information about {what} (not shown as an entry)"
+                ));
+                return Ok(None);
+            }
+        }
+    }
+    if entry.incomplete {
+        out.unresolved_medications += 1;
+    }
     let meta = r.meta.get()?;
     entry.provenance.push(Provenance {
         source_entry_id: owned(r.id.str()?),
@@ -287,13 +468,154 @@ fn map_resource(
         ..Provenance::default()
     });
     if let Some(meta) = meta {
-        entry.security_labels = meta
+        let mut labels = meta
             .security
             .items()?
             .map(plain_coding)
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        // Labels of a referenced Medication (set by `medication`) are kept after the entry's own.
+        labels.append(&mut entry.security_labels);
+        entry.security_labels = labels;
     }
     Ok(Some(entry))
+}
+
+/// The CodeableConcepts an entry's concept was chosen from, per type: every coding of them
+/// goes into `Entry.codings` (medicines fill theirs themselves).
+fn concepts_of(kind: Kind, r: &Resource) -> Result<Vec<&CodeableConcept>, Malformed> {
+    let mut ccs = Vec::new();
+    match kind {
+        Kind::Condition | Kind::AllergyIntolerance | Kind::Observation | Kind::DiagnosticReport => {
+            ccs.extend(r.code.get()?)
+        }
+        Kind::MedicationStatement | Kind::MedicationRequest => {}
+        Kind::CarePlan => ccs.extend(codes_concepts(&r.category)?),
+        Kind::DocumentReference | Kind::Composition | Kind::Encounter => {
+            ccs.extend(codes_concepts(&r.type_)?)
+        }
+        Kind::Appointment => {
+            ccs.extend(r.service_type.items()?);
+            ccs.extend(r.appointment_type.get()?);
+        }
+    }
+    Ok(ccs)
+}
+
+/// The CodeableConcepts of a `type`/`category` field (codes alone carry no coding).
+fn codes_concepts(field: &Field<super::model::Codes>) -> Result<Vec<&CodeableConcept>, Malformed> {
+    let Some(codes) = field.get()? else {
+        return Ok(Vec::new());
+    };
+    Ok(codes
+        .0
+        .iter()
+        .filter_map(|item| match item {
+            Field::Valid(CodeOrConcept::Concept(cc)) => Some(cc),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Every coding of the concept: the chosen one first, then the others in the source's order,
+/// each once. Access policy judges sensitivity on all of them.
+fn all_codings(
+    chosen: Option<&ProtoCoding>,
+    ccs: Vec<&CodeableConcept>,
+) -> Result<Vec<ProtoCoding>, Malformed> {
+    let mut codings: Vec<ProtoCoding> = Vec::new();
+    if let Some(c) = chosen
+        && !c.code.is_empty()
+    {
+        codings.push(c.clone());
+    }
+    for cc in ccs {
+        for coding in cc.coding.items()? {
+            let coding = plain_coding(coding)?;
+            if coding.code.is_empty() && coding.system.is_empty() {
+                continue;
+            }
+            if !codings
+                .iter()
+                .any(|c| c.system == coding.system && c.code == coding.code)
+            {
+                codings.push(coding);
+            }
+        }
+    }
+    Ok(codings)
+}
+
+/// The International Patient Summary's codes for known-absent and unknown data.
+const IPS_ABSENT_UNKNOWN: &str = "http://hl7.org/fhir/uv/ips/CodeSystem/absent-unknown-uv-ips";
+
+/// SNOMED CT situations that assert an absence ("no known ..."): not findings. 716186003 No
+/// known allergy and its children 409137002 No known drug allergy, 428607008 No known
+/// environmental allergy, 429625007 No known food allergy, 428197003 No known insect allergy,
+/// 716184000 No known latex allergy; and 160245001 No current problems or disability.
+const SNOMED_NO_KNOWN: &[&str] = &[
+    "716186003",
+    "409137002",
+    "428607008",
+    "429625007",
+    "428197003",
+    "716184000",
+    "160245001",
+];
+
+enum Absence {
+    None,
+    /// "None known": an assertion the merge sets against findings from elsewhere.
+    Asserted,
+    /// "Not known" (IPS no-*-info): not an entry at all; the text names the topic.
+    Unknown(&'static str),
+}
+
+fn absence(codings: &[ProtoCoding]) -> Absence {
+    for c in codings {
+        if c.system == SNOMED && SNOMED_NO_KNOWN.contains(&c.code.as_str()) {
+            return Absence::Asserted;
+        }
+        if c.system == IPS_ABSENT_UNKNOWN {
+            match c.code.as_str() {
+                "no-known-allergies"
+                | "no-known-medication-allergies"
+                | "no-known-environmental-allergies"
+                | "no-known-food-allergies"
+                | "no-known-medications"
+                | "no-known-problems" => return Absence::Asserted,
+                "no-allergy-info" => return Absence::Unknown("allergies"),
+                "no-medication-info" => return Absence::Unknown("medicines"),
+                "no-problem-info" => return Absence::Unknown("problems"),
+                _ => {}
+            }
+        }
+    }
+    Absence::None
+}
+
+/// How certain the source is: `verificationStatus` (conditions, allergies), or a status of
+/// `entered-in-error` on any resource.
+fn verification(r: &Resource) -> Result<VerificationStatus, Malformed> {
+    if r.status.str()? == Some("entered-in-error") {
+        return Ok(VerificationStatus::EnteredInError);
+    }
+    let Some(cc) = r.verification_status.get()? else {
+        return Ok(VerificationStatus::Unspecified);
+    };
+    for coding in cc.coding.items()? {
+        let status = match coding.code.str()? {
+            Some("confirmed") => VerificationStatus::Confirmed,
+            // R5's "presumed" is a kind of unconfirmed.
+            Some("unconfirmed" | "presumed") => VerificationStatus::Unconfirmed,
+            Some("provisional") => VerificationStatus::Provisional,
+            Some("differential") => VerificationStatus::Differential,
+            Some("refuted") => VerificationStatus::Refuted,
+            Some("entered-in-error") => VerificationStatus::EnteredInError,
+            _ => continue,
+        };
+        return Ok(status);
+    }
+    Ok(VerificationStatus::Unspecified)
 }
 
 fn condition(r: &Resource) -> Result<Entry, Malformed> {
@@ -330,6 +652,20 @@ fn allergy(r: &Resource) -> Result<Entry, Malformed> {
         }
     }
     let criticality = owned(r.criticality.str()?);
+    // The most severe reaction: an unknown severity code is ignored rather than guessed.
+    let severity = r
+        .reaction
+        .items()?
+        .filter_map(|reaction| reaction.severity.ok())
+        .filter_map(|s| {
+            ["mild", "moderate", "severe"]
+                .iter()
+                .position(|known| known == s)
+        })
+        .max()
+        .and_then(|i| ["mild", "moderate", "severe"].get(i))
+        .map(|s| (*s).to_owned())
+        .unwrap_or_default();
     let allergy_type = match r.type_.get()? {
         Some(codes) => match codes.0.first() {
             Some(Field::Valid(CodeOrConcept::Code(code))) => code.clone(),
@@ -362,18 +698,14 @@ fn allergy(r: &Resource) -> Result<Entry, Malformed> {
             criticality,
             reactions,
             allergy_type,
-            ..AllergyDetail::default()
+            severity,
         })),
         ..Entry::default()
     })
 }
 
-fn medication(
-    kind: Kind,
-    r: &Resource,
-    medications: &HashMap<&str, &Resource>,
-) -> Result<Entry, Malformed> {
-    let concept = medication_concept(r, medications)?.ok_or(Malformed)?;
+fn medication(kind: Kind, r: &Resource, medications: &Medications<'_>) -> Result<Entry, Malformed> {
+    let named = medication_concept(r, medications)?;
     let dosages = if kind == Kind::MedicationStatement {
         &r.dosage
     } else {
@@ -388,12 +720,16 @@ fn medication(
             dosage.push_str(text);
         }
     }
-    let mut summary = concept.display.clone();
+    let name = match &named.concept {
+        Some(c) if !c.display.is_empty() => c.display.clone(),
+        _ => "Medicine not named (its Medication could not be read)".to_owned(),
+    };
+    let mut summary = name;
     if !dosage.is_empty() {
         summary.push_str(" — ");
         summary.push_str(&dosage);
     }
-    let (effective, ended, recorded, detail_kind) = if kind == Kind::MedicationStatement {
+    let (effective, ended, recorded, detail_kind, intent) = if kind == Kind::MedicationStatement {
         (
             first_date(&[
                 date(Some(&r.effective_date_time))?,
@@ -402,39 +738,62 @@ fn medication(
             period_end(&r.effective_period)?,
             date(Some(&r.date_asserted))?,
             "statement",
+            String::new(),
         )
     } else {
         let authored = date(Some(&r.authored_on))?;
-        (authored, None, authored, "request")
+        (authored, None, authored, "request", owned(r.intent.str()?))
     };
     Ok(Entry {
         summary: shorten(&summary),
-        concept: Some(concept),
+        codings: all_codings(named.concept.as_ref(), named.codings)?,
+        concept: named.concept,
         status: status(r)?,
         effective: owned(effective),
         ended: owned(ended),
         recorded: owned(recorded),
+        security_labels: named.labels,
+        incomplete: named.missing.is_some(),
+        incomplete_reason: named.missing.unwrap_or_default().to_owned(),
         detail: Some(Detail::Medication(MedicationDetail {
             dosage,
             kind: detail_kind.to_owned(),
+            intent,
             ..MedicationDetail::default()
         })),
         ..Entry::default()
     })
 }
 
-/// The medicine: coded inline, or a reference to a contained or included `Medication`, or at
-/// least the reference's display text.
-fn medication_concept(
-    r: &Resource,
-    medications: &HashMap<&str, &Resource>,
-) -> Result<Option<ProtoCoding>, Malformed> {
+/// What a medicine resource says the medicine is.
+struct NamedMedicine<'a> {
+    concept: Option<ProtoCoding>,
+    /// The concepts every coding is taken from.
+    codings: Vec<&'a CodeableConcept>,
+    /// A referenced Medication's own security labels.
+    labels: Vec<ProtoCoding>,
+    /// Why the medicine is not fully known, if it is not.
+    missing: Option<&'static str>,
+}
+
+/// The medicine: coded inline, or a reference to a contained Medication or one elsewhere in the
+/// answer (any page, `_include`d, `$everything` output, or read afterwards). A reference that
+/// resolves nowhere still yields the entry, by the reference's display text, marked incomplete:
+/// dropping a prescription is data loss. `Err` only when there is neither a concept nor a
+/// reference.
+fn medication_concept<'a>(
+    r: &'a Resource,
+    medications: &Medications<'a>,
+) -> Result<NamedMedicine<'a>, Malformed> {
     if let Some(code) = r.medication_codeable_concept.get()? {
-        return concept(code);
+        return Ok(NamedMedicine {
+            concept: Some(concept(code)?.ok_or(Malformed)?),
+            codings: vec![code],
+            labels: Vec::new(),
+            missing: None,
+        });
     }
-    let Some(reference) = r.medication_reference.get()? else {
-        return Ok(None);
-    };
+    let reference = r.medication_reference.get()?.ok_or(Malformed)?;
     let target = reference.reference.str()?;
     let resolved = match target {
         Some(local) if local.starts_with('#') => {
@@ -450,22 +809,45 @@ fn medication_concept(
             }
             found
         }
-        Some(other) => medications
-            .get(other)
-            .or_else(|| medications.get(other.rsplit('/').next().unwrap_or(other)))
-            .copied(),
+        Some(other) => medications.get(other),
         None => None,
     };
-    if let Some(medication) = resolved
-        && let Some(code) = medication.code.get()?
-        && let Some(coding) = concept(code)?
-    {
-        return Ok(Some(coding));
-    }
-    Ok(reference.display.str()?.map(|display| ProtoCoding {
+    let display = reference.display.str()?.map(|display| ProtoCoding {
         display: display.to_owned(),
         ..ProtoCoding::default()
-    }))
+    });
+    let Some(medication) = resolved else {
+        return Ok(NamedMedicine {
+            concept: display,
+            codings: Vec::new(),
+            labels: Vec::new(),
+            missing: Some("the Medication it names could not be read from the source"),
+        });
+    };
+    let labels = match medication.meta.get()? {
+        Some(meta) => meta
+            .security
+            .items()?
+            .map(plain_coding)
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    if let Some(code) = medication.code.get()?
+        && let Some(coding) = concept(code)?
+    {
+        return Ok(NamedMedicine {
+            concept: Some(coding),
+            codings: vec![code],
+            labels,
+            missing: None,
+        });
+    }
+    Ok(NamedMedicine {
+        concept: display,
+        codings: Vec::new(),
+        labels,
+        missing: Some("the Medication it names has no code"),
+    })
 }
 
 fn observation(r: &Resource) -> Result<Entry, Malformed> {

@@ -6,12 +6,18 @@
 //! A resource it cannot read costs a warning, not the source's answer.
 //!
 //! Code map: `config` (settings, config errors), `client` (HTTP, TLS, limits, redaction),
-//! `query` (the lookup flows), `bundle` (Bundles, paging, OperationOutcome), `model` and `json`
-//! (lenient single-pass parsing), `map` (resources to entries).
+//! `query` (the lookup flows), `bundle` (Bundles, paging, OperationOutcome), `identity` (every
+//! resource is about the patient matched by NHS number), `model` and `json` (lenient single-pass
+//! parsing), `map` (resources to entries).
+//!
+//! A lookup gathers the whole answer (every page of every search) before mapping anything, so a
+//! reference is resolved wherever in the answer its target is, and every resource passes the
+//! identity check whichever query mode brought it.
 
 mod bundle;
 mod client;
 mod config;
+mod identity;
 mod json;
 mod locator;
 mod map;

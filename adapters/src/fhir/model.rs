@@ -35,6 +35,10 @@ pub(crate) struct Resource {
     pub general_practitioner: List<Reference>,
 
     // Shared by the clinical resources
+    /// Whose record the resource is in (`subject` of most types; `patient` of
+    /// AllergyIntolerance): checked against the matched Patient before anything is mapped.
+    pub subject: Field<Reference>,
+    pub patient: Field<Reference>,
     pub status: Field<String>,
     pub clinical_status: Field<CodeableConcept>,
     pub verification_status: Field<CodeableConcept>,
@@ -66,6 +70,7 @@ pub(crate) struct Resource {
     pub effective_instant: Field<String>,
     pub date_asserted: Field<String>,
     pub authored_on: Field<String>,
+    pub intent: Field<String>,
     pub dosage: List<Dosage>,
     pub dosage_instruction: List<Dosage>,
 
@@ -176,6 +181,10 @@ pub(crate) struct Period {
 #[serde(default)]
 pub(crate) struct Reference {
     pub reference: Field<String>,
+    /// The target's resource type, when the reference states it (`urn:uuid:` references
+    /// carry no type in their text).
+    #[serde(rename = "type")]
+    pub type_: Field<String>,
     pub display: Field<String>,
     pub identifier: Field<Identifier>,
 }

@@ -4,24 +4,45 @@
 //! Searches run concurrently as plain futures in this task (no spawned tasks), so when the broker
 //! drops the lookup at its deadline every request in flight is dropped with it.
 
+use std::time::Duration;
+
+use futures::StreamExt;
 use futures::future::try_join_all;
 use reqwest::Url;
 use reqwest::header::HeaderMap;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::FhirSource;
 use super::bundle::{read_batch_response, read_page};
 use super::client::insert;
 use super::config::QueryMode;
-use super::map::{self, Collected, Kind, MapContext, NHS_NUMBER_SYSTEM};
+use super::identity::{Identity, Rejected};
+use super::json::Malformed;
+use super::map::{
+    self, Collected, Kind, MapContext, Medications, NHS_NUMBER_SYSTEM, PageResource,
+    without_history,
+};
 use super::model::Resource;
-use crate::{NhsNumber, SourceError, SourceRecord, SourceReply, SourceRequest};
+use crate::{NhsNumber, SectionSet, Shortfall, SourceError, SourceReply, SourceRequest};
+
+/// Most Medications read one by one after the answer, per lookup: a server that names
+/// thousands of medicines it does not return cannot turn one lookup into thousands of requests.
+/// Medicines beyond it are shown incomplete.
+const MAX_FOLLOW_UP_READS: usize = 32;
+/// Follow-up reads in flight at once (the source's own request limit applies as well).
+const FOLLOW_UP_CONCURRENCY: usize = 4;
+/// Time kept back from the deadline when follow-up reads run: the answer gathered so far must
+/// still be mapped and returned, not lost to a timeout because one Medication was slow.
+const FOLLOW_UP_HEADROOM: Duration = Duration::from_millis(100);
 
 pub(crate) struct Lookup<'a> {
     source: &'a FhirSource,
     /// Requester and request id headers, sent on every request of the lookup.
     headers: HeaderMap,
     ctx: MapContext,
+    /// The caller's deadline: follow-up reads stop short of it.
+    deadline: Instant,
 }
 
 impl<'a> Lookup<'a> {
@@ -49,14 +70,22 @@ impl<'a> Lookup<'a> {
                 medications: source.medications,
                 today: map::today_utc(),
             },
+            deadline: request.deadline,
         }
     }
 
     pub(crate) async fn run(&self, nhs_number: &NhsNumber) -> Result<SourceReply, SourceError> {
         let mut out = Collected::default();
-        let Some((patient_id, patient)) = self.find_patient(nhs_number, &mut out).await? else {
+        let mut identity = Identity::new(*nhs_number, self.source.http.base());
+        let Some((patient_id, patient)) = self
+            .find_patient(nhs_number, &mut identity, &mut out)
+            .await?
+        else {
             return Ok(SourceReply::NotFound);
         };
+        // The whole answer first, mapped once at the end: a reference may be resolved by any
+        // page, and the same checks run whichever mode brought a resource.
+        let mut answer: Vec<PageResource> = Vec::new();
         match self.source.mode {
             QueryMode::Search => {
                 let searches = Kind::searched(self.ctx.sections, self.ctx.medications)
@@ -65,13 +94,25 @@ impl<'a> Lookup<'a> {
                         let url = self.search_url(kind, &patient_id);
                         async move {
                             let mut found = Collected::default();
-                            let first = self.source.http.get(url, &self.headers).await?;
-                            self.read_pages(first, kind.name(), &mut found).await?;
-                            Ok::<_, SourceError>(found)
+                            let mut resources = Vec::new();
+                            match self.source.http.get(url, &self.headers).await {
+                                Ok(first) => {
+                                    self.read_pages(first, kind, &mut found, &mut resources)
+                                        .await?;
+                                }
+                                Err(SourceError::Status(status))
+                                    if kind == Kind::Composition && unsupported(status) =>
+                                {
+                                    found.shortfalls.push(composition_unsupported(status));
+                                }
+                                Err(error) => return Err(error),
+                            }
+                            Ok::<_, SourceError>((found, resources))
                         }
                     });
-                for found in try_join_all(searches).await? {
+                for (found, resources) in try_join_all(searches).await? {
                     out.absorb(found);
+                    answer.extend(resources);
                 }
             }
             QueryMode::Everything => {
@@ -84,26 +125,70 @@ impl<'a> Lookup<'a> {
                 url.query_pairs_mut()
                     .append_pair("_count", &self.source.page_size);
                 let first = self.source.http.get(url, &self.headers).await?;
-                self.read_pages(first, "$everything", &mut out).await?;
+                self.read_everything(first, &mut out, &mut answer).await?;
             }
-            QueryMode::Batch => self.batch(&patient_id, &mut out).await?,
+            QueryMode::Batch => self.batch(&patient_id, &mut out, &mut answer).await?,
         }
-        let (mut record, warnings) = out.into_parts();
-        record.patient = Some(patient);
-        let mut record = SourceRecord {
-            record,
-            warnings,
-            nested: Vec::new(),
-            ..SourceRecord::default()
-        };
+        let accepted = self.accept(&mut identity, &answer, &mut out)?;
+        let base = self.source.http.base().as_str();
+        let missing = map::unresolved_medication_references(
+            accepted.iter().map(|(_, item)| *item),
+            &Medications::new(base, &answer),
+        );
+        let fetched = self.read_medications(missing).await;
+        let medications = Medications::new(base, answer.iter().chain(&fetched));
+        map::map_resources(&accepted, &medications, &self.ctx, &mut out);
+        let mut record = out.into_source_record(self.ctx.sections);
+        record.record.patient = Some(patient);
         record.stamp_provenance(&self.source.info);
         Ok(SourceReply::Found(record))
     }
 
+    /// The resources of wanted types that are about the matched patient. Patients in the answer
+    /// are checked first (a `$everything` about someone else fails the whole answer); every
+    /// other resource about someone else is described in `wrong_patient` and never mapped.
+    fn accept<'r>(
+        &self,
+        identity: &mut Identity,
+        answer: &'r [PageResource],
+        out: &mut Collected,
+    ) -> Result<Vec<(Kind, &'r PageResource)>, SourceError> {
+        identity.check_patients(answer, &mut out.wrong_patient)?;
+        let mut accepted = Vec::with_capacity(answer.len());
+        for item in answer {
+            let kind = match item.kind() {
+                Ok(Some(kind)) if self.ctx.wants(kind) => kind,
+                Ok(_) => continue,
+                Err(Malformed) => {
+                    out.unreadable("unidentified");
+                    continue;
+                }
+            };
+            match identity.check(kind, &item.resource) {
+                Ok(()) => accepted.push((kind, item)),
+                Err(Rejected::WrongPatient(reason)) => {
+                    out.wrong_patient.push(format!("{}: {reason}", kind.name()));
+                }
+                Err(Rejected::Malformed) => out.unreadable(kind.name()),
+            }
+        }
+        if !out.wrong_patient.is_empty() {
+            debug!(
+                rejected = out.wrong_patient.len(),
+                "fhir answer held resources about another patient"
+            );
+        }
+        Ok(accepted)
+    }
+
     /// The patient's server id and demographics, or `None` when the server does not know them.
+    /// Every Patient the search returns is checked: those carrying the NHS number are accepted
+    /// (resources may refer to any of them), the others rejected; a search that returns only
+    /// other people is answering about someone else, not "not found".
     async fn find_patient(
         &self,
         nhs_number: &NhsNumber,
+        identity: &mut Identity,
         out: &mut Collected,
     ) -> Result<Option<(String, carerecord_proto::Patient)>, SourceError> {
         let mut url = self.resource_url("Patient");
@@ -113,10 +198,29 @@ impl<'a> Lookup<'a> {
         );
         let bundle = self.source.http.get(url, &self.headers).await?;
         let page = read_page(bundle, out)?;
-        let mut candidates = page.resources.into_iter().filter(|r| {
-            r.resource.resource_type.str() == Ok(Some("Patient"))
-                && map::patient_has_nhs_number(&r.resource, nhs_number)
-        });
+        let mut candidates = Vec::new();
+        for item in page.resources {
+            if item.resource.resource_type.str() != Ok(Some("Patient")) {
+                continue;
+            }
+            if identity.add_patient(&item.resource, item.full_url.as_deref())? {
+                candidates.push(item);
+            } else {
+                out.wrong_patient.push(
+                    "Patient: the patient search returned someone without the requested NHS number"
+                        .into(),
+                );
+            }
+        }
+        if candidates.is_empty() {
+            if identity.has_patient() || out.wrong_patient.is_empty() {
+                return Ok(None);
+            }
+            return Err(SourceError::WrongPatient(
+                "its patient search returned only Patients without the requested NHS number".into(),
+            ));
+        }
+        let mut candidates = candidates.into_iter();
         let Some(first) = candidates.next() else {
             return Ok(None);
         };
@@ -166,25 +270,53 @@ impl<'a> Lookup<'a> {
         Ok(Some((id, patient)))
     }
 
-    /// Maps `first` and every page after it (following `next` links, at most `page_limit`
-    /// pages in all) into `out`.
+    /// Gathers one search's first page and every page after it (following `next` links, at
+    /// most `page_limit` pages in all) into `resources`.
     async fn read_pages(
         &self,
         first: Resource,
-        what: &str,
+        kind: Kind,
         out: &mut Collected,
+        resources: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
+        let sections = SectionSet::NONE.with(kind.section());
+        self.gather(first, kind.name(), sections, out, resources)
+            .await
+    }
+
+    /// Gathers a `$everything` answer, every page of it.
+    async fn read_everything(
+        &self,
+        first: Resource,
+        out: &mut Collected,
+        resources: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
+        self.gather(first, "$everything", self.ctx.sections, out, resources)
+            .await
+    }
+
+    /// A search cut at the page limit is a shortfall of the sections it feeds, not a silent cut.
+    async fn gather(
+        &self,
+        first: Resource,
+        what: &str,
+        sections: SectionSet,
+        out: &mut Collected,
+        resources: &mut Vec<PageResource>,
     ) -> Result<(), SourceError> {
         let mut bundle = first;
         let mut pages = 1;
         loop {
             let page = read_page(bundle, out)?;
-            map::map_page(&page.resources, &self.ctx, out);
+            resources.extend(page.resources);
             let Some(next) = page.next else { break };
             if pages >= self.source.page_limit {
-                out.warnings.push(format!(
+                let reason = format!(
                     "{what} results run past {} pages; later pages were not read",
                     self.source.page_limit
-                ));
+                );
+                out.warn(reason.clone());
+                out.shortfalls.push(Shortfall { sections, reason });
                 break;
             }
             let url = self.source.http.resolve_link(&next)?;
@@ -197,7 +329,12 @@ impl<'a> Lookup<'a> {
 
     /// Every search in one `batch` Bundle; each answer is a searchset whose later pages are
     /// fetched with plain GETs.
-    async fn batch(&self, patient_id: &str, out: &mut Collected) -> Result<(), SourceError> {
+    async fn batch(
+        &self,
+        patient_id: &str,
+        out: &mut Collected,
+        answer: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
         let kinds = Kind::searched(self.ctx.sections, self.ctx.medications);
         let base = self.source.http.base().as_str();
         let entries: Vec<serde_json::Value> = kinds
@@ -225,20 +362,101 @@ impl<'a> Lookup<'a> {
             .iter()
             .zip(answers)
             .map(|(kind, (status, resource))| async move {
+                let mut found = Collected::default();
+                let mut resources = Vec::new();
                 if !(200..300).contains(&status) {
+                    if *kind == Kind::Composition && unsupported(status) {
+                        found.shortfalls.push(composition_unsupported(status));
+                        return Ok((found, resources));
+                    }
                     return Err(SourceError::Status(status));
                 }
                 let resource = resource.ok_or_else(|| {
                     SourceError::InvalidResponse("batch-response entry has no Bundle".into())
                 })?;
-                let mut found = Collected::default();
-                self.read_pages(*resource, kind.name(), &mut found).await?;
-                Ok::<_, SourceError>(found)
+                self.read_pages(*resource, *kind, &mut found, &mut resources)
+                    .await?;
+                Ok::<_, SourceError>((found, resources))
             });
-        for found in try_join_all(pages).await? {
+        for (found, resources) in try_join_all(pages).await? {
             out.absorb(found);
+            answer.extend(resources);
         }
         Ok(())
+    }
+
+    /// Reads Medications that no part of the answer held, one GET each, a few at a time, and
+    /// only until shortly before the deadline: a medicine whose Medication is not read in time
+    /// is shown incomplete rather than costing the whole answer. Only on this path does a
+    /// lookup make requests beyond its searches, and only for references left unresolved.
+    async fn read_medications(&self, references: Vec<String>) -> Vec<PageResource> {
+        if references.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let remaining = self.deadline.saturating_duration_since(now);
+        let until = now + remaining.saturating_sub((remaining / 10).min(FOLLOW_UP_HEADROOM));
+        let reads = references
+            .into_iter()
+            .filter_map(|reference| {
+                let (url, id) = self.medication_url(&reference)?;
+                Some((reference, url, id))
+            })
+            .take(MAX_FOLLOW_UP_READS)
+            .map(|(reference, url, id)| async move {
+                let read =
+                    tokio::time::timeout_at(until, self.source.http.get(url, &self.headers)).await;
+                match read {
+                    Ok(Ok(resource))
+                        if resource.resource_type.str() == Ok(Some("Medication"))
+                            && resource.id.str().ok().flatten().is_none_or(|got| got == id) =>
+                    {
+                        Some(PageResource {
+                            full_url: Some(reference),
+                            resource: Box::new(resource),
+                        })
+                    }
+                    Ok(Ok(_)) => {
+                        debug!("follow-up read returned something other than the Medication");
+                        None
+                    }
+                    Ok(Err(error)) => {
+                        debug!(%error, "follow-up Medication read failed");
+                        None
+                    }
+                    Err(_) => {
+                        debug!("follow-up Medication read ran out of time");
+                        None
+                    }
+                }
+            });
+        futures::stream::iter(reads)
+            .buffer_unordered(FOLLOW_UP_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
+    }
+
+    /// Where a Medication reference can be read, and the id expected back: relative
+    /// `Medication/{id}`, or an absolute URL on this source. `urn:uuid:` references and other
+    /// servers' URLs cannot be (the token and requester headers stay with this source).
+    fn medication_url(&self, reference: &str) -> Option<(Url, String)> {
+        let reference = without_history(reference);
+        let base = self.source.http.base().as_str();
+        let relative = match reference.strip_prefix(base) {
+            Some(rest) => rest,
+            None if reference.contains(':') => return None,
+            None => reference,
+        };
+        let ("Medication", id) = relative.split_once('/')? else {
+            return None;
+        };
+        if !is_fhir_id(id) {
+            return None;
+        }
+        let mut url = self.resource_url("Medication");
+        url.path_segments_mut().ok()?.push(id);
+        Some((url, id.to_owned()))
     }
 
     fn resource_url(&self, resource_type: &str) -> Url {
@@ -270,6 +488,22 @@ impl<'a> Lookup<'a> {
             query.append_pair("_count", &self.source.page_size);
         }
         url
+    }
+}
+
+/// Statuses with which a server says it cannot search a resource type (rather than failing).
+fn unsupported(status: u16) -> bool {
+    matches!(status, 400 | 403 | 404 | 405 | 422 | 501)
+}
+
+/// Few servers can search `Composition`; one that cannot still answers for everything else,
+/// with its documents marked as possibly short.
+fn composition_unsupported(status: u16) -> Shortfall {
+    Shortfall {
+        sections: SectionSet::NONE.with(carerecord_proto::Section::Documents),
+        reason: format!(
+            "the source cannot search Composition (HTTP {status}); documents it holds only as Compositions are not shown"
+        ),
     }
 }
 

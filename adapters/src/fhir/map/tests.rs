@@ -191,6 +191,37 @@ fn medication_reference_resolves_to_an_included_medication_or_falls_back_to_disp
         concept(&out.record.medications[1]),
         ("", "", "Ramipril 2.5mg capsules")
     );
+    assert!(!out.record.medications[0].incomplete);
+    let ramipril = &out.record.medications[1];
+    assert!(ramipril.incomplete, "kept, but marked");
+    assert!(ramipril.incomplete_reason.contains("could not be read"));
+    let record = out.into_source_record(SectionSet::ALL);
+    assert_eq!(
+        record.shortfalls,
+        vec![Shortfall {
+            sections: SectionSet::NONE.with(Section::Medications),
+            reason:
+                "1 medicine's Medication could not be read; was shown by what the prescription says"
+                    .into(),
+        }]
+    );
+}
+
+#[test]
+fn a_medicine_named_by_nothing_readable_is_kept_and_marked_incomplete() {
+    let out = map_resources(
+        r#"[{"resourceType": "MedicationRequest", "id": "mr1", "status": "active", "intent": "order",
+             "medicationReference": {"reference": "urn:uuid:8d3bd2c6-6b0e-4f4b-9d0f-4b0f5d1a7c11"},
+             "dosageInstruction": [{"text": "One daily"}]}]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.medications);
+    assert!(entry.incomplete);
+    assert!(entry.concept.is_none());
+    assert_eq!(
+        entry.summary,
+        "Medicine not named (its Medication could not be read) — One daily"
+    );
 }
 
 #[test]
@@ -492,18 +523,136 @@ fn malformed_resources_are_counted_and_good_siblings_kept() {
 }
 
 #[test]
-fn entered_in_error_is_dropped_without_a_warning() {
+fn entered_in_error_and_refuted_are_carried_and_marked_for_the_merge_to_judge() {
     let out = map_resources(
         r#"[{"resourceType": "AllergyIntolerance", "id": "a1",
              "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "entered-in-error"}]},
              "code": {"text": "Peanut"}},
             {"resourceType": "MedicationStatement", "id": "m1", "status": "entered-in-error",
-             "medicationCodeableConcept": {"text": "Aspirin"}}]"#,
+             "medicationCodeableConcept": {"text": "Aspirin"}},
+            {"resourceType": "Condition", "id": "c1",
+             "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "refuted"}]},
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001", "display": "Asthma"}]}}]"#,
         &ctx(),
     );
     let (record, warnings) = out.into_parts();
-    assert_eq!(record.entry_count(), 0);
-    assert!(warnings.is_empty());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(
+        only(&record.allergies).verification_status,
+        VerificationStatus::EnteredInError as i32
+    );
+    assert_eq!(
+        only(&record.medications).verification_status,
+        VerificationStatus::EnteredInError as i32
+    );
+    assert_eq!(
+        only(&record.conditions).verification_status,
+        VerificationStatus::Refuted as i32
+    );
+}
+
+#[test]
+fn every_verification_status_code_is_mapped() {
+    for (code, expected) in [
+        ("confirmed", VerificationStatus::Confirmed),
+        ("unconfirmed", VerificationStatus::Unconfirmed),
+        ("provisional", VerificationStatus::Provisional),
+        ("differential", VerificationStatus::Differential),
+        ("refuted", VerificationStatus::Refuted),
+        ("entered-in-error", VerificationStatus::EnteredInError),
+        ("something-else", VerificationStatus::Unspecified),
+    ] {
+        let out = map_resources(
+            &format!(
+                r#"[{{"resourceType": "Condition", "id": "c1",
+                     "verificationStatus": {{"coding": [{{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "{code}"}}]}},
+                     "code": {{"text": "Chest pain"}}}}]"#
+            ),
+            &ctx(),
+        );
+        assert_eq!(
+            only(&out.record.conditions).verification_status,
+            expected as i32,
+            "{code}"
+        );
+    }
+}
+
+#[test]
+fn no_known_allergy_codes_assert_absence_and_unknown_codes_are_not_entries() {
+    let out = map_resources(
+        r#"[{"resourceType": "AllergyIntolerance", "id": "nka",
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "716186003", "display": "No known allergy"}]}},
+            {"resourceType": "AllergyIntolerance", "id": "nkda",
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "409137002", "display": "No known drug allergy"}]}},
+            {"resourceType": "AllergyIntolerance", "id": "ips-nka",
+             "code": {"coding": [{"system": "http://hl7.org/fhir/uv/ips/CodeSystem/absent-unknown-uv-ips", "code": "no-known-allergies"}]}},
+            {"resourceType": "AllergyIntolerance", "id": "peanut",
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91935009", "display": "Allergy to peanut"}]}},
+            {"resourceType": "Condition", "id": "ips-unknown",
+             "code": {"coding": [{"system": "http://hl7.org/fhir/uv/ips/CodeSystem/absent-unknown-uv-ips", "code": "no-problem-info"}]}},
+            {"resourceType": "MedicationStatement", "id": "ips-nkm",
+             "medicationCodeableConcept": {"coding": [{"system": "http://hl7.org/fhir/uv/ips/CodeSystem/absent-unknown-uv-ips", "code": "no-known-medications"}]}}]"#,
+        &ctx(),
+    );
+    let (record, warnings) = out.into_parts();
+    let absent: Vec<(&str, bool)> = record
+        .allergies
+        .iter()
+        .map(|e| (e.provenance[0].source_entry_id.as_str(), e.asserts_absence))
+        .collect();
+    assert_eq!(
+        absent,
+        [
+            ("nka", true),
+            ("nkda", true),
+            ("ips-nka", true),
+            ("peanut", false)
+        ]
+    );
+    assert!(only(&record.medications).asserts_absence);
+    assert!(record.conditions.is_empty(), "unknown is not an entry");
+    assert_eq!(
+        warnings,
+        ["the source says it has no information about problems (not shown as an entry)"]
+    );
+}
+
+#[test]
+fn every_coding_is_kept_with_the_chosen_one_first() {
+    let out = map_resources(
+        r#"[{"resourceType": "Condition", "id": "c1",
+             "code": {"coding": [
+               {"system": "http://read.info/ctv3", "code": "XaBYZ", "display": "Clinic attendance"},
+               {"system": "http://snomed.info/sct", "code": "68566005", "display": "Urinary tract infectious disease"},
+               {"system": "http://snomed.info/sct", "code": "105629000", "display": "Chlamydial infection"}]}}]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.conditions);
+    let codes: Vec<&str> = entry.codings.iter().map(|c| c.code.as_str()).collect();
+    assert_eq!(codes, ["68566005", "XaBYZ", "105629000"]);
+    assert_eq!(concept(entry).1, "68566005");
+}
+
+#[test]
+fn allergy_severity_is_the_worst_reaction_and_request_intent_is_kept() {
+    let out = map_resources(
+        r#"[{"resourceType": "AllergyIntolerance", "id": "a1",
+             "code": {"text": "Penicillin"},
+             "reaction": [{"severity": "mild"}, {"severity": "severe"}, {"severity": "moderate"}, {"severity": "awful"}]},
+            {"resourceType": "MedicationRequest", "id": "r1", "intent": "plan",
+             "medicationCodeableConcept": {"text": "Aspirin"}}]"#,
+        &ctx(),
+    );
+    let Some(Detail::Allergy(allergy)) = &only(&out.record.allergies).detail else {
+        panic!("allergy detail");
+    };
+    assert_eq!(allergy.severity, "severe");
+    let Some(Detail::Medication(medication)) = &only(&out.record.medications).detail else {
+        panic!("medication detail");
+    };
+    assert_eq!(medication.intent, "plan");
+    assert_eq!(medication.kind, "request");
 }
 
 #[test]
