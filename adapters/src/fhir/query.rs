@@ -103,7 +103,7 @@ impl<'a> Lookup<'a> {
                                 Err(SourceError::Status(status))
                                     if kind == Kind::Composition && unsupported(status) =>
                                 {
-                                    found.shortfalls.push(composition_unsupported(status));
+                                    composition_unsupported(status);
                                 }
                                 Err(error) => return Err(error),
                             }
@@ -366,7 +366,7 @@ impl<'a> Lookup<'a> {
                 let mut resources = Vec::new();
                 if !(200..300).contains(&status) {
                     if *kind == Kind::Composition && unsupported(status) {
-                        found.shortfalls.push(composition_unsupported(status));
+                        composition_unsupported(status);
                         return Ok((found, resources));
                     }
                     return Err(SourceError::Status(status));
@@ -496,15 +496,15 @@ fn unsupported(status: u16) -> bool {
     matches!(status, 400 | 403 | 404 | 405 | 422 | 501)
 }
 
-/// Few servers can search `Composition`; one that cannot still answers for everything else,
-/// with its documents marked as possibly short.
-fn composition_unsupported(status: u16) -> Shortfall {
-    Shortfall {
-        sections: SectionSet::NONE.with(carerecord_proto::Section::Documents),
-        reason: format!(
-            "the source cannot search Composition (HTTP {status}); documents it holds only as Compositions are not shown"
-        ),
-    }
+/// Few servers can search `Composition`. One that says it cannot (rather than failing) still
+/// answers for everything else, and is not marked short: a server without the capability holds
+/// no Compositions it could give by search, and marking every such source PARTIAL on every
+/// lookup would teach clinicians to ignore PARTIAL. Logged, for operators.
+fn composition_unsupported(status: u16) {
+    debug!(
+        status,
+        "source cannot search Composition; documents come from DocumentReference only"
+    );
 }
 
 /// FHIR's id syntax: 1–64 of `A-Z a-z 0-9 - .`. Checked before an id goes into a URL path.
