@@ -454,7 +454,11 @@ impl Run<'_, '_> {
         match &attempt.outcome {
             Outcome::Replied(Err(e)) => self.texts.push(e.to_string()),
             Outcome::Replied(Ok(SourceReply::Found(r))) => {
-                self.texts.extend(r.warnings.iter().cloned())
+                self.texts.extend(r.warnings.iter().cloned());
+                // Shortfall reasons and wrong-patient descriptions reach callers as warnings too.
+                self.texts
+                    .extend(r.shortfalls.iter().map(|s| s.reason.clone()));
+                self.texts.extend(r.wrong_patient.iter().cloned());
             }
             Outcome::Panicked(message) => self.panics.push(message.clone()),
             Outcome::Replied(Ok(SourceReply::NotFound)) | Outcome::Hung(_) => {}

@@ -105,11 +105,6 @@ impl Identity {
         }
     }
 
-    /// Whether any Patient was accepted.
-    pub(crate) fn has_patient(&self) -> bool {
-        !self.ids.is_empty() || !self.urls.is_empty()
-    }
-
     /// Checks the Patients among an answer's resources (`$everything` returns the Patient
     /// itself): each is accepted or rejected, the rejected ones described in `wrong_patient`.
     /// An answer that holds Patients, none of them the requested one, is about someone else.
@@ -417,6 +412,25 @@ mod tests {
             r#"{"resourceType":"Appointment","participant":[{"actor":{"reference":"Location/l"}}]}"#,
         );
         assert!(identity.check(Kind::Appointment, &nobody).is_err());
+    }
+
+    #[test]
+    fn resources_may_refer_to_any_patient_carrying_the_number() {
+        let mut identity = identity();
+        let duplicate = resource(
+            r#"{"resourceType":"Patient","id":"p1-old","active":false,"identifier":[{"system":"https://fhir.nhs.uk/Id/nhs-number","value":"9990000018"}]}"#,
+        );
+        assert_eq!(identity.add_patient(&duplicate, None), Ok(true));
+        for subject in [
+            r#"{"reference":"Patient/p1"}"#,
+            r#"{"reference":"Patient/p1-old"}"#,
+        ] {
+            assert_eq!(
+                identity.check(Kind::Condition, &condition(subject)),
+                Ok(()),
+                "{subject}"
+            );
+        }
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl<'a> Lookup<'a> {
             }
         }
         if candidates.is_empty() {
-            if identity.has_patient() || out.wrong_patient.is_empty() {
+            if out.wrong_patient.is_empty() {
                 return Ok(None);
             }
             return Err(SourceError::WrongPatient(
