@@ -519,6 +519,39 @@ fn is_fhir_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn follow_up_reads_go_only_to_this_source() {
+        let config = crate::fhir::FhirConfig::new("https://gp.example/fhir");
+        let info = crate::SourceInfo {
+            id: "gp".into(),
+            organisation_code: "Y1".into(),
+            organisation_name: "GP".into(),
+        };
+        let source = FhirSource::new(info, &config).expect("valid");
+        let request = SourceRequest {
+            request_id: "r".into(),
+            nhs_number: NhsNumber::parse("9990000018").expect("valid"),
+            sections: SectionSet::ALL,
+            deadline: Instant::now() + Duration::from_secs(1),
+            requester: carerecord_proto::Requester::default(),
+            via_brokers: vec![],
+        };
+        let lookup = Lookup::new(&source, &request);
+        let url = |r: &str| lookup.medication_url(r).map(|(u, id)| (u.to_string(), id));
+        let expected = Some((
+            "https://gp.example/fhir/Medication/m1".to_owned(),
+            "m1".to_owned(),
+        ));
+        assert_eq!(url("Medication/m1"), expected);
+        assert_eq!(url("Medication/m1/_history/2"), expected);
+        assert_eq!(url("https://gp.example/fhir/Medication/m1"), expected);
+        // Never elsewhere (the token and requester headers would follow), never a non-id.
+        assert_eq!(url("https://elsewhere.example/fhir/Medication/m1"), None);
+        assert_eq!(url("urn:uuid:8d3bd2c6-6b0e-4f4b-9d0f-4b0f5d1a7c11"), None);
+        assert_eq!(url("Medication/../Patient/p1"), None);
+        assert_eq!(url("Substance/s1"), None);
+    }
+
     #[test]
     fn fhir_ids_are_checked_before_use_in_a_path() {
         assert!(is_fhir_id("pat-1.A"));

@@ -760,3 +760,49 @@ fn today_is_a_calendar_date() {
     assert_eq!(today.len(), 10);
     assert!(today.as_str() > "2024-01-01");
 }
+
+#[test]
+fn a_referenced_medications_security_labels_reach_the_entry() {
+    let out = map_resources(
+        r#"[{"resourceType": "MedicationRequest", "id": "mr1",
+             "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "N"}]},
+             "medicationReference": {"reference": "Medication/m1"}},
+            {"resourceType": "Medication", "id": "m1",
+             "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"}]},
+             "code": {"coding": [{"system": "https://dmd.nhs.uk", "code": "17750811000001104", "display": "Biktarvy tablets"},
+                                 {"system": "http://snomed.info/sct", "code": "703123003", "display": "Product containing bictegravir"}]}}]"#,
+        &ctx(),
+    );
+    let entry = only(&out.record.medications);
+    let labels: Vec<&str> = entry
+        .security_labels
+        .iter()
+        .map(|c| c.code.as_str())
+        .collect();
+    assert_eq!(labels, ["N", "HIV"]);
+    assert_eq!(
+        entry.codings.len(),
+        2,
+        "every coding of the Medication's code"
+    );
+}
+
+#[test]
+fn unreadable_resources_are_shortfalls_of_their_section() {
+    let out = map_resources(
+        r#"[{"resourceType": "Observation", "id": "o1", "code": 7},
+            {"id": "no-type"}]"#,
+        &ctx(),
+    );
+    let record = out.into_source_record(SectionSet::NONE.with(Section::TestResults));
+    let sections: Vec<SectionSet> = record.shortfalls.iter().map(|s| s.sections).collect();
+    assert_eq!(
+        sections,
+        [
+            SectionSet::NONE.with(Section::TestResults),
+            SectionSet::NONE.with(Section::TestResults)
+        ],
+        "{:?}",
+        record.shortfalls
+    );
+}
