@@ -39,6 +39,8 @@ const MODES: [QueryMode; 3] = [QueryMode::Search, QueryMode::Everything, QueryMo
 /// `_include` of referenced Medications, `$everything`, batch, reads by id, paging.
 #[derive(Default)]
 struct Server {
+    /// The fixture Bundle's text.
+    fixture: String,
     /// (fullUrl as the fixture gives it, resource), in fixture order.
     resources: Vec<(Option<String>, Value)>,
     page_size: usize,
@@ -59,37 +61,24 @@ struct Server {
 }
 
 impl Server {
-    /// The fixture's resources, with `{{base}}` replaced by the server's base URL.
+    /// A server for one fixture file; its resources are read when it starts (`load`), once
+    /// `{{base}}` in the fixture can be replaced by the server's base URL.
     fn fixture(name: &str) -> Server {
+        let path = format!("{}/tests/fixtures/fhir/{name}", env!("CARGO_MANIFEST_DIR"));
         Server {
-            resources: Vec::new(),
+            fixture: std::fs::read_to_string(&path).expect("fixture file"),
             page_size: 3,
             ..Server::default()
         }
-        .with_fixture(name)
-    }
-
-    fn with_fixture(mut self, name: &str) -> Server {
-        let path = format!("{}/tests/fixtures/fhir/{name}", env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(&path).expect("fixture file");
-        self.resources = vec![Value::String(text)]
-            .into_iter()
-            .map(|v| (None, v))
-            .collect();
-        self
     }
 
     fn base(&self) -> &str {
         self.base.get().expect("started")
     }
 
-    /// Parses the fixture once the base URL is known.
     fn load(&mut self, base: &str) {
-        let Some((_, Value::String(text))) = self.resources.first() else {
-            return;
-        };
         let bundle: Value =
-            serde_json::from_str(&text.replace("{{base}}", base)).expect("fixture is JSON");
+            serde_json::from_str(&self.fixture.replace("{{base}}", base)).expect("fixture is JSON");
         self.resources = bundle["entry"]
             .as_array()
             .expect("fixture entries")

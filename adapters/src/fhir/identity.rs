@@ -95,13 +95,18 @@ impl Identity {
                 .extend(keys.into_iter().filter(|k| k.contains(':')));
             Ok(true)
         } else {
-            let clashes = id.is_some_and(|id| self.ids.contains(id))
+            let known = id.is_some_and(|id| self.ids.contains(id))
                 || keys.iter().any(|k| self.urls.contains(k));
-            if clashes {
-                return Err(contradiction());
+            match (known, carries_an_nhs_number(resource)) {
+                // The accepted Patient again, shown without its identifiers (a summary view):
+                // nothing says it is someone else.
+                (true, false) => Ok(true),
+                (true, true) => Err(contradiction()),
+                (false, _) => {
+                    self.rejected.extend(keys);
+                    Ok(false)
+                }
             }
-            self.rejected.extend(keys);
-            Ok(false)
         }
     }
 
@@ -281,6 +286,16 @@ impl Identity {
     }
 }
 
+/// Whether a Patient carries any NHS number at all.
+fn carries_an_nhs_number(resource: &Resource) -> bool {
+    resource.identifier.ok().is_some_and(|identifiers| {
+        identifiers
+            .iter()
+            .filter_map(|i| i.ok())
+            .any(|i| i.system.str() == Ok(Some(NHS_NUMBER_SYSTEM)))
+    })
+}
+
 fn contradiction() -> SourceError {
     SourceError::WrongPatient(
         "it describes the matched Patient with another NHS number in the same answer".into(),
@@ -443,6 +458,11 @@ mod tests {
             identity.add_patient(&p1_as_someone_else, None),
             Err(SourceError::WrongPatient(_))
         ));
+        // The same Patient without identifiers says nothing about who it is: still ours.
+        let p1_bare = resource(r#"{"resourceType":"Patient","id":"p1"}"#);
+        assert_eq!(identity.add_patient(&p1_bare, None), Ok(true));
+        let stranger_bare = resource(r#"{"resourceType":"Patient","id":"p7"}"#);
+        assert_eq!(identity.add_patient(&stranger_bare, None), Ok(false));
     }
 
     #[test]
