@@ -712,6 +712,30 @@ async fn server_error_is_a_status_error() {
 }
 
 #[tokio::test]
+async fn a_server_that_cannot_search_composition_still_answers() {
+    let (fhir, base) = serve(Fhir::with_standard_record()).await;
+    fhir.fail("/fhir/Composition", Fault::Status(404));
+    let record = found(source(&base, |_| {}).fetch(&request(WITHIN)).await);
+    assert_eq!(ids(&record.record)["documents"], ["d1"]);
+    assert!(record.shortfalls.is_empty(), "{:?}", record.shortfalls);
+
+    let (fhir, base) = serve(Fhir::with_standard_record()).await;
+    fhir.fail("Composition", Fault::BatchEntryStatus(501));
+    let record = found(
+        source(&base, |c| c.mode = QueryMode::Batch)
+            .fetch(&request(WITHIN))
+            .await,
+    );
+    assert_eq!(ids(&record.record)["documents"], ["d1"]);
+
+    // Any other search failing still fails the source: its data would be missing unmarked.
+    let (fhir, base) = serve(Fhir::with_standard_record()).await;
+    fhir.fail("/fhir/DocumentReference", Fault::Status(404));
+    let reply = source(&base, |_| {}).fetch(&request(WITHIN)).await;
+    assert_eq!(reply.err(), Some(SourceError::Status(404)));
+}
+
+#[tokio::test]
 async fn failing_batch_entry_is_a_status_error() {
     let (fhir, base) = serve(Fhir::with_standard_record()).await;
     fhir.fail("CarePlan", Fault::BatchEntryStatus(403));
