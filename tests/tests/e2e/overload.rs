@@ -20,7 +20,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 /// Several times what the shipped limits hold at once.
-const CONCURRENT: u32 = 240;
+const CONCURRENT: u32 = 160;
 
 #[tokio::test]
 async fn beyond_capacity_the_door_sheds_and_every_admitted_lookup_completes() {
