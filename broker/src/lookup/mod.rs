@@ -34,7 +34,6 @@ use crate::access::{Caller, Denial, Policy};
 use crate::audit::AuditLog;
 use crate::budget::Budget;
 use crate::cache::{CacheKey, RecordCache};
-use crate::config::{BudgetConfig, CacheConfig};
 use crate::error::LookupError;
 use crate::fanout::SourceSet;
 use crate::flight::{Flight, Flights};
@@ -57,7 +56,7 @@ pub struct Broker {
     /// Our name in federation chains; a lookup that already passed through it is refused.
     broker_id: String,
     /// Deadline rules.
-    budget: BudgetConfig,
+    deadlines: DeadlineRules,
     /// The current sources; swapped whole on reload, so in-flight lookups keep theirs.
     sources: RwLock<Arc<SourceSet>>,
     /// How sources are chosen per patient (all, or always-ask plus located); swapped on reload.
@@ -76,11 +75,31 @@ pub struct Broker {
     door: Door,
 }
 
-/// What a broker is made of, besides its sources.
+/// How long a lookup may take: the cap on any lookup, and the time kept back from the caller's
+/// deadline to merge and answer.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadlineRules {
+    pub max_lookup: Duration,
+    pub merge_headroom: Duration,
+}
+
+/// How much the record cache holds, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLimits {
+    /// Weight bound (an estimate of memory held).
+    pub max_bytes: u64,
+    /// How long a complete record is served.
+    pub ttl: Duration,
+    /// How long a partial record is served (shorter: a recovered source should be seen soon).
+    pub partial_ttl: Duration,
+}
+
+/// What a broker is made of, besides its sources: the core's own terms, so embedding it needs no
+/// configuration file.
 pub struct BrokerParts {
     pub broker_id: String,
-    pub budget: BudgetConfig,
-    pub cache: CacheConfig,
+    pub deadlines: DeadlineRules,
+    pub cache: CacheLimits,
     pub policy: Policy,
     pub audit: AuditLog,
     pub limits: LoadLimits,
@@ -114,6 +133,8 @@ pub enum BuildError {
 
 impl Broker {
     /// A broker as `carerecord serve` builds it: policy, audit trail and limits from `config`.
+    /// The one place the core reads configuration-file types; it belongs beside the config
+    /// (to be moved there).
     /// The door is never wider than the default source bulkhead (see `admission`): a larger
     /// configured limit is lowered to it, with a warning.
     pub fn from_config(
@@ -132,8 +153,15 @@ impl Broker {
         }
         let parts = BrokerParts {
             broker_id: config.server.broker_id.clone(),
-            budget: config.budget.clone(),
-            cache: config.cache.clone(),
+            deadlines: DeadlineRules {
+                max_lookup: Duration::from_millis(config.budget.max_lookup_ms),
+                merge_headroom: Duration::from_millis(config.budget.merge_headroom_ms),
+            },
+            cache: CacheLimits {
+                max_bytes: config.cache.max_bytes,
+                ttl: config.cache.ttl(),
+                partial_ttl: config.cache.partial_ttl(),
+            },
             policy: Policy::new(&config.access)?,
             audit: AuditLog::open(&config.audit.file, config.audit.fsync)?,
             limits: LoadLimits {
@@ -148,13 +176,13 @@ impl Broker {
     pub fn new(parts: BrokerParts, sources: SourceSet) -> Broker {
         Broker {
             broker_id: parts.broker_id,
-            budget: parts.budget,
+            deadlines: parts.deadlines,
             sources: RwLock::new(Arc::new(sources)),
             router: RwLock::new(Arc::new(parts.router)),
             cache: Arc::new(RecordCache::new(
                 parts.cache.max_bytes,
-                parts.cache.ttl(),
-                parts.cache.partial_ttl(),
+                parts.cache.ttl,
+                parts.cache.partial_ttl,
             )),
             flights: Arc::new(Flights::default()),
             counter: AtomicU64::new(0),
@@ -297,8 +325,8 @@ impl Broker {
         let budget = Budget::new(
             Instant::now(),
             request.caller_timeout,
-            Duration::from_millis(self.budget.max_lookup_ms),
-            Duration::from_millis(self.budget.merge_headroom_ms),
+            self.deadlines.max_lookup,
+            self.deadlines.merge_headroom,
         )?;
         let sources = self.sources();
         let mut key = CacheKey::new(sources.epoch, request.nhs_number, request.sections);
