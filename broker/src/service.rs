@@ -48,10 +48,13 @@ impl CareRecordApi {
                 trusted_assertions: false,
             });
         };
-        let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+        let Some(certs) = request.peer_certs() else {
             return CallingSystem::Unrecognised;
         };
-        let Ok(cert) = webpki::EndEntityCert::try_from(&leaf) else {
+        let Some(leaf) = certs.first() else {
+            return CallingSystem::Unrecognised;
+        };
+        let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
             return CallingSystem::Unrecognised;
         };
         systems

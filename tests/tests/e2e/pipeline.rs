@@ -156,3 +156,32 @@ async fn a_deadline_too_short_for_any_source_is_deadline_exceeded() {
     };
     assert_eq!(err.reason(), "DEADLINE_TOO_SHORT");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fan_out_whose_caller_left_keeps_its_place_at_the_door_until_its_sources_finish() {
+    let gp = Arc::new(gp_source().with_delay(Duration::from_secs(1)));
+    let broker = broker_over(vec![gp.clone()], CacheConfig::default());
+    let caller = {
+        let broker = broker.clone();
+        tokio::spawn(async move { lookup(&broker, false).await })
+    };
+    tokio::time::advance(Duration::from_millis(100)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(broker.lookups_in_flight(), 1);
+    caller.abort();
+    assert!(caller.await.is_err(), "the caller went away");
+    // Its fan-out is still calling the GP: the door still counts it, so calls to a source can
+    // never outnumber the places at the door.
+    assert_eq!(broker.flights_in_progress(), 1);
+    assert_eq!(broker.lookups_in_flight(), 1);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(gp.completed(), 1);
+    assert_eq!(
+        broker.lookups_in_flight(),
+        0,
+        "given back when its sources finished"
+    );
+}
