@@ -7,8 +7,9 @@
 //!   included), next to the same two GETs with a bare reqwest client and a `serde_json::Value`
 //!   parse of the same bodies; mapping ≈ fetch − GETs.
 //! - `proto`: `encode_to_vec` of a typical and a large response.
-//! - `cache_hit`: `Broker::begin` on a warm cache, plus `disclose` (relationship check, access
-//!   filtering — which clones the record — and the audit write to a temporary file).
+//! - `cache_hit`: `Broker::lookup` on a warm cache: the door, admission, cache get, relationship
+//!   check, access filtering (which clones the record) and the audit write to a temporary file;
+//!   then with the gRPC face's translation and encoding of the response.
 //!
 //! Run: `cargo bench -p carerecord-broker --bench hot_paths` (CI only builds it).
 
@@ -20,10 +21,10 @@ use std::time::Duration;
 
 use carerecord_adapters::memory::InMemorySource;
 use carerecord_adapters::{NhsNumber, SectionSet, SourceRecord, SourceReply, SourceRequest};
+use carerecord_broker::CallingSystem;
 use carerecord_broker::access::{Caller, UNVERIFIED};
 use carerecord_broker::config::Config;
 use carerecord_broker::fanout::{Answer, ConfiguredSource, SourceSet};
-use carerecord_broker::lookup::Lookup;
 use carerecord_broker::merge::{self, MergedRecord};
 use carerecord_broker::routing::Route;
 use carerecord_broker::validate::{self, LookupRequest};
@@ -420,60 +421,43 @@ fn benches(c: &mut Criterion) {
         Some(Duration::from_secs(2)),
     )
     .expect("valid request");
-    let caller = Caller {
+    let caller = CallingSystem::Identified(Caller {
         system: UNVERIFIED.into(),
         trusted_assertions: false,
-    };
+    });
     // Warm the cache with one real fan-out.
     f.rt.block_on(async {
-        match broker.begin(&request).await.expect("begin") {
-            Lookup::Live { flight, deadline } => {
-                flight.wait(deadline).await;
-            }
-            Lookup::Cached { .. } => {}
-        }
+        let answer = broker
+            .lookup(request.clone(), caller.clone())
+            .await
+            .expect("lookup");
+        assert!(!answer.from_cache());
         // The flight caches after publishing; give it a moment.
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
-    c.bench_function("cache_hit/begin (cache get)", |b| {
-        b.iter(|| {
-            f.rt.block_on(async {
-                match broker.begin(black_box(&request)).await.expect("begin") {
-                    Lookup::Cached { record, .. } => black_box(record),
-                    Lookup::Live { .. } => panic!("expected a cache hit"),
-                };
-            })
-        })
-    });
     c.bench_function(
-        "cache_hit/begin + disclose (access filter + audit file)",
+        "cache_hit/lookup (door, cache get, access filter, audit file)",
         |b| {
             b.iter(|| {
                 f.rt.block_on(async {
-                    match broker.begin(black_box(&request)).await.expect("begin") {
-                        Lookup::Cached { record, age } => black_box(
-                            broker
-                                .disclose(&request, &caller, &record, true, age)
-                                .expect("disclosed"),
-                        ),
-                        Lookup::Live { .. } => panic!("expected a cache hit"),
-                    };
+                    let answer = broker
+                        .lookup(black_box(request.clone()), caller.clone())
+                        .await
+                        .expect("lookup");
+                    assert!(answer.from_cache(), "expected a cache hit");
+                    black_box(answer)
                 })
             })
         },
     );
-    c.bench_function("cache_hit/begin + disclose + encode_to_vec", |b| {
+    c.bench_function("cache_hit/lookup + gRPC response encode_to_vec", |b| {
         b.iter(|| {
             f.rt.block_on(async {
-                match broker.begin(black_box(&request)).await.expect("begin") {
-                    Lookup::Cached { record, age } => black_box(
-                        broker
-                            .disclose(&request, &caller, &record, true, age)
-                            .expect("disclosed")
-                            .encode_to_vec(),
-                    ),
-                    Lookup::Live { .. } => panic!("expected a cache hit"),
-                };
+                let answer = broker
+                    .lookup(black_box(request.clone()), caller.clone())
+                    .await
+                    .expect("lookup");
+                black_box(carerecord_broker::service::response(answer).encode_to_vec())
             })
         })
     });

@@ -141,7 +141,7 @@ impl AuditLog {
     }
 
     /// Appends one event. An error means it was not recorded, and the caller must not disclose.
-    pub fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+    pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
         let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
         let seq = head.seq + 1;
         let hash = hash_of(seq, &head.hash, event)?;
@@ -287,7 +287,7 @@ mod tests {
         let path = dir.join("audit.jsonl");
         let log = AuditLog::open(&path, false).expect("open");
         for i in 1..=n {
-            log.record(&event(i)).expect("record");
+            futures::executor::block_on(log.record(&event(i))).expect("record");
         }
         path
     }
@@ -305,7 +305,7 @@ mod tests {
         let dir = temp_dir("intact");
         let path = trail(&dir, 3);
         let log = AuditLog::open(&path, true).expect("reopen");
-        log.record(&event(4)).expect("record");
+        futures::executor::block_on(log.record(&event(4))).expect("record");
         match verify(&path).expect("read") {
             Verified::Intact { events, .. } => assert_eq!(events, 4),
             broken => panic!("{broken:?}"),

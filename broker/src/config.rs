@@ -71,8 +71,8 @@ impl Default for ResilienceConfig {
         ResilienceConfig {
             breaker_failures: 5,
             breaker_open_ms: 10_000,
-            source_max_in_flight: 64,
-            max_lookups_in_flight: 512,
+            source_max_in_flight: crate::fanout::DEFAULT_MAX_IN_FLIGHT,
+            max_lookups_in_flight: crate::lookup::DEFAULT_MAX_LOOKUPS_IN_FLIGHT,
             shed_retry_after_ms: 1_000,
             drain_ms: 10_000,
         }

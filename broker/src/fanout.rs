@@ -1,35 +1,33 @@
-//! Fan-out: ask every source concurrently, each bounded by its own deadline within the overall
-//! budget, and report each answer the moment it arrives.
+//! Fan-out: ask these sources concurrently, and report each answer the moment it arrives.
 //!
-//! Sources run as futures inside one task (not spawned), so when the overall deadline passes or
-//! the lookup is dropped, every outstanding source call is dropped with it: nothing is left
-//! running. A source that panics is reported as ERROR; it cannot take the lookup down.
+//! Each call goes through the source's resilience layers ([`crate::resilience`]: breaker,
+//! bulkhead, deadline, panic containment); fan-out itself only asks concurrently, turns each
+//! outcome into a status, and counts it. Sources run as futures inside one task (not spawned),
+//! so when the overall deadline passes or the lookup is dropped, every outstanding source call
+//! is dropped with it: nothing is left running.
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use carerecord_adapters::{Source, SourceError, SourceRecord, SourceReply, SourceRequest};
+use carerecord_adapters::{Source, SourceRecord, SourceReply, SourceRequest};
 use carerecord_proto::{SourceOutcome, SourceStatus};
-use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::breaker::{Breaker, BreakerConfig, Permit};
 use crate::budget::Budget;
+use crate::resilience::breaker::BreakerConfig;
+use crate::resilience::{Failure, Guards};
 
-/// A source as the broker runs it: the adapter, its time budget, its circuit breaker and its
-/// bulkhead (a cap on calls in flight, so one slow organisation cannot hold every connection).
-/// Cloning shares the breaker and bulkhead (routing builds per-lookup subsets of the set).
+/// A source as the broker runs it: the adapter, its time budget, and its guards (circuit
+/// breaker, and a bulkhead capping calls in flight so one slow organisation cannot hold every
+/// connection). Cloning shares the guards (routing builds per-lookup subsets of the set).
 #[derive(Clone)]
 pub struct ConfiguredSource {
     pub source: Arc<dyn Source>,
     pub timeout: Duration,
-    pub breaker: Arc<Breaker>,
-    pub bulkhead: Arc<Semaphore>,
+    pub guards: Guards,
 }
 
 /// Defaults for sources built without explicit resilience settings (tests, embedding).
@@ -37,6 +35,8 @@ pub const DEFAULT_BREAKER: BreakerConfig = BreakerConfig {
     failures: 5,
     open_for: Duration::from_secs(10),
 };
+/// The default bulkhead: calls in flight to one source. The door's default limit is derived
+/// from it (see `lookup::admission`).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
 impl ConfiguredSource {
@@ -54,9 +54,24 @@ impl ConfiguredSource {
         ConfiguredSource {
             source,
             timeout,
-            breaker: Arc::new(Breaker::new(breaker)),
-            bulkhead: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            guards: Guards::new(breaker, max_in_flight),
         }
+    }
+
+    /// One fetch through every resilience layer, bounded by `request.deadline`.
+    /// `callers_deadline`: that deadline is the caller's, nearer than this source's own timeout.
+    pub async fn fetch(
+        &self,
+        request: &SourceRequest,
+        callers_deadline: bool,
+    ) -> Result<SourceReply, Failure> {
+        self.guards
+            .call(
+                request.deadline,
+                callers_deadline,
+                self.source.fetch(request),
+            )
+            .await
     }
 }
 
@@ -160,6 +175,7 @@ pub async fn run(
     }
 }
 
+/// One source's call, and its outcome as a status.
 async fn ask(
     index: usize,
     configured: &ConfiguredSource,
@@ -168,9 +184,10 @@ async fn ask(
     caller_limited: bool,
 ) -> Answer {
     let info = configured.source.info();
-    let cut_short_possible = caller_limited && request.deadline < started + configured.timeout;
-    let result = call_guarded(configured, &request, cut_short_possible).await;
-    let cut_short = cut_short_possible && matches!(result, Err(SourceError::Timeout));
+    let callers_deadline = caller_limited && request.deadline < started + configured.timeout;
+    let result = configured.fetch(&request, callers_deadline).await;
+    let cut_short = matches!(result, Err(Failure::TimedOut { cut_short: true }));
+    let result = result.map_err(|f| f.into_source_error("adapter"));
     let latency = started.elapsed();
     let outcome_label = match &result {
         Ok(SourceReply::Found(_)) => "ok",
@@ -182,7 +199,7 @@ async fn ask(
     metrics::histogram!(crate::metrics::SOURCE_DURATION, "source" => info.id.clone())
         .record(latency.as_secs_f64());
     metrics::gauge!(crate::metrics::BREAKER_STATE, "source" => info.id.clone())
-        .set(f64::from(configured.breaker.state_code()));
+        .set(f64::from(configured.guards.breaker.state_code()));
     let mut status = SourceStatus {
         source_id: info.id.clone(),
         organisation_code: info.organisation_code.clone(),
@@ -225,61 +242,6 @@ async fn ask(
         cut_short,
         record,
     }
-}
-
-/// Calls the source unless its breaker is open or its bulkhead is full, bounded by the deadline,
-/// with panics caught; reports the result to the breaker.
-async fn call_guarded(
-    configured: &ConfiguredSource,
-    request: &SourceRequest,
-    deadline_is_callers: bool,
-) -> Result<SourceReply, SourceError> {
-    let permit = configured.breaker.acquire();
-    if permit == Permit::Reject {
-        return Err(SourceError::CircuitOpen);
-    }
-    // Reports an abandoned call (bulkhead full, or dropped mid-way) so a probe cannot leave the
-    // circuit stuck half-open.
-    struct Report<'a> {
-        breaker: &'a Breaker,
-        permit: Permit,
-        success: Option<bool>,
-    }
-    impl Drop for Report<'_> {
-        fn drop(&mut self) {
-            match self.success {
-                Some(success) => self.breaker.record(self.permit, success),
-                None if self.permit == Permit::Probe => self.breaker.record(self.permit, false),
-                None => {}
-            }
-        }
-    }
-    let mut report = Report {
-        breaker: &configured.breaker,
-        permit,
-        success: None,
-    };
-    let Ok(_slot) = configured.bulkhead.clone().try_acquire_owned() else {
-        return Err(SourceError::Unavailable(
-            "too many lookups in flight to this source".into(),
-        ));
-    };
-    let call = AssertUnwindSafe(configured.source.fetch(request)).catch_unwind();
-    let result = match tokio::time::timeout_at(request.deadline, call).await {
-        Err(_elapsed) => Err(SourceError::Timeout),
-        Ok(Err(_panic)) => Err(SourceError::Other("the adapter failed unexpectedly".into())),
-        Ok(Ok(result)) => result,
-    };
-    report.success = match &result {
-        Ok(_) => Some(true),
-        // Cut short by the caller's deadline: says nothing about the source's health.
-        Err(SourceError::Timeout) if deadline_is_callers => None,
-        Err(e) => Some(!matches!(
-            e.outcome(),
-            SourceOutcome::Timeout | SourceOutcome::Error
-        )),
-    };
-    result
 }
 
 /// Drops sections the request did not ask for: a source may return more than it was asked.

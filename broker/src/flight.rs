@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::budget::Budget;
 use crate::cache::{CacheKey, RecordCache};
 use crate::fanout::{self, Answer, SourceSet};
+use crate::lookup::Slot;
 use crate::merge::{self, MergedRecord};
 use crate::routing::{Route, Router};
 
@@ -100,6 +101,10 @@ impl Flights {
     /// Joins the flight for `key`, or starts one. Returns the flight and whether this call
     /// started it. A flight whose deadline falls well short of what this caller can wait for
     /// (another caller's tight deadline) is not joined: a new one replaces it for later callers.
+    ///
+    /// A flight this call starts holds the starting lookup's `slot` until its source calls are
+    /// over, so the door counts a fan-out whose caller went away (see `lookup::admission`).
+    #[allow(clippy::too_many_arguments)]
     pub fn join_or_start(
         self: &Arc<Self>,
         key: CacheKey,
@@ -108,6 +113,7 @@ impl Flights {
         request: SourceRequest,
         budget: Budget,
         cache: Arc<RecordCache>,
+        slot: Arc<Slot>,
     ) -> (Arc<Flight>, bool) {
         // What this caller could use: up to the slowest source timeout, within its budget.
         let needed_until = budget
@@ -150,6 +156,8 @@ impl Flights {
                     tx.send_modify(|p| p.answers.push(Arc::new(answer)));
                 })
                 .await;
+                // No source call is left: give the place back before callers see the record.
+                drop(slot);
                 let (merged, cut_short) = {
                     let progress = tx.borrow();
                     let cut_short = progress.answers.iter().any(|a| a.cut_short);

@@ -5,7 +5,6 @@
 
 pub mod access;
 pub mod audit;
-pub mod breaker;
 pub mod budget;
 pub mod cache;
 pub mod config;
@@ -17,10 +16,15 @@ pub mod lookup;
 pub mod merge;
 pub mod metrics;
 pub mod registry;
+pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod service;
 pub mod validate;
 
-pub use lookup::Broker;
+/// The circuit breaker, where it has always been found.
+pub use resilience::breaker;
+
+pub use error::LookupError;
+pub use lookup::{Broker, CallingSystem, LookupAnswer, LookupStream, StreamEvent};
 pub mod render;

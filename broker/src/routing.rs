@@ -10,16 +10,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use carerecord_adapters::SourceError;
 use carerecord_adapters::locator::{LocateRequest, Located, Locator};
-use carerecord_adapters::{NhsNumber, SourceRequest};
+use carerecord_adapters::{NhsNumber, SourceError, SourceRequest};
 use carerecord_proto::{LocatorStatus, SourceOutcome, Warning, WarningKind};
-use futures::FutureExt;
 use futures::future::join_all;
 use moka::future::Cache;
 use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::fanout::{SourceSet, millis};
+use crate::fanout::{DEFAULT_BREAKER, DEFAULT_MAX_IN_FLIGHT, SourceSet, millis};
+use crate::resilience::Guards;
 
 /// Why a source was asked, as the response reports it.
 pub const ALL: &str = "all";
@@ -53,6 +53,29 @@ impl Route {
     }
 }
 
+/// A locator as the broker runs it: behind the same resilience layers as a source (breaker,
+/// bulkhead, deadline, panic containment), so a hung or crashing locator costs a lookup no more
+/// than its timeout, and a dead one is not asked until its circuit probes.
+struct GuardedLocator {
+    locator: Arc<dyn Locator>,
+    guards: Guards,
+}
+
+impl GuardedLocator {
+    /// One locate through every layer. `callers_deadline`: the lookup's deadline, not the
+    /// locator timeout, bounds this call.
+    async fn locate(
+        &self,
+        ask: &LocateRequest,
+        callers_deadline: bool,
+    ) -> Result<Located, SourceError> {
+        self.guards
+            .call(ask.deadline, callers_deadline, self.locator.locate(ask))
+            .await
+            .map_err(|f| f.into_source_error("locator"))
+    }
+}
+
 /// How sources are chosen.
 pub struct Router {
     mode: Mode,
@@ -62,7 +85,7 @@ enum Mode {
     All,
     Located {
         always_ask: HashSet<String>,
-        locators: Vec<Arc<dyn Locator>>,
+        locators: Vec<GuardedLocator>,
         timeout: Duration,
         /// Locator answers by patient, kept briefly like records (no clinical content).
         cache: Cache<NhsNumber, Arc<Vec<(String, Located)>>>,
@@ -75,7 +98,8 @@ impl Router {
         Router { mode: Mode::All }
     }
 
-    /// Ask `always_ask` organisations plus those the locators name.
+    /// Ask `always_ask` organisations plus those the locators name. Each locator gets the
+    /// default breaker and bulkhead of a source.
     pub fn located(
         always_ask: impl IntoIterator<Item = String>,
         locators: Vec<Arc<dyn Locator>>,
@@ -88,7 +112,13 @@ impl Router {
                     .into_iter()
                     .map(|c| c.trim().to_ascii_uppercase())
                     .collect(),
-                locators,
+                locators: locators
+                    .into_iter()
+                    .map(|locator| GuardedLocator {
+                        locator,
+                        guards: Guards::new(DEFAULT_BREAKER, DEFAULT_MAX_IN_FLIGHT),
+                    })
+                    .collect(),
                 timeout,
                 cache: Cache::builder()
                     .max_capacity(100_000)
@@ -110,7 +140,7 @@ impl Router {
                 let statuses = locators
                     .iter()
                     .map(|l| LocatorStatus {
-                        locator_id: l.id().to_owned(),
+                        locator_id: l.locator.id().to_owned(),
                         outcome: SourceOutcome::Timeout as i32,
                         message: "did not answer in time".into(),
                         ..LocatorStatus::default()
@@ -152,19 +182,16 @@ impl Router {
             requester: request.requester.clone(),
         };
         let started = Instant::now();
+        let callers_deadline = request.deadline < started + *timeout;
         let results = join_all(locators.iter().map(|l| {
             let ask = &ask;
+            let id = l.locator.id().to_owned();
+            let span = tracing::info_span!("locator", request_id = %ask.request_id, locator = %id);
             async move {
-                let call = std::panic::AssertUnwindSafe(l.locate(ask)).catch_unwind();
-                let result = match tokio::time::timeout_at(ask.deadline, call).await {
-                    Err(_) => Err(SourceError::Timeout),
-                    Ok(Err(_panic)) => {
-                        Err(SourceError::Other("the locator failed unexpectedly".into()))
-                    }
-                    Ok(Ok(result)) => result,
-                };
-                (l.id().to_owned(), result, started.elapsed())
+                let result = l.locate(ask, callers_deadline).await;
+                (id, result, started.elapsed())
             }
+            .instrument(span)
         }))
         .await;
         let mut statuses = Vec::with_capacity(results.len());

@@ -1,10 +1,10 @@
 //! The gRPC face of the broker: `carerecord.v1.CareRecordService`.
 //!
-//! Per request: identify the calling system (mutual TLS), check the request, admit the
-//! requester (role, purpose), look up (cache or shared fan-out), then disclose — relationship
-//! check, this requester's view, audit — in that order, on cache hits and misses alike.
+//! Per request, and nothing more: identify the calling system from its client certificate, read
+//! `grpc-timeout` and `x-request-id`, check the request, call the core ([`Broker::lookup`] or
+//! [`Broker::stream`]), and translate what comes back — answers into messages, a
+//! [`LookupError`] into a status with the standard rich error model (see [`status_of`]).
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,16 +12,15 @@ use std::time::Duration;
 use carerecord_proto::care_record_event::Event;
 use carerecord_proto::care_record_service_server::CareRecordService;
 use carerecord_proto::{CareRecordEvent, GetCareRecordRequest, GetCareRecordResponse, SourceEvent};
-use futures::Stream;
-use tokio::time::Instant;
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
+use futures::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::access::{Caller, Denial, UNVERIFIED};
 use crate::budget::parse_grpc_timeout;
 use crate::config::SystemConfig;
-use crate::flight::Flight;
-use crate::lookup::{Broker, InFlight, Lookup};
+use crate::error::{ERROR_DOMAIN, LookupError};
+use crate::lookup::{Broker, CallingSystem, LookupAnswer, StreamEvent};
 use crate::validate::{self, LookupRequest};
 
 /// Implements the service over a shared [`Broker`].
@@ -42,34 +41,41 @@ impl CareRecordApi {
     }
 
     /// The calling system, from its client certificate.
-    fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Denial> {
+    fn identify<T>(&self, request: &Request<T>) -> CallingSystem {
         let Some(systems) = &self.systems else {
-            return Ok(Caller {
+            return CallingSystem::Identified(Caller {
                 system: UNVERIFIED.to_owned(),
                 trusted_assertions: false,
             });
         };
-        let certs = request.peer_certs().ok_or(Denial::UnknownSystem)?;
-        let leaf = certs.first().ok_or(Denial::UnknownSystem)?;
-        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|_| Denial::UnknownSystem)?;
+        let Some(certs) = request.peer_certs() else {
+            return CallingSystem::Unrecognised;
+        };
+        let Some(leaf) = certs.first() else {
+            return CallingSystem::Unrecognised;
+        };
+        let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+            return CallingSystem::Unrecognised;
+        };
         systems
             .iter()
             .find(|s| {
                 rustls_pki_types::ServerName::try_from(s.dns_name.as_str())
                     .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
             })
-            .map(|s| Caller {
-                system: s.id.clone(),
-                trusted_assertions: s.trusted_assertions,
+            .map_or(CallingSystem::Unrecognised, |s| {
+                CallingSystem::Identified(Caller {
+                    system: s.id.clone(),
+                    trusted_assertions: s.trusted_assertions,
+                })
             })
-            .ok_or(Denial::UnknownSystem)
     }
 
-    /// Identifies, checks and admits a request; every refusal past validation is audited.
+    /// The checked request and who is calling, or the status refusing it.
     fn accept(
         &self,
         request: Request<GetCareRecordRequest>,
-    ) -> Result<(LookupRequest, Caller), Status> {
+    ) -> Result<(LookupRequest, CallingSystem), Status> {
         let caller = self.identify(&request);
         let caller_timeout = request
             .metadata()
@@ -85,20 +91,11 @@ impl CareRecordApi {
             .unwrap_or_else(|| self.broker.new_request_id());
         let checked = validate::check(request.into_inner(), request_id.clone(), caller_timeout)
             .map_err(|e| {
-                tracing::info!(request_id = %request_id, code = ?e.code(), error = %e, "lookup refused");
-                Status::from(e)
+                tracing::info!(request_id = %request_id, reason = e.reason(), error = %e, "lookup refused");
+                metrics::counter!(crate::metrics::LOOKUPS, "outcome" => e.metric_outcome())
+                    .increment(1);
+                status_of(&e, &request_id)
             })?;
-        let caller = match caller {
-            Ok(c) => c,
-            Err(denial) => {
-                let unknown = Caller {
-                    system: "unknown".to_owned(),
-                    trusted_assertions: false,
-                };
-                return Err(self.broker.deny(&checked, &unknown, &denial, None));
-            }
-        };
-        self.broker.admit(&checked, &caller)?;
         Ok((checked, caller))
     }
 }
@@ -120,49 +117,12 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<GetCareRecordResponse>, Status> {
-        let _load = self.broker.admit_load()?;
-        let started = Instant::now();
-        let (request, caller) = self.accept(request).inspect_err(record_refusal)?;
-        let span = tracing::info_span!("lookup", request_id = %request.request_id);
-        let broker = self.broker.clone();
-        async move {
-            let lookup = broker.begin(&request).await.inspect_err(|_| {
-                metrics::counter!(crate::metrics::LOOKUPS, "outcome" => "invalid").increment(1);
-            })?;
-            let cache = if matches!(lookup, Lookup::Cached { .. }) {
-                "hit"
-            } else {
-                "miss"
-            };
-            let response = match lookup {
-                Lookup::Cached { record, age } => broker
-                    .disclose(&request, &caller, &record, true, age)
-                    .inspect_err(record_refusal)?,
-                Lookup::Live { flight, deadline } => {
-                    let merged = flight.wait(deadline).await;
-                    broker
-                        .disclose(&request, &caller, &merged, false, Duration::ZERO)
-                        .inspect_err(record_refusal)?
-                }
-            };
-            let outcome = if response.complete {
-                "complete"
-            } else {
-                "partial"
-            };
-            metrics::counter!(crate::metrics::LOOKUPS, "outcome" => outcome).increment(1);
-            metrics::histogram!(crate::metrics::LOOKUP_DURATION, "cache" => cache)
-                .record(started.elapsed().as_secs_f64());
-            tracing::info!(
-                complete = response.complete,
-                from_cache = response.from_cache,
-                sources = response.sources.len(),
-                "lookup answered"
-            );
-            Ok(Response::new(response))
+        let (request, caller) = self.accept(request)?;
+        let request_id = request.request_id.clone();
+        match self.broker.lookup(request, caller).await {
+            Ok(answer) => Ok(Response::new(response(answer))),
+            Err(e) => Err(status_of(&e, &request_id)),
         }
-        .instrument(span)
-        .await
     }
 
     type StreamCareRecordStream = EventStream;
@@ -171,170 +131,261 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let load = self.broker.admit_load()?;
-        let (request, caller) = self.accept(request).inspect_err(record_refusal)?;
-        let broker = self.broker.clone();
-        let stream: EventStream = match broker.begin(&request).await? {
-            Lookup::Cached { record, age } => {
-                // The whole record is here: decide before sending anything.
-                let response = broker.disclose(&request, &caller, &record, true, age)?;
-                let mut events: Vec<Result<CareRecordEvent, Status>> = broker
-                    .replayed_source_events(&request, &record)
-                    .into_iter()
-                    .map(|e| Ok(event(Event::Source(e))))
-                    .collect();
-                events.push(Ok(event(Event::Complete(response))));
-                Box::pin(futures::stream::iter(events))
-            }
-            Lookup::Live { flight, deadline } => {
-                Box::pin(live_events(broker, request, caller, flight, deadline, load))
-            }
-        };
+        let (request, caller) = self.accept(request)?;
+        let request_id = request.request_id.clone();
+        let events = self
+            .broker
+            .stream(request, caller)
+            .await
+            .map_err(|e| status_of(&e, &request_id))?;
+        let stream: EventStream = Box::pin(events.map(move |item| match item {
+            Ok(StreamEvent::Source(update)) => Ok(event(Event::Source(SourceEvent {
+                status: Some(update.status),
+                contribution: update.contribution,
+            }))),
+            Ok(StreamEvent::Complete(answer)) => Ok(event(Event::Complete(response(answer)))),
+            Err(e) => Err(status_of(&e, &request_id)),
+        }));
         Ok(Response::new(stream))
     }
-}
-
-/// Counts a lookup refused before any source was asked.
-fn record_refusal(status: &Status) {
-    let outcome = match status.code() {
-        tonic::Code::PermissionDenied => "denied",
-        tonic::Code::Unavailable => "unavailable",
-        _ => "invalid",
-    };
-    metrics::counter!(crate::metrics::LOOKUPS, "outcome" => outcome).increment(1);
 }
 
 fn event(e: Event) -> CareRecordEvent {
     CareRecordEvent { event: Some(e) }
 }
 
-/// Source events as the flight's answers land, then the final merged record at completion or
-/// at our deadline, whichever is first. Every source gets exactly one event: those that had not
-/// answered by our deadline get one with their TIMEOUT status just before the final event.
-///
-/// Events are held back until the legitimate relationship is established (emergency access, a
-/// trusted assertion, or an answer from the requester's own organisation); if it never is, the
-/// stream ends with PERMISSION_DENIED and nothing was disclosed.
-fn live_events(
-    broker: Arc<Broker>,
-    request: LookupRequest,
-    caller: Caller,
-    flight: Arc<Flight>,
-    deadline: Instant,
-    load: InFlight,
-) -> impl Stream<Item = Result<CareRecordEvent, Status>> + Send {
-    struct State {
-        /// Keeps this stream counted among lookups in flight until it ends.
-        _load: InFlight,
-        broker: Arc<Broker>,
-        request: LookupRequest,
-        caller: Caller,
-        flight: Arc<Flight>,
-        rx: tokio::sync::watch::Receiver<crate::flight::Progress>,
-        deadline: Instant,
-        seen: usize,
-        /// The relationship is established: events may flow (once the release is audited).
-        released: bool,
-        /// The release was written to the audit trail.
-        audited: bool,
-        held: Vec<Arc<crate::fanout::Answer>>,
-        pending: VecDeque<Result<CareRecordEvent, Status>>,
-        expired: bool,
-        finished: bool,
+/// The wire response for a core answer.
+pub fn response(answer: LookupAnswer) -> GetCareRecordResponse {
+    GetCareRecordResponse {
+        from_cache: answer.from_cache(),
+        cache_age_ms: answer
+            .cache_age
+            .map_or(0, |age| age.as_millis().try_into().unwrap_or(u64::MAX)),
+        request_id: answer.request_id,
+        record: Some(answer.record),
+        sources: answer.sources,
+        complete: answer.complete,
+        warnings: answer.warnings,
+        emergency_access: answer.emergency_access,
+        withheld: answer.withheld,
+        assembled_at: carerecord_adapters::calendar::rfc3339(answer.assembled_at),
+        locators: answer.locators,
+        section_statuses: answer.section_statuses,
     }
-    let released = broker.released_by(&request, &caller, None);
-    let state = State {
-        _load: load,
-        rx: flight.subscribe(),
-        broker,
-        request,
-        caller,
-        flight,
-        deadline,
-        seen: 0,
-        released,
-        audited: false,
-        held: Vec::new(),
-        pending: VecDeque::new(),
-        expired: false,
-        finished: false,
-    };
-    futures::stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(e) = s.pending.pop_front() {
-                return Some((e, s));
-            }
-            if s.finished {
-                return None;
-            }
-            {
-                let progress = s.rx.borrow_and_update();
-                for answer in progress.answers.iter().skip(s.seen) {
-                    s.held.push(answer.clone());
-                    if !s.released && s.broker.released_by(&s.request, &s.caller, Some(answer)) {
-                        s.released = true;
-                    }
-                }
-                s.seen = progress.answers.len();
-                if s.released && !s.audited && !s.held.is_empty() {
-                    // Nothing leaves before the audit trail says who is looking.
-                    if let Err(status) = s.broker.audit_release(&s.request, &s.caller) {
-                        s.pending.push_back(Err(status));
-                        s.finished = true;
-                        continue;
-                    }
-                    s.audited = true;
-                }
-                if s.audited {
-                    for answer in s.held.drain(..) {
-                        if let Some(e) = s.broker.source_event(&s.request, &answer) {
-                            s.pending.push_back(Ok(event(Event::Source(e))));
-                        }
-                    }
-                }
-                if progress.merged.is_some() || s.expired {
-                    let merged = s.flight.merge_so_far(&progress);
-                    s.finished = true;
-                    match s
-                        .broker
-                        .disclose(&s.request, &s.caller, &merged, false, Duration::ZERO)
-                    {
-                        Ok(response) => {
-                            for answer in s.held.drain(..) {
-                                if let Some(e) = s.broker.source_event(&s.request, &answer) {
-                                    s.pending.push_back(Ok(event(Event::Source(e))));
-                                }
-                            }
-                            // Sources that never answered get their TIMEOUT event, as far as
-                            // this requester may see them (the final statuses are filtered).
-                            let answered: Vec<&str> = progress
-                                .answers
-                                .iter()
-                                .map(|a| a.status.source_id.as_str())
-                                .collect();
-                            for status in &response.sources {
-                                if !answered.contains(&status.source_id.as_str()) {
-                                    s.pending.push_back(Ok(event(Event::Source(SourceEvent {
-                                        status: Some(status.clone()),
-                                        contribution: None,
-                                    }))));
-                                }
-                            }
-                            s.pending.push_back(Ok(event(Event::Complete(response))));
-                        }
-                        Err(status) => s.pending.push_back(Err(status)),
-                    }
-                    continue;
-                }
-            }
-            if !s.pending.is_empty() {
-                continue;
-            }
-            match tokio::time::timeout_at(s.deadline, s.rx.changed()).await {
-                Ok(Ok(())) => {}
-                // Our deadline, or the flight is gone: finish with what arrived.
-                Ok(Err(_)) | Err(_) => s.expired = true,
+}
+
+/// The gRPC code for each failure: the one place the core's errors meet gRPC.
+fn code_of(e: &LookupError) -> Code {
+    match e {
+        LookupError::InvalidNhsNumber(_)
+        | LookupError::UnknownSection(_)
+        | LookupError::MalformedRequesterField { .. }
+        | LookupError::MalformedViaBrokers
+        | LookupError::EmergencyWithoutReason
+        | LookupError::UnknownPurpose(_)
+        | LookupError::UnknownCacheDirective(_) => Code::InvalidArgument,
+        LookupError::MissingRequester | LookupError::MissingRequesterField(_) => {
+            Code::Unauthenticated
+        }
+        // A relationship that could not be checked is worth retrying.
+        LookupError::Denied(Denial::RelationshipUnconfirmed(_)) => Code::Unavailable,
+        LookupError::Denied(_) => Code::PermissionDenied,
+        LookupError::Loop(_) => Code::FailedPrecondition,
+        LookupError::Deadline(_) => Code::DeadlineExceeded,
+        LookupError::Overloaded { .. } => Code::ResourceExhausted,
+        LookupError::ShuttingDown | LookupError::AuditUnavailable => Code::Unavailable,
+    }
+}
+
+/// The status for a failure, with `google.rpc` details a client reads without parsing text:
+/// always `ErrorInfo` (stable reason, [`ERROR_DOMAIN`], the `request_id`); `BadRequest` naming
+/// the field at fault where there is one; `RetryInfo` (and the `grpc-retry-pushback-ms` header
+/// gRPC clients honour) when the remedy is to wait.
+pub fn status_of(e: &LookupError, request_id: &str) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        e.reason(),
+        ERROR_DOMAIN,
+        [("request_id".to_owned(), request_id.to_owned())],
+    );
+    if let Some(field) = e.field() {
+        details.add_bad_request_violation(field, e.to_string());
+    }
+    let retry_after = e.retry_after();
+    if let Some(delay) = retry_after {
+        details.set_retry_info(Some(delay));
+    }
+    let mut status = Status::with_error_details(code_of(e), e.to_string(), details);
+    if let Some(delay) = retry_after
+        && let Ok(v) = pushback_ms(delay).parse()
+    {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
+}
+
+fn pushback_ms(delay: Duration) -> String {
+    delay.as_millis().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::BudgetError;
+
+    /// Every reason, with its code and whether it names a field or carries a retry hint; the
+    /// details are read back as a client would.
+    #[test]
+    fn every_failure_maps_to_its_code_and_rich_details() {
+        let cases: Vec<(LookupError, Code, Option<&str>, bool)> = vec![
+            (
+                LookupError::InvalidNhsNumber(carerecord_adapters::NhsNumberError::Empty),
+                Code::InvalidArgument,
+                Some("nhs_number"),
+                false,
+            ),
+            (
+                LookupError::UnknownSection(carerecord_adapters::UnknownSection(77)),
+                Code::InvalidArgument,
+                Some("sections"),
+                false,
+            ),
+            (
+                LookupError::MissingRequester,
+                Code::Unauthenticated,
+                Some("requester"),
+                false,
+            ),
+            (
+                LookupError::MissingRequesterField("role_code"),
+                Code::Unauthenticated,
+                Some("requester.role_code"),
+                false,
+            ),
+            (
+                LookupError::MalformedRequesterField {
+                    field: "user_id",
+                    why: "longer than 256 bytes",
+                },
+                Code::InvalidArgument,
+                Some("requester.user_id"),
+                false,
+            ),
+            (
+                LookupError::MalformedViaBrokers,
+                Code::InvalidArgument,
+                Some("via_brokers"),
+                false,
+            ),
+            (
+                LookupError::EmergencyWithoutReason,
+                Code::InvalidArgument,
+                Some("requester.emergency_reason"),
+                false,
+            ),
+            (
+                LookupError::UnknownPurpose(42),
+                Code::InvalidArgument,
+                Some("requester.purpose"),
+                false,
+            ),
+            (
+                LookupError::UnknownCacheDirective(9),
+                Code::InvalidArgument,
+                Some("cache"),
+                false,
+            ),
+            (
+                LookupError::Denied(Denial::Role("R0001".into())),
+                Code::PermissionDenied,
+                Some("requester.role_code"),
+                false,
+            ),
+            (
+                LookupError::Denied(Denial::EmergencyRole("R0001".into())),
+                Code::PermissionDenied,
+                Some("requester.role_code"),
+                false,
+            ),
+            (
+                LookupError::Denied(Denial::NoRelationship("X1".into())),
+                Code::PermissionDenied,
+                None,
+                false,
+            ),
+            (
+                LookupError::Denied(Denial::UnknownSystem),
+                Code::PermissionDenied,
+                None,
+                false,
+            ),
+            (
+                LookupError::Denied(Denial::RelationshipUnconfirmed("X1".into())),
+                Code::Unavailable,
+                None,
+                false,
+            ),
+            (
+                LookupError::Loop("b1".into()),
+                Code::FailedPrecondition,
+                None,
+                false,
+            ),
+            (
+                LookupError::Deadline(BudgetError::TooShort(Duration::from_millis(5))),
+                Code::DeadlineExceeded,
+                None,
+                false,
+            ),
+            (
+                LookupError::Overloaded {
+                    limit: 48,
+                    retry_after: Duration::from_millis(250),
+                },
+                Code::ResourceExhausted,
+                None,
+                true,
+            ),
+            (LookupError::ShuttingDown, Code::Unavailable, None, false),
+            (
+                LookupError::AuditUnavailable,
+                Code::Unavailable,
+                None,
+                false,
+            ),
+        ];
+        for (error, code, field, retry) in cases {
+            let reason = error.reason();
+            let status = status_of(&error, "req-1");
+            assert_eq!(status.code(), code, "{reason}");
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, reason);
+            assert_eq!(info.domain, ERROR_DOMAIN);
+            assert_eq!(
+                info.metadata.get("request_id").map(String::as_str),
+                Some("req-1")
+            );
+            let fields: Vec<String> = status
+                .get_details_bad_request()
+                .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                fields,
+                field.map(str::to_owned).into_iter().collect::<Vec<_>>(),
+                "{reason}"
+            );
+            let delay = status.get_details_retry_info().and_then(|r| r.retry_delay);
+            let pushback = status
+                .metadata()
+                .get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if retry {
+                assert_eq!(delay, Some(Duration::from_millis(250)), "{reason}");
+                assert_eq!(pushback.as_deref(), Some("250"), "{reason}");
+            } else {
+                assert_eq!((delay, pushback), (None, None), "{reason}");
             }
         }
-    })
+    }
 }

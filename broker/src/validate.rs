@@ -84,10 +84,7 @@ pub fn check(
             .iter()
             .any(|b| b.len() > MAX_FIELD || b.chars().any(char::is_control))
     {
-        return Err(LookupError::MalformedRequesterField {
-            field: "via_brokers",
-            why: "too many brokers, or a malformed broker id",
-        });
+        return Err(LookupError::MalformedViaBrokers);
     }
     let nhs_number = NhsNumber::parse(&request.nhs_number)?;
     let sections = SectionSet::from_request(&request.sections)?;
@@ -106,7 +103,6 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::Code;
 
     fn valid() -> GetCareRecordRequest {
         GetCareRecordRequest {
@@ -121,10 +117,12 @@ mod tests {
         }
     }
 
-    fn code_of(r: GetCareRecordRequest) -> Code {
-        check(r, "id".into(), None)
-            .map(|_| Code::Ok)
-            .unwrap_or_else(|e| e.code())
+    /// The reason and the field at fault, or `OK`.
+    fn refusal_of(r: GetCareRecordRequest) -> (&'static str, Option<String>) {
+        match check(r, "id".into(), None) {
+            Ok(_) => ("OK", None),
+            Err(e) => (e.reason(), e.field()),
+        }
     }
 
     #[test]
@@ -137,56 +135,104 @@ mod tests {
     }
 
     #[test]
-    fn each_bad_request_gets_its_code() {
-        let mut cases: Vec<(&str, GetCareRecordRequest, Code)> = Vec::new();
+    fn each_bad_request_gets_its_reason_and_field() {
+        type Case = (
+            &'static str,
+            GetCareRecordRequest,
+            &'static str,
+            &'static str,
+        );
+        let mut cases: Vec<Case> = Vec::new();
         let mut r = valid();
         r.nhs_number = "9434765918".into();
-        cases.push(("bad check digit", r, Code::InvalidArgument));
+        cases.push(("bad check digit", r, "INVALID_NHS_NUMBER", "nhs_number"));
         let mut r = valid();
         r.nhs_number = "".into();
-        cases.push(("empty nhs", r, Code::InvalidArgument));
+        cases.push(("empty nhs", r, "INVALID_NHS_NUMBER", "nhs_number"));
         let mut r = valid();
         r.requester = None;
-        cases.push(("no requester", r, Code::Unauthenticated));
-        for field in ["user", "role", "org"] {
+        cases.push(("no requester", r, "REQUESTER_MISSING", "requester"));
+        for field in ["user_id", "role_code", "organisation_code"] {
             let mut r = valid();
             if let Some(q) = r.requester.as_mut() {
                 match field {
-                    "user" => q.user_id = " ".into(),
-                    "role" => q.role_code.clear(),
+                    "user_id" => q.user_id = " ".into(),
+                    "role_code" => q.role_code.clear(),
                     _ => q.organisation_code.clear(),
                 }
             }
-            cases.push(("missing requester field", r, Code::Unauthenticated));
+            let want = match field {
+                "user_id" => "requester.user_id",
+                "role_code" => "requester.role_code",
+                _ => "requester.organisation_code",
+            };
+            cases.push((
+                "missing requester field",
+                r,
+                "REQUESTER_FIELD_MISSING",
+                want,
+            ));
         }
         let mut r = valid();
         if let Some(q) = r.requester.as_mut() {
             q.purpose = Purpose::EmergencyAccess as i32;
         }
-        cases.push(("emergency without reason", r, Code::InvalidArgument));
+        cases.push((
+            "emergency without reason",
+            r,
+            "EMERGENCY_REASON_MISSING",
+            "requester.emergency_reason",
+        ));
         let mut r = valid();
         if let Some(q) = r.requester.as_mut() {
             q.purpose = 42;
         }
-        cases.push(("unknown purpose", r, Code::InvalidArgument));
+        cases.push(("unknown purpose", r, "UNKNOWN_PURPOSE", "requester.purpose"));
         let mut r = valid();
         r.sections = vec![1, 77];
-        cases.push(("unknown section", r, Code::InvalidArgument));
+        cases.push(("unknown section", r, "UNKNOWN_SECTION", "sections"));
         let mut r = valid();
         r.cache = 9;
-        cases.push(("unknown cache directive", r, Code::InvalidArgument));
+        cases.push((
+            "unknown cache directive",
+            r,
+            "UNKNOWN_CACHE_DIRECTIVE",
+            "cache",
+        ));
         let mut r = valid();
         if let Some(q) = r.requester.as_mut() {
             q.user_id = "x".repeat(300);
         }
-        cases.push(("oversized field", r, Code::InvalidArgument));
+        cases.push((
+            "oversized field",
+            r,
+            "REQUESTER_FIELD_MALFORMED",
+            "requester.user_id",
+        ));
         let mut r = valid();
         if let Some(q) = r.requester.as_mut() {
             q.role_code = "R80\n00".into();
         }
-        cases.push(("control character", r, Code::InvalidArgument));
-        for (name, request, want) in cases {
-            assert_eq!(code_of(request), want, "{name}");
+        cases.push((
+            "control character",
+            r,
+            "REQUESTER_FIELD_MALFORMED",
+            "requester.role_code",
+        ));
+        let mut r = valid();
+        r.via_brokers = vec!["b".into(); 17];
+        cases.push((
+            "federation too deep",
+            r,
+            "VIA_BROKERS_MALFORMED",
+            "via_brokers",
+        ));
+        for (name, request, reason, field) in cases {
+            assert_eq!(
+                refusal_of(request),
+                (reason, Some(field.to_owned())),
+                "{name}"
+            );
         }
     }
 }

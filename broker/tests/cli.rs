@@ -61,7 +61,7 @@ fn audit_verify_reports_the_first_broken_line_and_patient_lists_accesses() {
     let _ = std::fs::remove_file(&path);
     let log = AuditLog::open(&path, false).expect("open");
     for i in 0..3 {
-        log.record(&AuditEvent {
+        futures::executor::block_on(log.record(&AuditEvent {
             time: format!("2026-11-25T10:00:0{i}.000Z"),
             request_id: format!("req-{i}"),
             kind: "access".into(),
@@ -78,7 +78,7 @@ fn audit_verify_reports_the_first_broken_line_and_patient_lists_accesses() {
             returned: vec![],
             withheld: false,
             from_cache: false,
-        })
+        }))
         .expect("record");
     }
     let file = path.to_str().expect("utf8");

@@ -19,7 +19,7 @@ use carerecord_broker::access::{AccessConfig, Policy};
 use carerecord_broker::audit::AuditLog;
 use carerecord_broker::config::{BudgetConfig, CacheConfig};
 use carerecord_broker::fanout::{ConfiguredSource, SourceSet};
-use carerecord_broker::lookup::{BrokerParts, LoadLimits};
+use carerecord_broker::lookup::{BrokerParts, CacheLimits, DeadlineRules, LoadLimits};
 use carerecord_broker::routing::Router;
 use carerecord_broker::server::Transport;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
@@ -175,8 +175,15 @@ pub fn build_broker_from(sources: Vec<ConfiguredSource>, settings: Settings) -> 
     let router = settings.router();
     let parts = BrokerParts {
         broker_id: settings.broker_id,
-        budget: settings.budget,
-        cache: settings.cache,
+        deadlines: DeadlineRules {
+            max_lookup: Duration::from_millis(settings.budget.max_lookup_ms),
+            merge_headroom: Duration::from_millis(settings.budget.merge_headroom_ms),
+        },
+        cache: CacheLimits {
+            max_bytes: settings.cache.max_bytes,
+            ttl: settings.cache.ttl(),
+            partial_ttl: settings.cache.partial_ttl(),
+        },
         policy: Policy::new(&settings.access).expect("policy"),
         audit: AuditLog::open(&settings.audit_file, false).expect("audit trail"),
         limits: settings.limits,

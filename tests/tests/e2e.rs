@@ -3,8 +3,10 @@
 
 mod e2e {
     pub mod access;
+    pub mod errors;
     pub mod federation;
     pub mod foundation;
+    pub mod overload;
     pub mod pipeline;
     pub mod region;
     pub mod region_scale;

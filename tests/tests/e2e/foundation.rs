@@ -257,7 +257,15 @@ async fn fifty_concurrent_identical_lookups_make_one_call_per_source() {
             (gp.clone() as Arc<dyn Source>, LONG),
             (hospital.clone() as Arc<dyn Source>, LONG),
         ],
-        Settings::default(),
+        // The door counts every lookup, joiners too: room for all fifty (the default sheds
+        // beyond 48, see `lookup::admission`).
+        Settings {
+            limits: carerecord_broker::lookup::LoadLimits {
+                max_in_flight: 64,
+                ..Default::default()
+            },
+            ..Settings::default()
+        },
     )
     .await;
     let client = b.client().await;

@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use carerecord_adapters::Source;
 use carerecord_adapters::memory::InMemorySource;
-use carerecord_broker::Broker;
+use carerecord_broker::access::{Caller, UNVERIFIED};
 use carerecord_broker::config::CacheConfig;
-use carerecord_broker::lookup::Lookup;
 use carerecord_broker::validate::{self, LookupRequest};
+use carerecord_broker::{Broker, CallingSystem};
 use carerecord_e2e::*;
 use carerecord_proto::GetCareRecordRequest;
-use tonic::Code;
 
 const LONG: Duration = Duration::from_secs(5);
 
@@ -40,13 +39,18 @@ fn lookup_request(broker: &Broker, fresh: bool) -> LookupRequest {
     r
 }
 
+fn unverified() -> CallingSystem {
+    CallingSystem::Identified(Caller {
+        system: UNVERIFIED.into(),
+        trusted_assertions: false,
+    })
+}
+
 /// Runs one lookup to its end; returns (from_cache, complete).
 async fn lookup(broker: &Broker, fresh: bool) -> (bool, bool) {
     let request = lookup_request(broker, fresh);
-    match broker.begin(&request).await.expect("begin") {
-        Lookup::Cached { record, .. } => (true, record.complete),
-        Lookup::Live { flight, deadline } => (false, flight.wait(deadline).await.complete),
-    }
+    let answer = broker.lookup(request, unverified()).await.expect("lookup");
+    (answer.from_cache(), answer.complete)
 }
 
 #[tokio::test(start_paused = true)]
@@ -134,11 +138,11 @@ async fn a_lookup_that_already_passed_through_this_broker_is_refused() {
     let broker = broker_over(vec![Arc::new(gp_source())], CacheConfig::default());
     let mut request = lookup_request(&broker, false);
     request.via_brokers = vec!["elsewhere".into(), "b1".into()];
-    let err = match broker.begin(&request).await {
+    let err = match broker.lookup(request, unverified()).await {
         Err(e) => e,
         Ok(_) => panic!("loop not refused"),
     };
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.reason(), "FEDERATION_LOOP");
 }
 
 #[tokio::test]
@@ -146,9 +150,38 @@ async fn a_deadline_too_short_for_any_source_is_deadline_exceeded() {
     let broker = broker_over(vec![Arc::new(gp_source())], CacheConfig::default());
     let mut request = lookup_request(&broker, false);
     request.caller_timeout = Some(Duration::from_millis(5));
-    let err = match broker.begin(&request).await {
+    let err = match broker.lookup(request, unverified()).await {
         Err(e) => e,
         Ok(_) => panic!("accepted"),
     };
-    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert_eq!(err.reason(), "DEADLINE_TOO_SHORT");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fan_out_whose_caller_left_keeps_its_place_at_the_door_until_its_sources_finish() {
+    let gp = Arc::new(gp_source().with_delay(Duration::from_secs(1)));
+    let broker = broker_over(vec![gp.clone()], CacheConfig::default());
+    let caller = {
+        let broker = broker.clone();
+        tokio::spawn(async move { lookup(&broker, false).await })
+    };
+    tokio::time::advance(Duration::from_millis(100)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(broker.lookups_in_flight(), 1);
+    caller.abort();
+    assert!(caller.await.is_err(), "the caller went away");
+    // Its fan-out is still calling the GP: the door still counts it, so calls to a source can
+    // never outnumber the places at the door.
+    assert_eq!(broker.flights_in_progress(), 1);
+    assert_eq!(broker.lookups_in_flight(), 1);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(gp.completed(), 1);
+    assert_eq!(
+        broker.lookups_in_flight(),
+        0,
+        "given back when its sources finished"
+    );
 }

@@ -3,11 +3,19 @@
 //! while one probe is let through, and its result closes or re-opens the circuit.
 //!
 //! Modelled on linkerd's consecutive-failures breaker. Time is tokio time, so tests pause it.
+//!
+//! The breaker owns its failure classification ([`verdict`]): which outcomes say the source is
+//! unhealthy, which say it is fine, and which say nothing about it (our own limits, a caller's
+//! tight deadline).
 
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use carerecord_proto::SourceOutcome;
 use tokio::time::Instant;
+
+use super::Failure;
 
 /// When to open and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +124,60 @@ impl Breaker {
     }
 }
 
+/// What one outcome says about the callee's health: `Some(true)` healthy, `Some(false)` a
+/// failure, `None` nothing (it was not the callee's doing).
+pub fn verdict<T>(result: &Result<T, Failure>) -> Option<bool> {
+    match result {
+        Ok(_) => Some(true),
+        // The caller's tight deadline, or our own bulkhead: not the source's fault.
+        Err(Failure::TimedOut { cut_short: true }) | Err(Failure::BulkheadFull) => None,
+        Err(Failure::TimedOut { cut_short: false }) | Err(Failure::Panicked) => Some(false),
+        // Not called at all.
+        Err(Failure::CircuitOpen) => None,
+        // Errors and its own timeouts count; an answer that refuses, or names another patient,
+        // is the source working (and saying something we must act on).
+        Err(Failure::Source(e)) => Some(!matches!(
+            e.outcome(),
+            SourceOutcome::Timeout | SourceOutcome::Error
+        )),
+    }
+}
+
+/// The breaker layer: runs `call` unless the circuit is open, and reports its [`verdict`].
+pub async fn guard<T>(
+    breaker: &Breaker,
+    call: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let permit = breaker.acquire();
+    if permit == Permit::Reject {
+        return Err(Failure::CircuitOpen);
+    }
+    // Reports however the call ends: an abandoned probe (its lookup dropped, or our bulkhead
+    // full) counts as a failure, so the circuit never sticks half-open.
+    struct Report<'a> {
+        breaker: &'a Breaker,
+        permit: Permit,
+        verdict: Option<bool>,
+    }
+    impl Drop for Report<'_> {
+        fn drop(&mut self) {
+            match self.verdict {
+                Some(healthy) => self.breaker.record(self.permit, healthy),
+                None if self.permit == Permit::Probe => self.breaker.record(self.permit, false),
+                None => {}
+            }
+        }
+    }
+    let mut report = Report {
+        breaker,
+        permit,
+        verdict: None,
+    };
+    let result = call.await;
+    report.verdict = verdict(&result);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +233,47 @@ mod tests {
         assert_eq!(b.acquire(), Permit::Reject);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(b.acquire(), Permit::Probe);
+    }
+
+    #[test]
+    fn the_breaker_classifies_outcomes() {
+        use carerecord_adapters::SourceError;
+        let cases: Vec<(Result<(), Failure>, Option<bool>)> = vec![
+            (Ok(()), Some(true)),
+            (Err(Failure::TimedOut { cut_short: false }), Some(false)),
+            (Err(Failure::TimedOut { cut_short: true }), None),
+            (Err(Failure::Panicked), Some(false)),
+            (Err(Failure::BulkheadFull), None),
+            (Err(Failure::CircuitOpen), None),
+            (
+                Err(Failure::Source(SourceError::Connect("x".into()))),
+                Some(false),
+            ),
+            (Err(Failure::Source(SourceError::Status(503))), Some(false)),
+            (Err(Failure::Source(SourceError::Timeout)), Some(false)),
+            (
+                Err(Failure::Source(SourceError::Refused("loop".into()))),
+                Some(true),
+            ),
+            (
+                Err(Failure::Source(SourceError::WrongPatient("x".into()))),
+                Some(true),
+            ),
+        ];
+        for (result, want) in cases {
+            assert_eq!(verdict(&result), want, "{result:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_reopens_the_circuit() {
+        let b = breaker();
+        (0..3).for_each(|_| fail(&b));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let probe = guard(&b, std::future::pending::<Result<(), Failure>>());
+        // Polled once (the probe is taken), then dropped as a cancelled lookup would be.
+        assert!(futures::poll!(Box::pin(probe)).is_pending());
+        assert_eq!(b.state_code(), 2, "open again, not stuck half-open");
     }
 
     #[test]
