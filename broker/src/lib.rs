@@ -4,10 +4,12 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod assemble;
 pub mod audit;
 pub mod breaker;
 pub mod budget;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod error;
