@@ -332,7 +332,9 @@ impl Broker {
         );
         metrics::counter!(crate::metrics::DENIED, "reason" => denial.label()).increment(1);
         tracing::info!(request_id = %request.request_id, reason = %denial, "access denied");
-        if let Err(e) = futures::executor::block_on(self.audit.record(&event)) {
+        if let Err(e) =
+            futures::executor::block_on(tokio::task::unconstrained(self.audit.record(&event)))
+        {
             tracing::error!(error = %e, "audit trail unavailable");
         }
         Status::new(denial.code(), denial.to_string())
@@ -365,7 +367,9 @@ impl Broker {
             Some(&view),
             from_cache,
         );
-        if let Err(e) = futures::executor::block_on(self.audit.record(&event)) {
+        if let Err(e) =
+            futures::executor::block_on(tokio::task::unconstrained(self.audit.record(&event)))
+        {
             tracing::error!(request_id = %request.request_id, error = %e, "audit trail unavailable: not disclosing");
             return Err(Status::unavailable(
                 "the audit trail cannot be written, so the record is not disclosed; try again shortly",
@@ -552,7 +556,7 @@ impl Broker {
             None,
             false,
         );
-        futures::executor::block_on(self.audit.record(&event)).map_err(|e| {
+        futures::executor::block_on(tokio::task::unconstrained(self.audit.record(&event))).map_err(|e| {
             tracing::error!(request_id = %request.request_id, error = %e, "audit trail unavailable: not streaming");
             Status::unavailable(
                 "the audit trail cannot be written, so the record is not disclosed; try again shortly",
