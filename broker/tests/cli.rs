@@ -271,3 +271,32 @@ fn a_second_broker_on_the_same_audit_trail_refuses_to_start_and_says_why() {
         "the first broker keeps serving"
     );
 }
+
+#[test]
+fn check_config_accepts_real_tls_material_on_a_network_address() {
+    let dir = temp("tls-ok");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let cert = dir.join("broker.pem");
+    let key = dir.join("broker.key");
+    std::fs::write(&cert, made.cert.pem()).expect("write");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write");
+    let config = dir.join("tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"0.0.0.0:50051\"\n[server.tls]\ncert = {cert:?}\nkey = {key:?}\n\n[audit]\nfile = {:?}\n",
+            dir.join("audit.jsonl")
+        ),
+    )
+    .expect("write");
+    let out = carerecord(&["check-config", config.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("OK (0 sources, listening on 0.0.0.0:50051)")
+    );
+}
