@@ -137,22 +137,14 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
 /// (tonic builds its TLS acceptor from them), so a bad file is found before a port is bound.
 fn tls(config: &Config) -> Result<Transport, ServeError> {
     let transport = Transport::from_config(&config.server)?;
-    if let Some(tls) = &transport.tls {
+    if let (Some(acceptor), Some(files)) = (&transport.tls, &config.server.tls) {
         tonic::transport::Server::builder()
-            .tls_config(tls.clone())
+            .tls_config(acceptor.clone())
             .map_err(|e| {
                 ServeError::Certificate(format!(
                     "[server.tls] cert {}, key {}: {}",
-                    config
-                        .server
-                        .tls
-                        .as_ref()
-                        .map_or_else(String::new, |t| t.cert.display().to_string()),
-                    config
-                        .server
-                        .tls
-                        .as_ref()
-                        .map_or_else(String::new, |t| t.key.display().to_string()),
+                    files.cert.display(),
+                    files.key.display(),
                     describe(&e)
                 ))
             })?;
