@@ -26,9 +26,9 @@ use carerecord_broker::access::{Caller, UNVERIFIED};
 use carerecord_broker::config::Config;
 use carerecord_broker::fanout::{Answer, ConfiguredSource, SourceSet};
 use carerecord_broker::merge::{self, MergedRecord};
+use carerecord_broker::registry;
 use carerecord_broker::routing::Route;
 use carerecord_broker::validate::{self, LookupRequest};
-use carerecord_broker::{Broker, registry};
 use carerecord_mock_sources::{
     FhirMode, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
 };
@@ -401,8 +401,13 @@ fn benches(c: &mut Criterion) {
             ConfiguredSource::new(Arc::new(s), Duration::from_secs(2))
         })
         .collect();
-    let broker =
-        Arc::new(Broker::from_config(&broker_config, SourceSet::new(sources, 1)).expect("broker"));
+    let broker = Arc::new(
+        carerecord_broker::assemble::broker_with_sources(
+            &broker_config,
+            SourceSet::new(sources, 1),
+        )
+        .expect("broker"),
+    );
     let request: LookupRequest = validate::check(
         GetCareRecordRequest {
             nhs_number: f.nhs.as_digits(),

@@ -8,7 +8,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +53,15 @@ struct ChainedLine {
     event: AuditEvent,
 }
 
+/// A [`ChainedLine`] as written, borrowing its parts (same fields, same order).
+#[derive(Serialize)]
+struct LineOut<'a> {
+    seq: u64,
+    prev: &'a str,
+    hash: &'a str,
+    event: &'a AuditEvent,
+}
+
 #[derive(Serialize)]
 struct Hashed<'a> {
     seq: u64,
@@ -83,27 +91,42 @@ pub enum AuditError {
     },
     #[error("audit event could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(
+        "audit file {path} is locked by another carerecord broker instance: two brokers appending to one trail would interleave their hash chains. Run one trail per instance: give each instance its own [audit] file (e.g. named by instance, /var/lib/carerecord/audit-<instance>.jsonl), or stop the other instance first"
+    )]
+    Locked { path: PathBuf },
+    #[error("audit writer for {path} has stopped; the event was not recorded")]
+    WriterStopped { path: PathBuf },
 }
 
-struct Head {
-    file: File,
-    seq: u64,
-    hash: String,
+/// One event waiting for the writer, and whoever waits for it to be on disk.
+struct Job {
+    event: AuditEvent,
+    ack: tokio::sync::oneshot::Sender<Result<(), AuditError>>,
 }
 
-/// An open audit trail.
+/// Most events written (and fsynced) together.
+const MAX_BATCH: usize = 1024;
+
+/// An open audit trail, written by its own thread.
+///
+/// Callers hand events to the writer over a channel and wait for its acknowledgement, so the
+/// write (and optional fsync) never runs on an async worker. The writer takes whatever is queued
+/// when it wakes as one batch: one `write`, at most one `fsync`, then every event in it is
+/// acknowledged (group commit). The file is exclusively locked while the trail is open, so a
+/// second broker pointed at the same file refuses to start instead of interleaving two chains.
 pub struct AuditLog {
     path: PathBuf,
-    head: Mutex<Head>,
-    /// Also `fsync` every event (durable across power loss, slower).
-    sync: bool,
-    /// A regular file (whose length can be restored after a failed write).
-    regular: bool,
+    /// Taken on drop, which stops the writer.
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    /// Joined on drop, so the file (and its lock) is closed when the log is gone.
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AuditLog {
-    /// Opens (or creates) the trail and continues its chain. A damaged trail refuses to open:
-    /// appending to it would hide the damage.
+    /// Opens (or creates) the trail, locks it and continues its chain. A damaged trail refuses
+    /// to open: appending to it would hide the damage. A trail another instance holds refuses to
+    /// open with [`AuditError::Locked`].
     pub fn open(path: &Path, sync: bool) -> Result<AuditLog, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_owned(),
@@ -112,9 +135,24 @@ impl AuditLog {
         // Only a regular file holds a chain to continue (a device such as /dev/null does not).
         let kind = std::fs::metadata(path).map(|m| m.is_file());
         let regular = !matches!(kind, Ok(false));
-        let (seq, hash) = match kind.and_then(|regular| Ok((regular, File::open(path)?))) {
-            Ok((false, _)) => (0, GENESIS.to_owned()),
-            Ok((true, file)) => match verify_reader(BufReader::new(file)) {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        if regular {
+            // Lock before reading the chain, so nobody appends between the check and our first
+            // event. The lock belongs to this open file and ends when the writer closes it.
+            file.try_lock().map_err(|e| match e {
+                std::fs::TryLockError::WouldBlock => AuditError::Locked {
+                    path: path.to_owned(),
+                },
+                std::fs::TryLockError::Error(source) => io(source),
+            })?;
+        }
+        let (seq, hash) = if regular {
+            let reader = File::open(path).map_err(io)?;
+            match verify_reader(BufReader::new(reader)) {
                 Verified::Intact { events, last_hash } => (events, last_hash),
                 Verified::Broken { line, why } => {
                     return Err(AuditError::Damaged {
@@ -123,56 +161,205 @@ impl AuditLog {
                         why,
                     });
                 }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, GENESIS.to_owned()),
-            Err(e) => return Err(io(e)),
+            }
+        } else {
+            (0, GENESIS.to_owned())
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let head = Head {
+            path: path.to_owned(),
+            file,
+            seq,
+            hash,
+            sync,
+            regular,
+        };
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("carerecord-audit".into())
+            .spawn(move || head.run(queue))
             .map_err(io)?;
         Ok(AuditLog {
             path: path.to_owned(),
-            head: Mutex::new(Head { file, seq, hash }),
-            sync,
-            regular,
+            jobs: Some(jobs),
+            writer: Some(writer),
         })
     }
 
-    /// Appends one event. An error means it was not recorded, and the caller must not disclose.
+    /// Appends one event and waits until the writer has written it (and fsynced it, with
+    /// `fsync` on). An error means it was not recorded, and the caller must not disclose.
     pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = head.seq + 1;
-        let hash = hash_of(seq, &head.hash, event)?;
-        let line = ChainedLine {
-            seq,
-            prev: head.hash.clone(),
-            hash: hash.clone(),
-            event: event.clone(),
-        };
-        let mut bytes = serde_json::to_vec(&line)?;
-        bytes.push(b'\n');
-        let io = |source| AuditError::Io {
+        let stopped = || AuditError::WriterStopped {
             path: self.path.clone(),
-            source,
         };
-        let before = head.file.metadata().map(|m| m.len()).ok();
-        if let Err(e) = head.file.write_all(&bytes) {
-            // A half-written line would corrupt the next event too: cut it off again. (On a
-            // device such as /dev/full there is no length to restore.)
-            if let Some(len) = before.filter(|_| self.regular) {
-                let _ = head.file.set_len(len);
-            }
-            return Err(io(e));
-        }
-        if self.sync {
-            head.file.sync_data().map_err(io)?;
-        }
-        head.seq = seq;
-        head.hash = hash;
-        Ok(())
+        let (ack, acked) = tokio::sync::oneshot::channel();
+        let job = Job {
+            event: event.clone(),
+            ack,
+        };
+        self.jobs
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(job)
+            .map_err(|_| stopped())?;
+        acked.await.map_err(|_| stopped())?
     }
+
+    /// The trail's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued and exit; joining it means
+        // the file is closed and unlocked by the time the log is gone (a restart in the same
+        // process can open it again).
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The writer thread's state: the end of the chain and the file it extends.
+struct Head {
+    path: PathBuf,
+    file: File,
+    seq: u64,
+    hash: String,
+    /// Also `fsync` every batch (durable across power loss, slower).
+    sync: bool,
+    /// A regular file (whose length can be restored after a failed write).
+    regular: bool,
+}
+
+impl Head {
+    /// Writes batches until every sender is gone.
+    fn run(mut self, queue: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    /// Chains, writes and (optionally) fsyncs one batch, then acknowledges every event in it.
+    fn commit(&mut self, batch: Vec<Job>) {
+        let mut bytes = Vec::with_capacity(batch.len() * 512);
+        let (mut seq, mut hash) = (self.seq, self.hash.clone());
+        let mut written = Vec::with_capacity(batch.len());
+        for job in batch {
+            match chained_line(seq + 1, &hash, &job.event) {
+                Ok((line, next)) => {
+                    bytes.extend_from_slice(&line);
+                    seq += 1;
+                    hash = next;
+                    written.push(job.ack);
+                }
+                // An event that cannot be encoded is refused alone; the chain skips it.
+                Err(e) => {
+                    let _ = job.ack.send(Err(e));
+                }
+            }
+        }
+        if written.is_empty() {
+            return;
+        }
+        match self.append(&bytes) {
+            Ok(()) => {
+                self.seq = seq;
+                self.hash = hash;
+                for ack in written {
+                    let _ = ack.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, events = written.len(), "audit write failed");
+                for ack in written {
+                    let _ = ack.send(Err(AuditError::Io {
+                        path: self.path.clone(),
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Appends whole lines, or nothing: a half-written (or unsynced) batch is cut off again, so
+    /// the next batch still links to the last acknowledged event.
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let before = self.file.metadata().map(|m| m.len()).ok();
+        let result = self.file.write_all(bytes).and_then(|()| {
+            if self.sync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if result.is_err() {
+            // On a device such as /dev/full there is no length to restore.
+            if let Some(len) = before.filter(|_| self.regular) {
+                let _ = self.file.set_len(len);
+            }
+        }
+        result
+    }
+}
+
+/// One JSON line (with its newline) for event number `seq` after `prev`, and its hash.
+fn chained_line(seq: u64, prev: &str, event: &AuditEvent) -> Result<(Vec<u8>, String), AuditError> {
+    let hash = hash_of(seq, prev, event)?;
+    let mut bytes = serde_json::to_vec(&LineOut {
+        seq,
+        prev,
+        hash: &hash,
+        event,
+    })?;
+    bytes.push(b'\n');
+    Ok((bytes, hash))
+}
+
+/// What `carerecord check-config` checks of the trail, the way `serve` would find it, without
+/// holding it: an existing trail must be intact and open for appending, a new one must be
+/// creatable. The lock is deliberately not taken, so checking a running broker's configuration
+/// does not fail because that broker holds its trail.
+pub fn check_usable(path: &Path) -> Result<(), AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            OpenOptions::new().append(true).open(path).map_err(io)?;
+        }
+        Ok(_) => {
+            OpenOptions::new().append(true).open(path).map_err(io)?;
+            if let Verified::Broken { line, why } = verify(path)? {
+                return Err(AuditError::Damaged {
+                    path: path.to_owned(),
+                    line,
+                    why,
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Create it as serve would, then remove it again: check-config leaves nothing behind.
+            OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(path)
+                .map_err(io)?;
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        Err(e) => return Err(io(e)),
+    }
+    Ok(())
 }
 
 /// The result of checking a trail.
@@ -255,6 +442,8 @@ pub fn events_for_patient(path: &Path, nhs_digits: &str) -> Result<Vec<AuditEven
 
 #[cfg(test)]
 mod tests {
+    use futures::executor::block_on;
+
     use super::*;
 
     fn event(n: u32) -> AuditEvent {
@@ -287,7 +476,7 @@ mod tests {
         let path = dir.join("audit.jsonl");
         let log = AuditLog::open(&path, false).expect("open");
         for i in 1..=n {
-            futures::executor::block_on(log.record(&event(i))).expect("record");
+            block_on(log.record(&event(i))).expect("record");
         }
         path
     }
@@ -305,7 +494,7 @@ mod tests {
         let dir = temp_dir("intact");
         let path = trail(&dir, 3);
         let log = AuditLog::open(&path, true).expect("reopen");
-        futures::executor::block_on(log.record(&event(4))).expect("record");
+        block_on(log.record(&event(4))).expect("record");
         match verify(&path).expect("read") {
             Verified::Intact { events, .. } => assert_eq!(events, 4),
             broken => panic!("{broken:?}"),
@@ -353,6 +542,82 @@ mod tests {
         assert!(matches!(
             AuditLog::open(&path, false),
             Err(AuditError::Damaged { line: 5, .. })
+        ));
+    }
+    #[test]
+    fn a_second_open_of_the_same_trail_is_refused_with_what_to_do() {
+        let dir = temp_dir("lock");
+        let path = dir.join("audit.jsonl");
+        let first = AuditLog::open(&path, false).expect("open");
+        let err = match AuditLog::open(&path, false) {
+            Err(e) => e,
+            Ok(_) => panic!("two open trails on one file"),
+        };
+        assert!(matches!(err, AuditError::Locked { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("another carerecord broker instance"), "{msg}");
+        assert!(msg.contains("one trail per instance"), "{msg}");
+        // Once the first is gone, the trail opens again and continues its chain.
+        block_on(first.record(&event(1))).expect("record");
+        drop(first);
+        let again = AuditLog::open(&path, false).expect("reopen after the holder closed");
+        block_on(again.record(&event(2))).expect("record");
+        assert!(matches!(
+            verify(&path).expect("read"),
+            Verified::Intact { events: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn check_usable_neither_takes_the_lock_nor_leaves_a_file() {
+        let dir = temp_dir("check");
+        let fresh = dir.join("new.jsonl");
+        check_usable(&fresh).expect("creatable");
+        assert!(!fresh.exists(), "check-config leaves nothing behind");
+
+        let held = dir.join("held.jsonl");
+        let log = AuditLog::open(&held, false).expect("open");
+        check_usable(&held).expect("a running broker's trail checks");
+        block_on(log.record(&event(1))).expect("the holder still writes");
+
+        let blocked = dir.join("not-a-dir").join("audit.jsonl");
+        std::fs::write(dir.join("not-a-dir"), "a file").expect("write");
+        let serve = AuditLog::open(&blocked, false).err().map(|e| e.to_string());
+        let check = check_usable(&blocked).err().map(|e| e.to_string());
+        assert!(serve.is_some(), "serve refuses a trail it cannot create");
+        assert_eq!(serve, check, "check-config says what serve says");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_records_all_land_in_one_chain() {
+        let dir = temp_dir("concurrent");
+        let path = dir.join("audit.jsonl");
+        let log = std::sync::Arc::new(AuditLog::open(&path, true).expect("open"));
+        let tasks: Vec<_> = (0..200u32)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.record(&event(i % 60)).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("recorded");
+        }
+        match verify(&path).expect("read") {
+            Verified::Intact { events, .. } => assert_eq!(events, 200),
+            broken => panic!("{broken:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_an_error_and_the_chain_survives_it() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            return;
+        }
+        let log = AuditLog::open(full, false).expect("open a device");
+        assert!(matches!(
+            block_on(log.record(&event(1))),
+            Err(AuditError::Io { .. })
         ));
     }
 }

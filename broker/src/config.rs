@@ -185,9 +185,14 @@ pub struct SystemConfig {
 pub struct ServerConfig {
     /// gRPC listen address, e.g. `127.0.0.1:50051`.
     pub listen: SocketAddr,
-    /// Serve gRPC without TLS. Only for local development; the broker warns loudly at start.
+    /// Serve gRPC without TLS. Only for local development; the broker warns loudly at start,
+    /// and refuses it on a non-loopback address unless `allow_plaintext_on_network` is set.
     #[serde(default)]
     pub plaintext: bool,
+    /// Allow `plaintext = true` on a non-loopback `listen` address (patient data would cross the
+    /// network unencrypted). Off by default; only for an isolated test network.
+    #[serde(default)]
+    pub allow_plaintext_on_network: bool,
     /// This broker's identifier in federation chains (loop detection).
     #[serde(default = "default_broker_id")]
     pub broker_id: String,
@@ -253,10 +258,10 @@ impl CacheConfig {
     }
 }
 
-/// One `[[sources]]` entry: exactly one of the `fhir` or `broker` tables says how to
+/// One `[[sources]]` entry; its kind (`[sources.fhir]` or `[sources.broker]`) says how to
 /// reach it.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SourceTable")]
 pub struct SourceConfig {
     /// Unique id within this configuration (appears in responses, metrics and audit).
     pub id: String,
@@ -268,10 +273,76 @@ pub struct SourceConfig {
     pub timeout_ms: Option<u64>,
     /// Calls in flight to this source; defaults to `resilience.source_max_in_flight`.
     pub max_in_flight: Option<usize>,
-    /// A FHIR R4 server.
-    pub fhir: Option<FhirConfig>,
-    /// Another carerecord broker (federation).
-    pub broker: Option<BrokerSourceConfig>,
+    /// What the source is and how to reach it.
+    pub kind: SourceKind,
+}
+
+/// The kinds of source the broker can ask.
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    /// A FHIR R4 server (`[sources.fhir]`).
+    Fhir(FhirConfig),
+    /// Another carerecord broker, for federation (`[sources.broker]`).
+    Broker(BrokerSourceConfig),
+}
+
+impl SourceKind {
+    /// The table that configures it, as the TOML spells it.
+    pub fn table(&self) -> &'static str {
+        match self {
+            SourceKind::Fhir(_) => "sources.fhir",
+            SourceKind::Broker(_) => "sources.broker",
+        }
+    }
+}
+
+impl SourceConfig {
+    /// The FHIR settings, when the source is a FHIR server.
+    pub fn fhir_mut(&mut self) -> Option<&mut FhirConfig> {
+        match &mut self.kind {
+            SourceKind::Fhir(fhir) => Some(fhir),
+            SourceKind::Broker(_) => None,
+        }
+    }
+}
+
+/// A `[[sources]]` table as written: one optional sub-table per kind, of which exactly one must
+/// be present (the TOML layout predates [`SourceKind`] and stays as operators know it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceTable {
+    id: String,
+    organisation_code: String,
+    organisation_name: String,
+    timeout_ms: Option<u64>,
+    max_in_flight: Option<usize>,
+    fhir: Option<FhirConfig>,
+    broker: Option<BrokerSourceConfig>,
+}
+
+impl TryFrom<SourceTable> for SourceConfig {
+    type Error = String;
+
+    fn try_from(t: SourceTable) -> Result<Self, Self::Error> {
+        let kind = match (t.fhir, t.broker) {
+            (Some(fhir), None) => SourceKind::Fhir(fhir),
+            (None, Some(broker)) => SourceKind::Broker(broker),
+            _ => {
+                return Err(format!(
+                    "source {:?}: exactly one of [sources.fhir] or [sources.broker] must say how to reach it",
+                    t.id
+                ));
+            }
+        };
+        Ok(SourceConfig {
+            id: t.id,
+            organisation_code: t.organisation_code,
+            organisation_name: t.organisation_name,
+            timeout_ms: t.timeout_ms,
+            max_in_flight: t.max_in_flight,
+            kind,
+        })
+    }
 }
 
 /// A configuration that cannot be used, with where and why.
@@ -334,6 +405,15 @@ impl Config {
             (Some(_), true) => {
                 return Err("server: plaintext = true and [server.tls] cannot both be set".into());
             }
+            (None, true)
+                if !self.server.listen.ip().is_loopback()
+                    && !self.server.allow_plaintext_on_network =>
+            {
+                return Err(format!(
+                    "server: plaintext = true on {}, a non-loopback address, would send patient data across the network unencrypted: configure [server.tls], listen on a loopback address (127.0.0.1) for local development, or set allow_plaintext_on_network = true for an isolated test network",
+                    self.server.listen
+                ));
+            }
             (Some(tls), false) if tls.client_ca.is_some() && tls.systems.is_empty() => {
                 return Err(
                     "server.tls: client_ca is set but no [[server.tls.systems]] may call".into(),
@@ -369,11 +449,6 @@ impl Config {
             }
             if s.timeout_ms == Some(0) {
                 return Err(format!("{at}: timeout_ms must be greater than 0"));
-            }
-            if s.fhir.is_some() == s.broker.is_some() {
-                return Err(format!(
-                    "{at}: exactly one of [sources.fhir] or [sources.broker] must say how to reach it"
-                ));
             }
         }
         Ok(())
@@ -457,6 +532,45 @@ base_url = "http://127.0.0.1:8080/fhir"
             .expect_err("duplicate")
             .to_string();
         assert!(msg.contains("duplicate source id"), "{msg}");
+    }
+
+    #[test]
+    fn plaintext_on_the_network_needs_its_own_setting() {
+        let open = MINIMAL.replace("127.0.0.1:50051", "0.0.0.0:50051");
+        let msg = Config::parse(&open, Path::new("t.toml"))
+            .expect_err("plaintext on every interface")
+            .to_string();
+        assert!(
+            msg.contains("non-loopback") && msg.contains("allow_plaintext_on_network"),
+            "{msg}"
+        );
+        let allowed = open.replace(
+            "plaintext = true",
+            "plaintext = true\nallow_plaintext_on_network = true",
+        );
+        Config::parse(&allowed, Path::new("t.toml")).expect("explicitly allowed");
+        let v6 = MINIMAL.replace("127.0.0.1:50051", "[::1]:50051");
+        Config::parse(&v6, Path::new("t.toml")).expect("loopback");
+    }
+
+    #[test]
+    fn source_kinds_parse_into_one_enum() {
+        let c = Config::parse(MINIMAL, Path::new("t.toml")).expect("valid");
+        assert!(matches!(c.sources[0].kind, SourceKind::Fhir(_)));
+        let text = MINIMAL.replace(
+            "[sources.fhir]\nbase_url = \"http://127.0.0.1:8080/fhir\"",
+            "[sources.broker]\nurl = \"http://127.0.0.1:50052\"",
+        );
+        let c = Config::parse(&text, Path::new("t.toml")).expect("valid");
+        assert!(matches!(c.sources[0].kind, SourceKind::Broker(_)));
+        let both = format!("{MINIMAL}[sources.broker]\nurl = \"http://127.0.0.1:50052\"\n");
+        let msg = Config::parse(&both, Path::new("t.toml"))
+            .expect_err("two kinds")
+            .to_string();
+        assert!(
+            msg.contains("exactly one of") && msg.contains("line 6"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod assemble;
 pub mod audit;
 pub mod budget;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod error;

@@ -1,11 +1,11 @@
-//! `carerecord`: run the broker, check its configuration, look a patient up, or run the demo.
+//! `carerecord`: run the broker, check its configuration, look a patient up, or read the audit
+//! trail. The demo and the load generator are development tools: `carerecord-dev`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use carerecord_broker::cli;
 use clap::{Parser, Subcommand, ValueEnum};
-
-mod cli;
 
 #[derive(Parser)]
 #[command(name = "carerecord", version, about = "Federated care record broker")]
@@ -41,11 +41,6 @@ enum Command {
     /// Read the audit trail: verify it, or list who looked at a patient's record.
     #[command(subcommand)]
     Audit(cli::audit::AuditCommand),
-    /// Start a synthetic region (mock organisations over real HTTP) and a broker, look up a
-    /// patient known to several organisations, and print the record.
-    Demo(cli::demo::DemoArgs),
-    /// Load-generate against a broker (and reference programs) and print a Markdown table.
-    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,9 +62,7 @@ fn main() -> ExitCode {
             Command::Serve { config } => cli::serve::run(&config).await,
             Command::CheckConfig { file } => cli::serve::check(&file),
             Command::Lookup(args) => cli::lookup::run(args).await,
-            Command::Demo(args) => cli::demo::run(args).await,
             Command::Audit(command) => cli::audit::run(command),
-            Command::Bench(args) => cli::bench::run(args).await,
         }
     });
     match result {

@@ -9,7 +9,7 @@ use carerecord_adapters::locator::Locator;
 use carerecord_adapters::{Source, SourceInfo};
 
 use crate::breaker::BreakerConfig;
-use crate::config::{Config, RoutingMode};
+use crate::config::{Config, RoutingMode, SourceKind};
 use crate::directory::LazyFhirSource;
 use crate::fanout::{ConfiguredSource, SourceSet};
 use crate::routing::Router;
@@ -35,24 +35,19 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
             id: s.id.clone(),
             message,
         };
-        let source: Arc<dyn Source> = match (&s.fhir, &s.broker) {
-            (Some(fhir), _) => {
+        let source: Arc<dyn Source> = match &s.kind {
+            SourceKind::Fhir(fhir) => {
                 Arc::new(FhirSource::new(info, fhir).map_err(|e| failed(e.to_string()))?)
             }
-            (None, Some(remote)) => {
+            SourceKind::Broker(remote) => {
                 Arc::new(BrokerSource::new(info, remote).map_err(|e| failed(e.to_string()))?)
             }
-            (None, None) => return Err(failed("no source kind configured".into())),
         };
-        let r = &config.resilience;
-        sources.push(ConfiguredSource::with_limits(
+        sources.push(configured(
+            config,
             source,
             config.source_timeout(s),
-            BreakerConfig {
-                failures: r.breaker_failures,
-                open_for: Duration::from_millis(r.breaker_open_ms),
-            },
-            s.max_in_flight.unwrap_or(r.source_max_in_flight),
+            s.max_in_flight,
         ));
     }
     if let Some(directory) = &config.directory {
@@ -65,7 +60,6 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
                 .timeout_ms
                 .unwrap_or(config.budget.default_source_timeout_ms),
         );
-        let r = &config.resilience;
         for row in rows {
             let mut fhir = FhirConfig::new(row.base_url);
             fhir.mode = directory.mode;
@@ -75,18 +69,35 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
                 organisation_code: row.code,
                 organisation_name: row.name,
             };
-            sources.push(ConfiguredSource::with_limits(
+            sources.push(configured(
+                config,
                 Arc::new(LazyFhirSource::new(info, fhir)),
                 timeout,
-                BreakerConfig {
-                    failures: r.breaker_failures,
-                    open_for: Duration::from_millis(r.breaker_open_ms),
-                },
-                r.source_max_in_flight,
+                None,
             ));
         }
     }
     Ok(SourceSet::new(sources, epoch))
+}
+
+/// A source under the configuration's resilience settings (breaker, bulkhead) and `timeout`.
+/// Also for sources built outside the configuration (the development tools' in-process ones).
+pub fn configured(
+    config: &Config,
+    source: Arc<dyn Source>,
+    timeout: Duration,
+    max_in_flight: Option<usize>,
+) -> ConfiguredSource {
+    let r = &config.resilience;
+    ConfiguredSource::with_limits(
+        source,
+        timeout,
+        BreakerConfig {
+            failures: r.breaker_failures,
+            open_for: Duration::from_millis(r.breaker_open_ms),
+        },
+        max_in_flight.unwrap_or(r.source_max_in_flight),
+    )
 }
 
 /// The router the configuration asks for.

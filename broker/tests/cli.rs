@@ -1,4 +1,5 @@
-//! The `carerecord` binary as ops meet it: config checking, the audit commands and the demo.
+//! The `carerecord` binary as ops meet it: config checking (the same checks `serve` runs), the
+//! audit commands, and one trail per instance.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -102,21 +103,200 @@ fn audit_verify_reports_the_first_broken_line_and_patient_lists_accesses() {
     assert!(err.contains("broken at line 2"), "{err}");
 }
 
+/// Kills a broker process if a test fails before it exits by itself.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A config serving plaintext on loopback `port` with its audit trail at `audit`.
+fn config_with(port: u16, audit: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nplaintext = true\n{extra}\n[audit]\nfile = {audit:?}\n\n[[sources]]\nid = \"gp\"\norganisation_code = \"A81001\"\norganisation_name = \"Riverside GP\"\n[sources.fhir]\nbase_url = \"http://127.0.0.1:9/fhir\"\n"
+    )
+}
+
+/// `carerecord serve` on a config it must refuse: its exit status and its error, or a failure
+/// if it starts serving instead.
+fn serve_refuses(config: &std::path::Path) -> String {
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_carerecord"))
+            .args(["serve", "--config", config.to_str().expect("utf8")])
+            .env("RUST_LOG", "off")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start carerecord serve"),
+    );
+    for _ in 0..600 {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            assert!(!status.success(), "serve accepted {}", config.display());
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.0.stderr.as_mut().expect("stderr piped"), &mut err)
+                .expect("read stderr");
+            return err;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("serve kept running on {}", config.display());
+}
+
+/// The `error: ...` part of a command's stderr.
+fn error_of(stderr: &str) -> String {
+    stderr
+        .find("error:")
+        .map(|i| stderr[i..].trim().to_owned())
+        .unwrap_or_else(|| stderr.trim().to_owned())
+}
+
 #[test]
-fn the_demo_looks_a_patient_up_across_mock_organisations_over_http() {
-    let out = carerecord(&["demo", "--patients", "300", "--organisations", "6"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+fn check_config_refuses_what_serve_refuses_with_the_same_message() {
+    let dir = temp("parity");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let blocker = file("not-a-dir", "a file where a directory should be");
+    let objections = file("objections.txt", "9434765919\n12345\n");
+    let garbage = file("garbage.pem", "not a certificate\n");
+    let audit = dir.join("audit.jsonl");
+    let port = free_port();
+    let tls = |cert: &std::path::Path| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[server.tls]\ncert = {cert:?}\nkey = {cert:?}\n\n[audit]\nfile = {audit:?}\n"
+        )
+    };
+    let cases = [
+        (
+            "unwritable audit directory",
+            config_with(port, &blocker.join("audit.jsonl"), ""),
+            "Not a directory",
+        ),
+        (
+            "missing TLS file",
+            tls(&dir.join("missing.pem")),
+            "missing.pem",
+        ),
+        ("unparsable TLS material", tls(&garbage), "garbage.pem"),
+        (
+            "bad objections file",
+            config_with(
+                port,
+                &audit,
+                &format!("[access]\nobjections_file = {objections:?}\n"),
+            ),
+            "line 2",
+        ),
+        (
+            "plaintext on every interface",
+            config_with(port, &audit, "").replace("127.0.0.1", "0.0.0.0"),
+            "allow_plaintext_on_network",
+        ),
+    ];
+    for (name, text, why) in cases {
+        let path = file("case.toml", &text);
+        let check = carerecord(&["check-config", path.to_str().expect("utf8")]);
+        assert!(!check.status.success(), "{name}: check-config accepted it");
+        let check = error_of(&String::from_utf8_lossy(&check.stderr));
+        let serve = error_of(&serve_refuses(&path));
+        assert!(check.contains(why), "{name}: {check}");
+        assert_eq!(check, serve, "{name}: check-config and serve disagree");
+    }
+    assert!(!audit.exists(), "neither left an audit trail behind");
+}
+
+#[test]
+fn a_second_broker_on_the_same_audit_trail_refuses_to_start_and_says_why() {
+    let dir = temp("lock");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let audit = dir.join("shared-audit.jsonl");
+    let first_port = free_port();
+    let first_config = dir.join("first.toml");
+    std::fs::write(&first_config, config_with(first_port, &audit, "")).expect("write");
+    let mut first = Running(
+        Command::new(env!("CARGO_BIN_EXE_carerecord"))
+            .args(["serve", "--config", first_config.to_str().expect("utf8")])
+            .env("RUST_LOG", "off")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the first broker"),
+    );
+    let mut listening = false;
+    for _ in 0..600 {
+        assert!(
+            first.0.try_wait().expect("wait").is_none(),
+            "the first broker exited"
+        );
+        if std::net::TcpStream::connect(("127.0.0.1", first_port)).is_ok() {
+            listening = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(listening, "the first broker never listened");
+
+    // Checking the running broker's own configuration still passes: the check does not lock.
+    let check = carerecord(&["check-config", first_config.to_str().expect("utf8")]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let second_config = dir.join("second.toml");
+    std::fs::write(&second_config, config_with(free_port(), &audit, "")).expect("write");
+    let err = serve_refuses(&second_config);
+    assert!(
+        err.contains("locked by another carerecord broker instance")
+            && err.contains("one trail per instance")
+            && err.contains("[audit] file"),
+        "{err}"
+    );
+    assert!(
+        first.0.try_wait().expect("wait").is_none(),
+        "the first broker keeps serving"
+    );
+}
+
+#[test]
+fn check_config_accepts_real_tls_material_on_a_network_address() {
+    let dir = temp("tls-ok");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let cert = dir.join("broker.pem");
+    let key = dir.join("broker.key");
+    std::fs::write(&cert, made.cert.pem()).expect("write");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write");
+    let config = dir.join("tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"0.0.0.0:50051\"\n[server.tls]\ncert = {cert:?}\nkey = {key:?}\n\n[audit]\nfile = {:?}\n",
+            dir.join("audit.jsonl")
+        ),
+    )
+    .expect("write");
+    let out = carerecord(&["check-config", config.to_str().expect("utf8")]);
     assert!(
         out.status.success(),
-        "{stdout}\n{}",
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("Sources"), "{stdout}");
-    // The chosen patient is known to at least three organisations, all of which answered.
-    let ok = stdout
-        .lines()
-        .filter(|l| l.trim_start().starts_with("OK "))
-        .count();
-    assert!(ok >= 3, "{stdout}");
-    assert!(stdout.contains(" complete"), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("OK (0 sources, listening on 0.0.0.0:50051)")
+    );
 }

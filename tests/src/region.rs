@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use carerecord_adapters::NhsNumber;
-use carerecord_broker::Broker;
 use carerecord_broker::config::Config;
 use carerecord_broker::registry;
 use carerecord_mock_sources::{
@@ -81,7 +80,8 @@ pub fn region_config(server: &RegionServer, mode: FhirMode, source_timeout: Dura
 /// Builds the broker from `config` the way `carerecord serve` does, and serves it on loopback.
 pub async fn start_region_broker(config: &Config) -> TestBroker {
     let sources = registry::build(config, 1).expect("sources build from the mock config");
-    let broker = Broker::from_config(config, sources).expect("broker builds from the mock config");
+    let broker = carerecord_broker::assemble::broker_with_sources(config, sources)
+        .expect("broker builds from the mock config");
     start_with(Arc::new(broker)).await
 }
 

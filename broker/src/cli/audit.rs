@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
+use crate::audit::{self, Verified};
 use anyhow::Context;
 use carerecord_adapters::NhsNumber;
-use carerecord_broker::audit::{self, Verified};
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]

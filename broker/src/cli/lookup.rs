@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use crate::render;
 use anyhow::Context;
-use carerecord_broker::render;
 use carerecord_proto::care_record_event::Event;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::{CacheDirective, GetCareRecordRequest, Purpose, Requester, Section};

@@ -1,7 +1,7 @@
-//! The command-line subcommands, each a thin edge over the library with context-rich errors.
+//! The `carerecord` command-line faces, each a thin edge over the library with context-rich
+//! errors. They live in the library (not only the binary) so the development tools
+//! (`carerecord-dev demo`) drive the same lookup client and serving path as the product.
 
 pub mod audit;
-pub mod bench;
-pub mod demo;
 pub mod lookup;
 pub mod serve;

@@ -4,15 +4,22 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use carerecord_broker::access::Policy;
-use carerecord_broker::config::Config;
-use carerecord_broker::fanout::SourceSet;
-use carerecord_broker::server::Transport;
-use carerecord_broker::{Broker, registry, server};
 
+use crate::assemble::{Trail, assemble};
+use crate::config::Config;
+use crate::{Broker, registry, server};
+
+/// Runs the broker until SIGTERM/Ctrl-C has drained it.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let sources = registry::build(&config, 1)?;
+    // Everything is built and checked before a port is bound; `check-config` runs the same.
+    let assembly = assemble(&config, Trail::Open)?;
+    let broker = Arc::new(
+        assembly
+            .broker
+            .context("the broker was not built (no audit trail opened)")?,
+    );
+    let transport = assembly.transport;
     if config.server.plaintext {
         tracing::warn!(
             listen = %config.server.listen,
@@ -22,16 +29,14 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    let transport = Transport::from_config(&config.server)?;
-    let broker = Arc::new(build_broker(&config, sources)?);
     if let Some(listen) = config.metrics.listen {
-        carerecord_broker::metrics::install(listen)
+        crate::metrics::install(listen)
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {listen}: {e}"))?;
         tracing::info!(listen = %listen, "Prometheus metrics at /metrics");
     }
     tracing::info!(
         listen = %listener.local_addr()?,
-        sources = config.sources.len(),
+        sources = assembly.source_count,
         "carerecord broker serving"
     );
 
@@ -97,20 +102,16 @@ async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
     }
 }
 
-/// A broker from config: policy, audit trail and sources.
-pub fn build_broker(config: &Config, sources: SourceSet) -> anyhow::Result<Broker> {
-    Ok(Broker::from_config(config, sources)?)
-}
-
+/// `carerecord check-config`: parses the file and runs exactly what `serve` builds and checks
+/// before binding a port (sources, directory, router, objections file, TLS material, the audit
+/// trail), without binding ports or holding the audit trail's lock.
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    registry::build(&config, 1)?;
-    Policy::new(&config.access)?;
-    Transport::from_config(&config.server)?;
+    let assembly = assemble(&config, Trail::Check)?;
     println!(
         "{}: OK ({} sources, listening on {}{})",
         path.display(),
-        config.sources.len(),
+        assembly.source_count,
         config.server.listen,
         if config.server.plaintext {
             ", plaintext"

@@ -120,59 +120,7 @@ enum Lookup {
     },
 }
 
-/// A broker that cannot be built from its configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    Policy(#[from] crate::access::PolicyError),
-    #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
-    #[error(transparent)]
-    Routing(#[from] crate::registry::BuildError),
-}
-
 impl Broker {
-    /// A broker as `carerecord serve` builds it: policy, audit trail and limits from `config`.
-    /// The one place the core reads configuration-file types; it belongs beside the config
-    /// (to be moved there).
-    /// The door is never wider than the default source bulkhead (see `admission`): a larger
-    /// configured limit is lowered to it, with a warning.
-    pub fn from_config(
-        config: &crate::config::Config,
-        sources: SourceSet,
-    ) -> Result<Broker, BuildError> {
-        let r = &config.resilience;
-        let max_in_flight = r.max_lookups_in_flight.min(r.source_max_in_flight);
-        if max_in_flight < r.max_lookups_in_flight {
-            tracing::warn!(
-                configured = r.max_lookups_in_flight,
-                used = max_in_flight,
-                "resilience.max_lookups_in_flight lowered to resilience.source_max_in_flight: \
-                 the broker sheds at the door before any source's bulkhead refuses"
-            );
-        }
-        let parts = BrokerParts {
-            broker_id: config.server.broker_id.clone(),
-            deadlines: DeadlineRules {
-                max_lookup: Duration::from_millis(config.budget.max_lookup_ms),
-                merge_headroom: Duration::from_millis(config.budget.merge_headroom_ms),
-            },
-            cache: CacheLimits {
-                max_bytes: config.cache.max_bytes,
-                ttl: config.cache.ttl(),
-                partial_ttl: config.cache.partial_ttl(),
-            },
-            policy: Policy::new(&config.access)?,
-            audit: AuditLog::open(&config.audit.file, config.audit.fsync)?,
-            limits: LoadLimits {
-                max_in_flight,
-                retry_after: Duration::from_millis(r.shed_retry_after_ms),
-            },
-            router: crate::registry::router(config)?,
-        };
-        Ok(Broker::new(parts, sources))
-    }
-
     pub fn new(parts: BrokerParts, sources: SourceSet) -> Broker {
         Broker {
             broker_id: parts.broker_id,

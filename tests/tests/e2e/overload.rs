@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use carerecord_adapters::memory::InMemorySource;
-use carerecord_broker::Broker;
 use carerecord_broker::breaker::BreakerConfig;
 use carerecord_broker::config::Config;
 use carerecord_broker::fanout::{ConfiguredSource, SourceSet};
@@ -70,7 +69,9 @@ async fn beyond_capacity_the_door_sheds_and_every_admitted_lookup_completes() {
         ],
         1,
     );
-    let broker = Arc::new(Broker::from_config(&config, sources).expect("broker builds"));
+    let broker = Arc::new(
+        carerecord_broker::assemble::broker_with_sources(&config, sources).expect("broker builds"),
+    );
     let b = start_with(broker).await;
     let client = b.client().await;
 

@@ -229,7 +229,7 @@ async fn a_record_spread_over_many_pages_is_read_whole() {
     let read = |server: &RegionServer| region_config(server, FhirMode::Everything, SOURCE_TIMEOUT);
     let mut small_pages = read(&paged);
     for source in &mut small_pages.sources {
-        if let Some(fhir) = source.fhir.as_mut() {
+        if let Some(fhir) = source.fhir_mut() {
             fhir.page_size = 3;
         }
     }
@@ -641,7 +641,7 @@ async fn the_requester_is_sent_to_every_fhir_request() {
         .iter_mut()
         .find(|s| s.organisation_code == gp.code)
         .expect("the GP is configured");
-    source.fhir.as_mut().expect("a FHIR source").base_url = format!("http://{}/fhir", proxy.addr);
+    source.fhir_mut().expect("a FHIR source").base_url = format!("http://{}/fhir", proxy.addr);
     let broker = start_region_broker(&config).await;
 
     let mut request = fresh_request(&patient.nhs_number, DEADLINE);
@@ -725,7 +725,7 @@ async fn a_source_behind_https_with_a_private_ca_is_read_and_an_untrusted_one_is
             .iter_mut()
             .find(|s| s.organisation_code == gp.code)
             .expect("the GP is configured");
-        let fhir = source.fhir.as_mut().expect("a FHIR source");
+        let fhir = source.fhir_mut().expect("a FHIR source");
         fhir.base_url = format!("https://localhost:{}/fhir", proxy.addr.port());
         fhir.ca_cert = Some(ca_file);
         config

@@ -1,9 +1,10 @@
-//! `carerecord bench`: the load generator of issue 7, and the reference measurements that make
+//! `carerecord-dev bench`: the load generator of issue 7, and the reference measurements that make
 //! its figures mean something.
 //!
 //! Design, chosen so the figures are honest:
-//! - The system under test runs in a **child process** — `carerecord serve --config` for the mock
-//!   region (the real serving path), a hidden `carerecord bench --internal memory-broker` for
+//! - The system under test runs in a **child process** — `carerecord-dev serve --config` for the
+//!   mock region (the product's serving path, `carerecord_broker::cli::serve::run`, the same code
+//!   as `carerecord serve`), a hidden `carerecord-dev bench --internal memory-broker` for
 //!   in-process sources, and the hidden `echo` and `minimal` reference servers — so its CPU
 //!   (user+sys from `/proc/<pid>/stat`) and RSS (`/proc/<pid>/status`) are its own. The load
 //!   generator, the mock organisations and the client-side references run in this process.
@@ -28,16 +29,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use carerecord_adapters::fhir::QueryMode;
 use carerecord_adapters::{
     NhsNumber, SectionSet, Source, SourceError, SourceInfo, SourceRecord, SourceReply,
     SourceRequest,
 };
+use carerecord_broker::assemble::{Trail, assemble};
 use carerecord_broker::config::Config;
-use carerecord_broker::fanout::{ConfiguredSource, DEFAULT_BREAKER, SourceSet};
+use carerecord_broker::fanout::SourceSet;
+use carerecord_broker::registry;
 use carerecord_broker::server::{self, Transport};
-use carerecord_broker::{Broker, registry};
 use carerecord_mock_sources::{
-    FhirMode, LOCATOR, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
+    LOCATOR, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
 };
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::care_record_service_server::{CareRecordService, CareRecordServiceServer};
@@ -71,9 +74,9 @@ pub struct BenchArgs {
     /// organisations). The broker asks only the organisations that hold the patient's records.
     #[arg(long)]
     pub routed: bool,
-    /// How the broker reads each mock organisation.
-    #[arg(long, value_enum, default_value_t = Mode::Everything)]
-    pub mode: Mode,
+    /// How the broker reads each mock organisation: search, everything or batch.
+    #[arg(long, value_parser = crate::parse_query_mode, default_value = "everything")]
+    pub mode: QueryMode,
     /// Fixed latency of every organisation (mock: per HTTP request; memory: per fetch).
     #[arg(long, default_value_t = 10)]
     pub latency_ms: u64,
@@ -161,13 +164,6 @@ pub struct BenchArgs {
 pub enum RegionKind {
     Mock,
     Memory,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    Search,
-    Everything,
-    Batch,
 }
 
 /// Something measured.
@@ -302,11 +298,7 @@ impl Bench {
             RegionServer::start_with(region.clone(), ip, options).await
         }
         .context("cannot start the mock organisations")?;
-        let mode = match args.mode {
-            Mode::Search => FhirMode::Search,
-            Mode::Everything => FhirMode::Everything,
-            Mode::Batch => FhirMode::Batch,
-        };
+        let mode = crate::mock_mode(args.mode);
         let mock_config = if args.routed {
             let directory = workdir.join("directory.csv");
             mock.write_directory(&directory)
@@ -380,7 +372,7 @@ impl Bench {
     async fn measure(&self) -> anyhow::Result<Report> {
         let a = &self.args;
         println!(
-            "carerecord bench: {} region, {} organisations, mode {:?}, latency {} ms, page size {}, \
+            "carerecord-dev bench: {} region, {} organisations, mode {:?}, latency {} ms, page size {}, \
              {}, hit ratio {}, deadline {} ms, {} run(s); machine: {} × {}",
             match a.region {
                 RegionKind::Mock if a.routed => "mock (HTTP, routed)",
@@ -1447,7 +1439,7 @@ impl ChildServer {
         tag: &str,
         log: &str,
     ) -> anyhow::Result<ChildServer> {
-        let exe = std::env::current_exe().context("cannot find the carerecord executable")?;
+        let exe = std::env::current_exe().context("cannot find the carerecord-dev executable")?;
         let log_path = workdir.join(format!("{tag}.log"));
         let log_file = std::fs::File::create(&log_path)?;
         // Find the metrics address in the config, if any, for the cache gauges.
@@ -1859,7 +1851,7 @@ struct TemplateOrg {
 async fn serve_memory_broker(path: &Path) -> anyhow::Result<()> {
     let c: MemoryBrokerConfig = serde_json::from_slice(&std::fs::read(path)?)?;
     let config = Config::parse(&c.config_toml, path)?;
-    let r = &config.resilience;
+    let timeout = Duration::from_millis(config.budget.default_source_timeout_ms);
     let sources = c
         .templates
         .into_iter()
@@ -1876,15 +1868,16 @@ async fn serve_memory_broker(path: &Path) -> anyhow::Result<()> {
                 delay: Duration::from_millis(c.latency_ms),
                 known_fraction: c.known_fraction,
             };
-            ConfiguredSource::with_limits(
-                Arc::new(source),
-                Duration::from_millis(config.budget.default_source_timeout_ms),
-                DEFAULT_BREAKER,
-                r.source_max_in_flight,
-            )
+            registry::configured(&config, Arc::new(source), timeout, None)
         })
         .collect();
-    let broker = Arc::new(Broker::from_config(&config, SourceSet::new(sources, 1))?);
+    // Built as `serve` builds a broker (policy, audit trail, limits), then given the in-process
+    // sources in place of the configuration's (it has none).
+    let broker = assemble(&config, Trail::Open)?
+        .broker
+        .context("the memory broker was not built")?;
+    broker.replace_sources(SourceSet::new(sources, 1));
+    let broker = Arc::new(broker);
     if let Some(listen) = config.metrics.listen {
         carerecord_broker::metrics::install(listen).map_err(|e| anyhow::anyhow!(e))?;
     }

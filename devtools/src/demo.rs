@@ -1,4 +1,4 @@
-//! `carerecord demo`: the main job on an embedded default. Starts a synthetic region (mock
+//! `carerecord-dev demo`: the main job on an embedded default. Starts a synthetic region (mock
 //! organisations serving FHIR R4 over real HTTP on loopback), a broker configured for it, and
 //! looks up a patient known to several organisations over real gRPC.
 
@@ -7,14 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use carerecord_adapters::fhir::QueryMode;
+use carerecord_broker::assemble::{Trail, assemble};
+use carerecord_broker::cli::lookup::{LookupArgs, lookup_text};
+use carerecord_broker::cli::serve::shutdown_signal;
 use carerecord_broker::config::Config;
-use carerecord_broker::registry;
 use carerecord_broker::server::{self, Transport};
-use carerecord_mock_sources::{FhirMode, Region, RegionServer, RegionSpec};
-use clap::{Args, ValueEnum};
-
-use super::lookup::{LookupArgs, lookup_text};
-use super::serve::{build_broker, shutdown_signal};
+use carerecord_mock_sources::{Region, RegionServer, RegionSpec};
+use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -33,9 +33,9 @@ pub struct DemoArgs {
     /// Number of organisations.
     #[arg(long, default_value_t = 10)]
     pub organisations: usize,
-    /// How the broker reads each organisation.
-    #[arg(long, value_enum, default_value_t = Mode::Search)]
-    pub mode: Mode,
+    /// How the broker reads each organisation: search, everything or batch.
+    #[arg(long, value_parser = crate::parse_query_mode, default_value = "search")]
+    pub mode: QueryMode,
     /// Look up this patient instead of one known to several organisations.
     #[arg(long)]
     pub nhs_number: Option<String>,
@@ -45,13 +45,6 @@ pub struct DemoArgs {
     /// Stream the lookup: organisations as they answer.
     #[arg(long)]
     pub stream: bool,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Mode {
-    Search,
-    Everything,
-    Batch,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -75,19 +68,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {bind}"))?;
     let addr = listener.local_addr()?;
-    let mode = match args.mode {
-        Mode::Search => FhirMode::Search,
-        Mode::Everything => FhirMode::Everything,
-        Mode::Batch => FhirMode::Batch,
-    };
+    let mode = crate::mock_mode(args.mode);
     let text = mock.broker_config_toml_with(&addr.to_string(), |_| mode);
     let mut config = Config::parse(&text, Path::new("<mock-sources region>"))?;
     config.audit.file = std::env::temp_dir().join(format!(
         "carerecord-demo-audit-{}.jsonl",
         std::process::id()
     ));
-    let sources = registry::build(&config, 1)?;
-    let broker = Arc::new(build_broker(&config, sources)?);
+    let broker = Arc::new(
+        assemble(&config, Trail::Open)?
+            .broker
+            .context("the demo broker was not built")?,
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server::run(
         listener,
