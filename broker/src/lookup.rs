@@ -407,7 +407,7 @@ impl Broker {
             withheld: view.withheld,
             assembled_at: carerecord_adapters::calendar::rfc3339(merged.assembled_at),
             locators: merged.locators.clone(),
-            section_statuses: Vec::new(),
+            section_statuses: merged.section_statuses.clone(),
         })
     }
 
@@ -438,7 +438,13 @@ impl Broker {
             .iter()
             .any(|a| !ours(&a.status.organisation_code));
         let mut warnings = Vec::new();
-        let record = crate::merge::merge_found(request.nhs_number, &own, &mut warnings);
+        let today = carerecord_adapters::calendar::rfc3339(merged.assembled_at);
+        let record = crate::merge::merge_found(
+            request.nhs_number,
+            &own,
+            today.get(..10).unwrap_or(&today),
+            &mut warnings,
+        );
         let view = self.policy.view(request, &record);
         Visible {
             record: view.record,
