@@ -692,7 +692,7 @@ impl Item {
 }
 
 /// Stamps what the source asserted on each provenance that does not say already.
-fn stamp_assertions(section: Section, entry: &mut Entry, disputed: bool) {
+fn stamp_assertions(entry: &mut Entry, disputed: bool) {
     let (dosage, criticality, severity, kind) = match &entry.detail {
         Some(Detail::Medication(m)) => (
             m.dosage.clone(),
@@ -708,7 +708,6 @@ fn stamp_assertions(section: Section, entry: &mut Entry, disputed: bool) {
         ),
         _ => Default::default(),
     };
-    let _ = section;
     for p in &mut entry.provenance {
         let said = !p.status.is_empty()
             || p.verification_status != 0
@@ -725,6 +724,11 @@ fn stamp_assertions(section: Section, entry: &mut Entry, disputed: bool) {
             p.criticality.clone_from(&criticality);
             p.severity.clone_from(&severity);
             p.kind.clone_from(&kind);
+        }
+        if let Some(Detail::Medication(m)) = &entry.detail {
+            // Adapters may say "request": the grouping needs authorisation or issue.
+            let said = if p.kind.is_empty() { &m.kind } else { &p.kind };
+            p.kind = medicine_kind(said, &m.intent).to_owned();
         }
         p.identity_disputed |= disputed;
     }
@@ -757,7 +761,7 @@ fn merge_section(
         let is_disputed = disputed.contains(&source_id);
         for entry in record.record.section(section) {
             let mut entry = entry.clone();
-            stamp_assertions(section, &mut entry, is_disputed);
+            stamp_assertions(&mut entry, is_disputed);
             let item = Item {
                 source_id: source_id.clone(),
                 entry,

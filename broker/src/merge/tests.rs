@@ -1281,3 +1281,35 @@ fn medicine_dose_disagreement_is_a_conflict() {
     assert!(c.resolution.starts_with("1g bd"), "{c:?}");
     assert!(has(&merged, WarningKind::Conflict));
 }
+
+// ---- a federated region missing --------------------------------------------------------------
+
+#[test]
+fn a_federated_region_whose_sources_did_not_answer_makes_the_record_incomplete() {
+    use carerecord_adapters::SourceReply;
+    use carerecord_adapters::federation::reply_from;
+    let remote = carerecord_proto::GetCareRecordResponse {
+        sources: vec![SourceStatus {
+            source_id: "gp".into(),
+            organisation_code: "H81005".into(),
+            outcome: SourceOutcome::Error as i32,
+            ..SourceStatus::default()
+        }],
+        complete: false,
+        ..carerecord_proto::GetCareRecordResponse::default()
+    };
+    let SourceReply::Found(record) = reply_from(&info(1), remote, SectionSet::ALL) else {
+        panic!("found");
+    };
+    let merged = run(
+        2,
+        &[answer(0, CareRecord::default()), answer_with(1, record)],
+    );
+    assert!(!merged.complete);
+    assert_eq!(merged.sources[1].outcome, SourceOutcome::Partial as i32);
+    assert!(merged.sources[1].message.contains("H81005 (error)"));
+    assert!(has(&merged, WarningKind::DataCutShort));
+    let a = section_status(&merged, Section::Allergies);
+    assert_eq!(a.state, SectionState::Partial as i32);
+    assert_eq!(a.sources[1].state, SourceSectionState::Incomplete as i32);
+}
