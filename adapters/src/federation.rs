@@ -207,14 +207,35 @@ pub fn reply_from(
             _ => w.message.clone(),
         })
         .collect();
+    // A remote source that refused because the lookup came round in a loop (it is us, or one
+    // we ask ourselves) is not missing data.
+    let loop_refusal = |s: &carerecord_proto::SourceStatus| {
+        s.outcome == SourceOutcome::Refused as i32 && s.message.contains("loop")
+    };
+    let not_answered = |s: &&carerecord_proto::SourceStatus| {
+        s.outcome != SourceOutcome::Ok as i32
+            && s.outcome != SourceOutcome::NotFound as i32
+            && !loop_refusal(s)
+    };
+    let other_gap = response.warnings.iter().any(|w| {
+        [
+            WarningKind::WrongPatient,
+            WarningKind::DataCutShort,
+            WarningKind::RegisteredGpNotFound,
+            WarningKind::LocatorUnavailable,
+        ]
+        .iter()
+        .any(|k| w.kind == *k as i32)
+    });
+    let only_loops = response.sources.iter().any(loop_refusal)
+        && !response.sources.iter().any(|s| not_answered(&s))
+        && !other_gap;
     let mut shortfalls = Vec::new();
-    if !response.complete {
+    if !response.complete && !only_loops {
         let missing: Vec<String> = response
             .sources
             .iter()
-            .filter(|s| {
-                s.outcome != SourceOutcome::Ok as i32 && s.outcome != SourceOutcome::NotFound as i32
-            })
+            .filter(not_answered)
             .map(|s| {
                 let outcome = SourceOutcome::try_from(s.outcome)
                     .map(|o| {
@@ -342,6 +363,23 @@ mod tests {
         );
         assert!(record.shortfalls[1].reason.contains("unknown from H81005"));
         assert_eq!(record.nested.len(), 2);
+    }
+
+    #[test]
+    fn a_remote_source_refusing_a_loop_is_not_missing_data() {
+        let mut refused = remote(SourceOutcome::Refused);
+        refused.message =
+            "refused: lookup loop: this broker (a) has already handled this lookup".into();
+        let response = GetCareRecordResponse {
+            sources: vec![remote(SourceOutcome::Ok), refused],
+            complete: false,
+            record: Some(carerecord_proto::CareRecord::default()),
+            ..GetCareRecordResponse::default()
+        };
+        let SourceReply::Found(record) = reply_from(&info(), response, SectionSet::ALL) else {
+            panic!("found");
+        };
+        assert!(record.shortfalls.is_empty(), "{:?}", record.shortfalls);
     }
 
     #[test]

@@ -235,8 +235,11 @@ pub fn merge(input: MergeInput<'_>) -> MergedRecord {
         &mut warnings,
     );
 
-    // Answers about another patient, and answers cut short.
-    let mut wrong_patient = false;
+    // Answers about another patient (demographics with another NHS number count), and answers
+    // cut short.
+    let mut wrong_patient = warnings
+        .iter()
+        .any(|w| w.kind == WarningKind::WrongPatient as i32);
     for answer in &refs {
         let Some(r) = &answer.record else { continue };
         if !r.wrong_patient.is_empty() {

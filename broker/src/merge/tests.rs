@@ -1061,6 +1061,7 @@ fn demographics_with_another_nhs_number_are_ignored_and_its_entries_disputed() {
     assert_eq!(p.family_name, "Smith");
     assert_eq!(p.registered_gp_code, "ORG1");
     assert!(has(&merged, WarningKind::WrongPatient));
+    assert!(!merged.complete);
     assert!(merged.record.allergies[0].identity_disputed);
     assert!(merged.record.allergies[0].provenance[0].identity_disputed);
 }
