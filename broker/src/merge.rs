@@ -1555,7 +1555,7 @@ fn source_section(
                 line.reason = "registered GP does not know the patient".into();
             } else {
                 line.state = SourceSectionState::NoneRecorded as i32;
-                line.reason = "patient not known there".into();
+                line.reason = NOT_KNOWN_THERE.into();
             }
         }
         _ => {
@@ -1572,6 +1572,9 @@ fn source_section(
     }
     line
 }
+
+/// The reason on a NONE_RECORDED line from a source that does not know the patient.
+const NOT_KNOWN_THERE: &str = "patient not known there";
 
 /// "Allergies: 2 recorded by RJ1; none recorded by H81005; unknown from RV5 — timed out".
 fn section_summary(title: &str, lines: &[SourceSectionStatus], degraded: bool) -> String {
@@ -1595,18 +1598,15 @@ fn section_summary(title: &str, lines: &[SourceSectionStatus], degraded: bool) -
         parts.push(format!("recorded by {}", who.join(", ")));
     }
     let none = of(SourceSectionState::NoneRecorded);
+    let (unknown_patient, none): (Vec<_>, Vec<_>) =
+        none.into_iter().partition(|s| s.reason == NOT_KNOWN_THERE);
     if !none.is_empty() {
-        let who: Vec<String> = none
-            .iter()
-            .map(|s| {
-                if s.reason.is_empty() {
-                    code(s)
-                } else {
-                    format!("{} ({})", code(s), s.reason)
-                }
-            })
-            .collect();
+        let who: Vec<String> = none.iter().map(|s| code(s)).collect();
         parts.push(format!("none recorded by {}", who.join(", ")));
+    }
+    if !unknown_patient.is_empty() {
+        let who: Vec<String> = unknown_patient.iter().map(|s| code(s)).collect();
+        parts.push(format!("patient not known to {}", who.join(", ")));
     }
     for s in of(SourceSectionState::Incomplete) {
         parts.push(format!(

@@ -236,7 +236,7 @@ pub fn entry_line(e: &Entry) -> String {
         notes.push(verification.to_owned());
     }
     if let Some(Detail::Medication(m)) = &e.detail {
-        if !m.dosage.is_empty() {
+        if !m.dosage.is_empty() && !what.contains(&m.dosage) {
             notes.push(m.dosage.clone());
         }
         if !m.latest_issue.is_empty() {

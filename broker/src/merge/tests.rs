@@ -837,7 +837,7 @@ fn section_statuses_tell_none_recorded_from_unknown() {
     );
     assert_eq!(
         a.summary,
-        "Allergies: recorded by ORG0 (1); none recorded by ORG1, ORG3 (patient not known there); unknown from ORG2 — timed out"
+        "Allergies: recorded by ORG0 (1); none recorded by ORG1; patient not known to ORG3; unknown from ORG2 — timed out"
     );
     let c = section_status(&merged, Section::Conditions);
     assert!(
