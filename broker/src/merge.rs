@@ -19,7 +19,8 @@
 //!    events (results, documents, encounters, appointments) also need the same day. A "no
 //!    known ..." assertion (`asserts_absence`) is never the same entry as a finding. Uncoded
 //!    entries are never merged. The same source reporting the same code twice stays two entries,
-//!    except medicines, where every row of one medicine is grouped.
+//!    except medicines, where every row of one medicine is grouped, and rows whose concepts
+//!    differ but that share any other coding (dm+d product and SNOMED CT concept) are one medicine.
 //! 2. **Who said what.** Every organisation's copy is kept as a `Provenance` carrying what it
 //!    asserted (status, verification status, dates, dosage, criticality, severity, kind).
 //! 3. **Headline value** (what the entry shows): the most recent assertion wins — its date is
@@ -777,6 +778,9 @@ fn merge_section(
     }
 
     let mut groups: Vec<Vec<Item>> = singles;
+    if section == Section::Medications {
+        keyed = join_shared_codings(keyed);
+    }
     for (_, mut items) in keyed {
         items.sort_by_key(Item::order_key);
         if section == Section::Medications {
@@ -807,6 +811,55 @@ fn merge_section(
         .filter_map(|items| combine(section, items, today))
         .collect();
     out.sort_by(|a, b| entry_order(section, a, b));
+    out
+}
+
+/// Medicines: rows whose concepts differ but that share another coding (a dm+d product and its
+/// SNOMED CT concept, say) are one medicine. Groups are the connected components of "shares a
+/// code", keyed by their smallest concept key, so the result does not depend on input order.
+fn join_shared_codings(keyed: BTreeMap<DedupKey, Vec<Item>>) -> BTreeMap<DedupKey, Vec<Item>> {
+    let keys: Vec<DedupKey> = keyed.keys().cloned().collect();
+    let mut parent: Vec<usize> = (0..keys.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut owner: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        if !key.absence {
+            owner
+                .entry((key.system.clone(), key.code.clone()))
+                .or_insert(i);
+        }
+    }
+    for (i, (key, items)) in keyed.iter().enumerate() {
+        for item in items {
+            for c in &item.entry.codings {
+                if c.code.trim().is_empty() || key.absence {
+                    continue;
+                }
+                let code = (code_system(&c.system), c.code.trim().to_owned());
+                match owner.get(&code) {
+                    Some(&j) => {
+                        let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                        // The smaller index (smaller key) becomes the root.
+                        parent[a.max(b)] = a.min(b);
+                    }
+                    None => {
+                        owner.insert(code, i);
+                    }
+                }
+            }
+        }
+    }
+    let mut out: BTreeMap<DedupKey, Vec<Item>> = BTreeMap::new();
+    for (i, (_, items)) in keyed.into_iter().enumerate() {
+        let r = root(&mut parent, i);
+        out.entry(keys[r].clone()).or_default().extend(items);
+    }
     out
 }
 

@@ -1314,3 +1314,48 @@ fn a_federated_region_whose_sources_did_not_answer_makes_the_record_incomplete()
     assert_eq!(a.state, SectionState::Partial as i32);
     assert_eq!(a.sources[1].state, SourceSectionState::Incomplete as i32);
 }
+
+#[test]
+fn medicine_rows_sharing_a_coding_are_one_medicine_in_any_order() {
+    let vmp = Coding {
+        system: "https://dmd.nhs.uk".into(),
+        code: "325242007".into(),
+        display: "Metformin 500mg tablets".into(),
+    };
+    let amp = Coding {
+        system: "https://dmd.nhs.uk".into(),
+        code: "3361911000001103".into(),
+        display: "Glucophage 500mg tablets".into(),
+    };
+    // The GP names the generic; the hospital names the brand and gives the generic too.
+    let gp = medicine("statement", "", "active", "2026-01-01", "");
+    let mut hospital = medicine("request", "order", "completed", "2026-11-01", "");
+    hospital.concept = Some(amp.clone());
+    hospital.codings = vec![amp, vmp];
+    // An unrelated medicine stays apart.
+    let mut other = medicine("statement", "", "active", "2026-01-01", "");
+    other.concept = coded("999");
+    for order in [[0, 1], [1, 0]] {
+        let records = [
+            medications(vec![gp.clone(), other.clone()]),
+            medications(vec![hospital.clone()]),
+        ];
+        let answers: Vec<Arc<Answer>> = order
+            .iter()
+            .map(|&i| answer(i, records[i].clone()))
+            .collect();
+        let merged = run(2, &answers);
+        assert_eq!(merged.record.medications.len(), 2, "{order:?}");
+        let metformin = merged
+            .record
+            .medications
+            .iter()
+            .find(|m| m.provenance.len() == 2)
+            .expect("grouped");
+        let Some(Detail::Medication(d)) = &metformin.detail else {
+            panic!("detail")
+        };
+        assert_eq!(d.latest_issue, "2026-11-01");
+        assert!(d.current);
+    }
+}
