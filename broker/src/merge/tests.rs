@@ -520,7 +520,7 @@ fn arb_entry() -> impl Strategy<Value = (usize, Entry)> {
                 a.criticality = crit.into();
             }
             e.provenance = vec![Provenance {
-                source_entry_id: format!("e{code}{n}"),
+                source_entry_id: format!("e{code}{}", "x".repeat(usize::from(n))),
                 ..Provenance::default()
             }];
             (src, e)
@@ -528,7 +528,7 @@ fn arb_entry() -> impl Strategy<Value = (usize, Entry)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
     /// The record (entries, provenance, conflicts, headline values) and the conflict warnings
     /// do not depend on the order answers arrive in nor on configuration order.
     #[test]
@@ -540,6 +540,13 @@ proptest! {
         let mut records = [CareRecord::default(), CareRecord::default(), CareRecord::default()];
         for (src, e) in entries {
             records[src].conditions.push(e.clone());
+            // The same assertion as a medicine row: statement, authorisation or issue.
+            let (kind, intent) = [("statement", ""), ("request", "plan"), ("request", "order")]
+                [e.provenance[0].source_entry_id.len() % 3];
+            let mut m = medicine(kind, intent, &e.status, &e.effective, &e.recorded);
+            m.concept = e.concept.clone();
+            m.provenance = e.provenance.clone();
+            records[src].medications.push(m);
             records[src].allergies.push(e);
         }
         // Reference: configuration order s0, s1, s2, answers in that order.
