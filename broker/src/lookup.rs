@@ -407,7 +407,15 @@ impl Broker {
             withheld: view.withheld,
             assembled_at: carerecord_adapters::calendar::rfc3339(merged.assembled_at),
             locators: merged.locators.clone(),
-            section_statuses: merged.section_statuses.clone(),
+            // A patient's objection: only the requester's own organisation's lines.
+            section_statuses: if self.policy.objection_applies(request) {
+                let org = request.requester.organisation_code.trim();
+                crate::merge::restrict_section_statuses(&merged.section_statuses, |s| {
+                    s.organisation_code.eq_ignore_ascii_case(org)
+                })
+            } else {
+                merged.section_statuses.clone()
+            },
         })
     }
 

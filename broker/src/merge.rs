@@ -1536,34 +1536,67 @@ fn section_statuses(
                 entries: 0,
                 reason: "not asked".into(),
             }));
-            let is = |s: &SourceSectionStatus, x: SourceSectionState| s.state == x as i32;
-            let asked: Vec<&SourceSectionStatus> = lines
-                .iter()
-                .filter(|s| !is(s, SourceSectionState::NotAsked))
-                .collect();
-            let full = |s: &&SourceSectionStatus| {
-                is(s, SourceSectionState::Entries) || is(s, SourceSectionState::NoneRecorded)
-            };
-            let some = asked
-                .iter()
-                .any(|s| full(s) || is(s, SourceSectionState::Incomplete));
-            let all = !asked.is_empty() && asked.iter().all(full);
-            let any_entries = asked.iter().any(|s| s.entries > 0);
-            let state = if !some {
-                SectionState::Unknown
-            } else if !all || degraded {
-                SectionState::Partial
-            } else if any_entries {
-                SectionState::Recorded
-            } else {
-                SectionState::NoneRecorded
-            };
+            let state = section_state(&lines, degraded);
             let summary = section_summary(title, &lines, degraded);
             SectionStatus {
                 section: section as i32,
                 state: state as i32,
                 sources: lines,
                 summary,
+            }
+        })
+        .collect()
+}
+
+/// A section's state from its organisations' lines (see `SectionState`).
+fn section_state(lines: &[SourceSectionStatus], degraded: bool) -> SectionState {
+    let is = |s: &SourceSectionStatus, x: SourceSectionState| s.state == x as i32;
+    let asked: Vec<&SourceSectionStatus> = lines
+        .iter()
+        .filter(|s| !is(s, SourceSectionState::NotAsked))
+        .collect();
+    let full = |s: &&SourceSectionStatus| {
+        is(s, SourceSectionState::Entries) || is(s, SourceSectionState::NoneRecorded)
+    };
+    let some = asked
+        .iter()
+        .any(|s| full(s) || is(s, SourceSectionState::Incomplete));
+    let all = !asked.is_empty() && asked.iter().all(full);
+    let any_entries = asked.iter().any(|s| s.entries > 0);
+    if !some {
+        SectionState::Unknown
+    } else if !all || degraded {
+        SectionState::Partial
+    } else if any_entries {
+        SectionState::Recorded
+    } else {
+        SectionState::NoneRecorded
+    }
+}
+
+/// Section statuses restricted to the organisations `keep` accepts (a patient's objection:
+/// the requester may only learn about its own organisation), with state and summary
+/// recomputed from what is left.
+pub fn restrict_section_statuses(
+    statuses: &[SectionStatus],
+    keep: impl Fn(&SourceSectionStatus) -> bool,
+) -> Vec<SectionStatus> {
+    statuses
+        .iter()
+        .map(|status| {
+            if status.state == SectionState::Unspecified as i32 {
+                return status.clone();
+            }
+            let lines: Vec<SourceSectionStatus> =
+                status.sources.iter().filter(|s| keep(s)).cloned().collect();
+            let title = Section::try_from(status.section)
+                .map(crate::render::section_title)
+                .unwrap_or("Other");
+            SectionStatus {
+                section: status.section,
+                state: section_state(&lines, false) as i32,
+                summary: section_summary(title, &lines, false),
+                sources: lines,
             }
         })
         .collect()

@@ -1366,3 +1366,27 @@ fn medicine_rows_sharing_a_coding_are_one_medicine_in_any_order() {
         assert!(d.current);
     }
 }
+
+#[test]
+fn section_statuses_restricted_to_one_organisation_say_nothing_of_the_others() {
+    let merged = run(
+        2,
+        &[
+            answer(
+                0,
+                allergies(vec![allergy("active", VerificationStatus::Confirmed, "")]),
+            ),
+            failed(1, SourceOutcome::Timeout),
+        ],
+    );
+    let own =
+        restrict_section_statuses(&merged.section_statuses, |s| s.organisation_code == "ORG0");
+    assert_eq!(own.len(), Section::ALL.len());
+    let a = own
+        .iter()
+        .find(|s| s.section == Section::Allergies as i32)
+        .expect("allergies");
+    assert_eq!(a.state, SectionState::Recorded as i32);
+    assert_eq!(a.summary, "Allergies: recorded by ORG0 (1)");
+    assert!(own.iter().all(|s| !s.summary.contains("ORG1")));
+}
