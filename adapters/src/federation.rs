@@ -11,12 +11,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
-use carerecord_proto::{CacheDirective, GetCareRecordRequest, Section, SourceOutcome};
+use carerecord_proto::{
+    CacheDirective, GetCareRecordRequest, GetCareRecordResponse, Section, SectionState,
+    SourceOutcome, WarningKind,
+};
 use serde::Deserialize;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::{Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest};
+use crate::{
+    SectionSet, Shortfall, Source, SourceError, SourceInfo, SourceRecord, SourceReply,
+    SourceRequest,
+};
 
 /// `[sources.broker]`: how to reach the remote broker.
 #[derive(Debug, Clone, Deserialize)]
@@ -141,42 +147,148 @@ impl Source for BrokerSource {
             Ok(r) => r.into_inner(),
             Err(status) => return Err(status_error(&status)),
         };
-        let mut record = response.record.unwrap_or_default();
-        // Remote source ids are only unique at the remote broker: qualify them with ours.
-        let qualify = |p: &mut carerecord_proto::Provenance| {
-            p.source_id = format!("{}/{}", self.info.id, p.source_id);
-        };
-        if let Some(patient) = record.patient.as_mut() {
-            patient.provenance.iter_mut().for_each(qualify);
-        }
-        for section in Section::ALL {
-            if let Some(entries) = record.section_mut(section) {
-                for e in entries {
-                    e.provenance.iter_mut().for_each(qualify);
+        Ok(reply_from(&self.info, response, request.sections))
+    }
+}
+
+/// The remote broker's answer as this source's reply: provenance qualified with our id, and —
+/// when the remote says its record is not complete (its own sources did not all answer) — a
+/// shortfall for every section asked, naming the remote sources and carrying the remote's
+/// section statuses, so the outcome is PARTIAL rather than a bare OK.
+pub fn reply_from(
+    info: &SourceInfo,
+    response: GetCareRecordResponse,
+    sections: SectionSet,
+) -> SourceReply {
+    let mut record = response.record.unwrap_or_default();
+    // Remote source ids are only unique at the remote broker: qualify them with ours.
+    let qualify = |p: &mut carerecord_proto::Provenance| {
+        p.source_id = format!("{}/{}", info.id, p.source_id);
+    };
+    if let Some(patient) = record.patient.as_mut() {
+        patient.provenance.iter_mut().for_each(qualify);
+    }
+    for section in Section::ALL {
+        if let Some(entries) = record.section_mut(section) {
+            for e in entries {
+                e.provenance.iter_mut().for_each(qualify);
+                for c in &mut e.conflicts {
+                    for v in &mut c.values {
+                        v.source_id = format!("{}/{}", info.id, v.source_id);
+                    }
                 }
             }
         }
-        let nobody_knows = record.patient.is_none()
-            && record.entry_count() == 0
-            && response
-                .sources
-                .iter()
-                .all(|s| s.outcome == SourceOutcome::NotFound as i32);
-        if nobody_knows {
-            return Ok(SourceReply::NotFound);
-        }
-        let warnings = response
-            .warnings
+    }
+    let nobody_knows = record.patient.is_none()
+        && record.entry_count() == 0
+        && response
+            .sources
             .iter()
-            .filter(|w| w.kind != carerecord_proto::WarningKind::Incomplete as i32)
-            .map(|w| w.message.clone())
+            .all(|s| s.outcome == SourceOutcome::NotFound as i32);
+    if nobody_knows && response.complete {
+        return SourceReply::NotFound;
+    }
+    let warnings = response
+        .warnings
+        .iter()
+        // Incompleteness becomes a shortfall below; conflicts are recomputed by our own merge
+        // from the per-organisation assertions the remote's provenance carries.
+        .filter(|w| {
+            w.kind != WarningKind::Incomplete as i32 && w.kind != WarningKind::Conflict as i32
+        })
+        .map(|w| match WarningKind::try_from(w.kind) {
+            // Keep what kind of problem it was in the text: the warning list is untyped here.
+            Ok(kind)
+                if kind != WarningKind::SourceDataInvalid && kind != WarningKind::Unspecified =>
+            {
+                format!("{}: {}", remote_kind(kind), w.message)
+            }
+            _ => w.message.clone(),
+        })
+        .collect();
+    // A remote source that refused because the lookup came round in a loop (it is us, or one
+    // we ask ourselves) is not missing data.
+    let loop_refusal = |s: &carerecord_proto::SourceStatus| {
+        s.outcome == SourceOutcome::Refused as i32 && s.message.contains("loop")
+    };
+    let not_answered = |s: &&carerecord_proto::SourceStatus| {
+        s.outcome != SourceOutcome::Ok as i32
+            && s.outcome != SourceOutcome::NotFound as i32
+            && !loop_refusal(s)
+    };
+    let other_gap = response.warnings.iter().any(|w| {
+        [
+            WarningKind::WrongPatient,
+            WarningKind::DataCutShort,
+            WarningKind::RegisteredGpNotFound,
+            WarningKind::LocatorUnavailable,
+        ]
+        .iter()
+        .any(|k| w.kind == *k as i32)
+    });
+    let only_loops = response.sources.iter().any(loop_refusal)
+        && !response.sources.iter().any(|s| not_answered(&s))
+        && !other_gap;
+    let mut shortfalls = Vec::new();
+    if !response.complete && !only_loops {
+        let missing: Vec<String> = response
+            .sources
+            .iter()
+            .filter(not_answered)
+            .map(|s| {
+                let outcome = SourceOutcome::try_from(s.outcome)
+                    .map(|o| {
+                        o.as_str_name()
+                            .trim_start_matches("SOURCE_OUTCOME_")
+                            .to_lowercase()
+                    })
+                    .unwrap_or_else(|_| "unknown".into());
+                format!("{} ({outcome})", s.organisation_code)
+            })
             .collect();
-        Ok(SourceReply::Found(SourceRecord {
-            record,
-            warnings,
-            nested: response.sources,
-            ..SourceRecord::default()
-        }))
+        let reason = if missing.is_empty() {
+            "the remote broker's record is not complete".to_owned()
+        } else {
+            format!(
+                "the remote broker's own sources did not all answer: {}",
+                missing.join(", ")
+            )
+        };
+        shortfalls.push(Shortfall { sections, reason });
+        for status in &response.section_statuses {
+            let Ok(section) = Section::try_from(status.section) else {
+                continue;
+            };
+            let gap = status.state == SectionState::Partial as i32
+                || status.state == SectionState::Unknown as i32;
+            if gap && sections.contains(section) {
+                shortfalls.push(Shortfall {
+                    sections: SectionSet::NONE.with(section),
+                    reason: format!("remote {}", status.summary),
+                });
+            }
+        }
+    }
+    SourceReply::Found(SourceRecord {
+        record,
+        warnings,
+        nested: response.sources,
+        shortfalls,
+        ..SourceRecord::default()
+    })
+}
+
+fn remote_kind(kind: WarningKind) -> &'static str {
+    match kind {
+        WarningKind::DemographicsMismatch => "demographics mismatch",
+        WarningKind::LocatorUnavailable => "record locator unavailable",
+        WarningKind::UnknownOrganisation => "unknown organisation",
+        WarningKind::WrongPatient => "wrong patient",
+        WarningKind::Conflict => "conflict",
+        WarningKind::DataCutShort => "data cut short",
+        WarningKind::RegisteredGpNotFound => "registered GP does not know the patient",
+        _ => "warning",
     }
 }
 
@@ -193,5 +305,113 @@ fn status_error(status: &tonic::Status) -> SourceError {
         Code::Unavailable => SourceError::Connect(message),
         Code::ResourceExhausted => SourceError::Unavailable(message),
         other => SourceError::Other(format!("remote broker answered {other:?}: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carerecord_proto::{SectionStatus, SourceStatus, Warning};
+
+    fn info() -> SourceInfo {
+        SourceInfo {
+            id: "north".into(),
+            organisation_code: "NORTH".into(),
+            organisation_name: "North region".into(),
+        }
+    }
+
+    fn remote(outcome: SourceOutcome) -> SourceStatus {
+        SourceStatus {
+            source_id: "gp".into(),
+            organisation_code: "H81005".into(),
+            outcome: outcome as i32,
+            ..SourceStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_remote_region_whose_sources_all_failed_is_partial_not_ok() {
+        let response = GetCareRecordResponse {
+            sources: vec![remote(SourceOutcome::Error), remote(SourceOutcome::Timeout)],
+            complete: false,
+            section_statuses: vec![SectionStatus {
+                section: Section::Allergies as i32,
+                state: SectionState::Unknown as i32,
+                summary: "Allergies: unknown from H81005 — error".into(),
+                ..SectionStatus::default()
+            }],
+            ..GetCareRecordResponse::default()
+        };
+        let sections = SectionSet::NONE
+            .with(Section::Allergies)
+            .with(Section::Conditions);
+        let SourceReply::Found(record) = reply_from(&info(), response, sections) else {
+            panic!("an unanswered region is not 'patient not known'");
+        };
+        assert_eq!(record.shortfalls.len(), 2);
+        assert_eq!(record.shortfalls[0].sections, sections);
+        assert!(
+            record.shortfalls[0].reason.contains("H81005 (error)"),
+            "{:?}",
+            record.shortfalls[0]
+        );
+        assert!(record.shortfalls[0].reason.contains("H81005 (timeout)"));
+        assert_eq!(
+            record.shortfalls[1].sections,
+            SectionSet::NONE.with(Section::Allergies)
+        );
+        assert!(record.shortfalls[1].reason.contains("unknown from H81005"));
+        assert_eq!(record.nested.len(), 2);
+    }
+
+    #[test]
+    fn a_remote_source_refusing_a_loop_is_not_missing_data() {
+        let mut refused = remote(SourceOutcome::Refused);
+        refused.message =
+            "refused: lookup loop: this broker (a) has already handled this lookup".into();
+        let response = GetCareRecordResponse {
+            sources: vec![remote(SourceOutcome::Ok), refused],
+            complete: false,
+            record: Some(carerecord_proto::CareRecord::default()),
+            ..GetCareRecordResponse::default()
+        };
+        let SourceReply::Found(record) = reply_from(&info(), response, SectionSet::ALL) else {
+            panic!("found");
+        };
+        assert!(record.shortfalls.is_empty(), "{:?}", record.shortfalls);
+    }
+
+    #[test]
+    fn a_complete_remote_answer_has_no_shortfall_and_nobody_knowing_is_not_found() {
+        let known = GetCareRecordResponse {
+            sources: vec![remote(SourceOutcome::Ok)],
+            complete: true,
+            record: Some(carerecord_proto::CareRecord::default()),
+            warnings: vec![Warning {
+                kind: WarningKind::DemographicsMismatch as i32,
+                message: "Date of birth differs".into(),
+                source_ids: Vec::new(),
+            }],
+            ..GetCareRecordResponse::default()
+        };
+        let SourceReply::Found(record) = reply_from(&info(), known, SectionSet::ALL) else {
+            panic!("found");
+        };
+        assert!(record.shortfalls.is_empty());
+        assert_eq!(
+            record.warnings,
+            ["demographics mismatch: Date of birth differs"],
+            "the remote warning keeps its kind in its text"
+        );
+        let nobody = GetCareRecordResponse {
+            sources: vec![remote(SourceOutcome::NotFound)],
+            complete: true,
+            ..GetCareRecordResponse::default()
+        };
+        assert!(matches!(
+            reply_from(&info(), nobody, SectionSet::ALL),
+            SourceReply::NotFound
+        ));
     }
 }

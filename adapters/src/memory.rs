@@ -9,7 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use carerecord_proto::CareRecord;
 
-use crate::{NhsNumber, Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest};
+use crate::{
+    NhsNumber, SectionSet, Shortfall, Source, SourceError, SourceInfo, SourceRecord, SourceReply,
+    SourceRequest,
+};
 
 /// How an [`InMemorySource`] misbehaves.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -32,6 +35,10 @@ pub struct InMemorySource {
     behaviour: std::sync::RwLock<Behaviour>,
     calls: Arc<AtomicU64>,
     completed: Arc<AtomicU64>,
+    /// Shortfalls every answer reports (a source cut short), for tests and demos of PARTIAL.
+    shortfalls: Vec<Shortfall>,
+    /// Wrong-patient rejects every answer reports, for tests and demos of WRONG_PATIENT.
+    wrong_patient: Vec<String>,
 }
 
 impl InMemorySource {
@@ -48,12 +55,30 @@ impl InMemorySource {
             behaviour: std::sync::RwLock::new(Behaviour::Normal),
             calls: Arc::default(),
             completed: Arc::default(),
+            shortfalls: Vec::new(),
+            wrong_patient: Vec::new(),
         }
     }
 
     /// Adds a patient's record (demographics and entries).
     pub fn with_patient(mut self, nhs_number: NhsNumber, record: CareRecord) -> Self {
         self.patients.insert(nhs_number, record);
+        self
+    }
+
+    /// Every answer says its data for `sections` was cut short, for `reason`.
+    pub fn with_shortfall(mut self, sections: SectionSet, reason: &str) -> Self {
+        self.shortfalls.push(Shortfall {
+            sections,
+            reason: reason.to_owned(),
+        });
+        self
+    }
+
+    /// Every answer reports a resource about another patient, discarded (`description` says
+    /// which, as an adapter would: type and why, no content).
+    pub fn with_wrong_patient(mut self, description: &str) -> Self {
+        self.wrong_patient.push(description.to_owned());
         self
     }
 
@@ -127,9 +152,42 @@ impl Source for InMemorySource {
         }
         let mut record = SourceRecord {
             record,
+            shortfalls: self.shortfalls.clone(),
+            wrong_patient: self.wrong_patient.clone(),
             ..SourceRecord::default()
         };
         record.stamp_provenance(&self.info);
         Ok(SourceReply::Found(record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carerecord_proto::{Requester, Section};
+
+    #[tokio::test]
+    async fn shortfalls_and_wrong_patient_rejects_reach_the_answer() {
+        let nhs = NhsNumber::parse("9434765919").expect("valid");
+        let source = InMemorySource::new("s", "ORG", "Org")
+            .with_patient(nhs, CareRecord::default())
+            .with_shortfall(
+                SectionSet::NONE.with(Section::TestResults),
+                "cut at 20 pages",
+            )
+            .with_wrong_patient("Observation: subject is Patient/other");
+        let request = SourceRequest {
+            request_id: "r".into(),
+            nhs_number: nhs,
+            sections: SectionSet::ALL,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(1),
+            requester: Requester::default(),
+            via_brokers: Vec::new(),
+        };
+        let Ok(SourceReply::Found(record)) = source.fetch(&request).await else {
+            panic!("found");
+        };
+        assert_eq!(record.shortfalls.len(), 1);
+        assert_eq!(record.wrong_patient.len(), 1);
     }
 }

@@ -126,12 +126,14 @@ fn fixture() -> Fixture {
         let mut others = Vec::new();
         for p in region.patients_known_to_at_least(3).take(10) {
             let (a, _) = fetch_answers(&set, p.nhs_number, &p.gp).await;
-            others.push(merge::merge(
+            let asked = merge::asked(&route.set, &route.selected_by);
+            others.push(merge::merge(merge::MergeInput::new(
                 p.nhs_number,
-                &route,
+                &asked,
                 &a,
+                std::time::SystemTime::now(),
                 tokio::time::Instant::now(),
-            ));
+            )));
         }
         mock.shutdown().await;
         Fixture {
@@ -274,7 +276,10 @@ fn benches(c: &mut Criterion) {
     let config = Config::parse(&f.config_text, Path::new("<bench>")).expect("config");
     let route = Route::all(Arc::new(registry::build(&config, 1).expect("sources")));
     let started = tokio::time::Instant::now();
-    let merged = merge::merge(f.nhs, &route, &f.answers, started);
+    let asked = merge::asked(&route.set, &route.selected_by);
+    let now = std::time::SystemTime::now();
+    let merge_input = || merge::MergeInput::new(f.nhs, &asked, &f.answers, now, started);
+    let merged = merge::merge(merge_input());
     let found = f.answers.iter().filter(|a| a.record.is_some()).count();
     let input_entries: usize = f
         .answers
@@ -307,7 +312,7 @@ fn benches(c: &mut Criterion) {
     // ---- merge
     c.bench_function(
         &format!("merge/10 orgs, {found} answering, {input_entries} entries"),
-        |b| b.iter(|| black_box(merge::merge(f.nhs, &route, black_box(&f.answers), started))),
+        |b| b.iter(|| black_box(merge::merge(black_box(merge_input())))),
     );
 
     // ---- proto encoding

@@ -198,7 +198,7 @@ impl Policy {
             sensitive_codes: BUILT_IN_SENSITIVE_CODES
                 .iter()
                 .map(|c| (*c).to_owned())
-                .chain(config.sensitive_codes.iter().cloned())
+                .chain(config.sensitive_codes.iter().map(|c| normalise_code(c)))
                 .collect(),
             objections,
             trust_unverified: config.trust_unverified_assertions,
@@ -275,7 +275,7 @@ impl Policy {
         status_org: &str,
         outcome: i32,
     ) -> bool {
-        outcome == SourceOutcome::Ok as i32
+        (outcome == SourceOutcome::Ok as i32 || outcome == SourceOutcome::Partial as i32)
             && status_org.eq_ignore_ascii_case(request.requester.organisation_code.trim())
     }
 
@@ -323,24 +323,51 @@ impl Policy {
         }
     }
 
-    fn is_sensitive(&self, entry: &Entry) -> bool {
+    /// Whether an entry is sensitive: judged on its concept and on every coding the sources gave
+    /// for it (never only the one chosen for display), and on every security label. A configured
+    /// code written `system|code` matches only that code system; a bare code matches any system.
+    pub fn is_sensitive(&self, entry: &Entry) -> bool {
         entry
             .concept
-            .as_ref()
-            .is_some_and(|c| self.sensitive_codes.contains(c.code.trim()))
-            || entry
-                .security_labels
-                .iter()
-                .any(|l| SENSITIVE_LABELS.contains(&l.code.trim()))
+            .iter()
+            .chain(&entry.codings)
+            .any(|c| self.sensitive_coding(c))
+            || entry.security_labels.iter().any(|l| {
+                let code = l.code.trim();
+                SENSITIVE_LABELS
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(code))
+            })
+    }
+
+    fn sensitive_coding(&self, coding: &carerecord_proto::Coding) -> bool {
+        let code = coding.code.trim();
+        if code.is_empty() {
+            return false;
+        }
+        let system = coding.system.trim().trim_end_matches('/');
+        self.sensitive_codes.contains(code)
+            || (!system.is_empty() && self.sensitive_codes.contains(&format!("{system}|{code}")))
+    }
+}
+
+/// A configured sensitive code: `code`, or `system|code` (system without a trailing slash).
+fn normalise_code(raw: &str) -> String {
+    match raw.split_once('|') {
+        Some((system, code)) => format!("{}|{}", system.trim().trim_end_matches('/'), code.trim()),
+        None => raw.trim().to_owned(),
     }
 }
 
 /// The system name recorded when the broker runs without mutual TLS.
 pub const UNVERIFIED: &str = "unverified";
 
+/// The requester's organisation answered with data (in full, or cut short: PARTIAL still
+/// means it holds records for the patient).
 fn holds_records(org: &str, merged: &MergedRecord) -> bool {
     merged.sources.iter().any(|s| {
-        s.outcome == SourceOutcome::Ok as i32 && s.organisation_code.eq_ignore_ascii_case(org)
+        (s.outcome == SourceOutcome::Ok as i32 || s.outcome == SourceOutcome::Partial as i32)
+            && s.organisation_code.eq_ignore_ascii_case(org)
     })
 }
 
@@ -363,4 +390,128 @@ fn read_objections(path: &Path) -> Result<HashSet<NhsNumber>, PolicyError> {
         out.insert(n);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carerecord_adapters::SectionSet;
+    use carerecord_proto::{Coding, Requester};
+
+    fn request(role: &str) -> LookupRequest {
+        LookupRequest {
+            request_id: "r".into(),
+            nhs_number: NhsNumber::parse("9434765919").expect("valid"),
+            sections: SectionSet::ALL,
+            requester: Requester {
+                role_code: role.into(),
+                organisation_code: "RJ1".into(),
+                ..Requester::default()
+            },
+            purpose: Purpose::DirectCare,
+            require_fresh: false,
+            via_brokers: Vec::new(),
+            caller_timeout: None,
+        }
+    }
+
+    fn coding(system: &str, code: &str) -> Coding {
+        Coding {
+            system: system.into(),
+            code: code.into(),
+            display: String::new(),
+        }
+    }
+
+    const SNOMED: &str = "http://snomed.info/sct";
+
+    #[test]
+    fn sensitivity_is_judged_on_every_coding_and_every_label() {
+        let policy = Policy::new(&AccessConfig {
+            sensitive_codes: vec!["http://hl7.org/fhir/sid/icd-10|A56".into(), "123".into()],
+            ..AccessConfig::default()
+        })
+        .expect("policy");
+        let plain = |codings: Vec<Coding>, labels: Vec<Coding>| Entry {
+            concept: Some(coding(SNOMED, "44054006")),
+            codings,
+            security_labels: labels,
+            ..Entry::default()
+        };
+        // (entry, sensitive?)
+        let cases = vec![
+            (plain(vec![], vec![]), false),
+            // The display coding is harmless; the second coding is chlamydia.
+            (
+                plain(
+                    vec![coding(SNOMED, "44054006"), coding(SNOMED, "105629000")],
+                    vec![],
+                ),
+                true,
+            ),
+            // A third coding in another system, configured system-aware.
+            (
+                plain(
+                    vec![
+                        coding(SNOMED, "44054006"),
+                        coding("http://read.info/ctv3", "X"),
+                        coding("http://hl7.org/fhir/sid/icd-10", "A56"),
+                    ],
+                    vec![],
+                ),
+                true,
+            ),
+            // The same code in another system is not that system-aware code.
+            (
+                plain(vec![coding("http://example.org/local", "A56")], vec![]),
+                false,
+            ),
+            // A bare configured code matches whatever the system.
+            (
+                plain(vec![coding("http://example.org/local", "123")], vec![]),
+                true,
+            ),
+            // Any security label, not only the first; case-insensitive.
+            (
+                plain(
+                    vec![],
+                    vec![
+                        coding(
+                            "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+                            "N",
+                        ),
+                        coding("http://terminology.hl7.org/CodeSystem/v3-ActCode", "hiv"),
+                    ],
+                ),
+                true,
+            ),
+        ];
+        for (entry, want) in cases {
+            assert_eq!(policy.is_sensitive(&entry), want, "{entry:?}");
+        }
+    }
+
+    #[test]
+    fn a_sensitive_second_coding_is_withheld_from_roles_without_access() {
+        let policy = Policy::new(&AccessConfig {
+            sensitive_roles: vec!["R0001".into()],
+            roles: vec!["R8000".into(), "R0001".into()],
+            ..AccessConfig::default()
+        })
+        .expect("policy");
+        let record = CareRecord {
+            conditions: vec![Entry {
+                concept: Some(coding(SNOMED, "44054006")),
+                codings: vec![coding(SNOMED, "44054006"), coding(SNOMED, "86406008")],
+                ..Entry::default()
+            }],
+            ..CareRecord::default()
+        };
+        let view = policy.view(&request("R8000"), &record);
+        assert!(view.record.conditions.is_empty());
+        assert!(view.withheld);
+        let view = policy.view(&request("R0001"), &record);
+        assert_eq!(view.record.conditions.len(), 1);
+        assert!(!view.withheld);
+    }
 }

@@ -39,6 +39,8 @@ pub struct Progress {
 /// One shared fan-out.
 pub struct Flight {
     pub nhs_number: NhsNumber,
+    /// The sections asked for (merge reports a status for each).
+    pub sections: carerecord_adapters::SectionSet,
     /// Every configured source; routing picks this lookup's from them.
     pub sources: Arc<SourceSet>,
     router: Arc<Router>,
@@ -82,12 +84,21 @@ impl Flight {
                 &fallback
             }
         };
-        Arc::new(merge::merge(
-            self.nhs_number,
-            route,
-            &progress.answers,
-            self.budget.started,
-        ))
+        let asked = merge::asked(&route.set, &route.selected_by);
+        let now = Instant::now();
+        Arc::new(merge::merge(merge::MergeInput {
+            nhs_number: self.nhs_number,
+            sections: self.sections,
+            asked: &asked,
+            not_asked: &[],
+            answers: &progress.answers,
+            route_warnings: &route.warnings,
+            locators: &route.locators,
+            degraded: route.degraded,
+            waited: now.saturating_duration_since(self.budget.started),
+            now: std::time::SystemTime::now(),
+            assembled: now,
+        }))
     }
 }
 
@@ -131,6 +142,7 @@ impl Flights {
         let (tx, rx) = watch::channel(Progress::default());
         let flight = Arc::new(Flight {
             nhs_number: request.nhs_number,
+            sections: request.sections,
             sources: sources.clone(),
             router: router.clone(),
             budget,

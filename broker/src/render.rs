@@ -3,7 +3,11 @@
 
 use std::fmt::Write;
 
-use carerecord_proto::{Entry, GetCareRecordResponse, Section, SourceOutcome, SourceStatus};
+use carerecord_proto::entry::Detail;
+use carerecord_proto::{
+    Entry, GetCareRecordResponse, Section, SectionState, SectionStatus, SourceOutcome,
+    SourceStatus, VerificationStatus,
+};
 
 /// Human title of a section.
 pub fn section_title(section: Section) -> &'static str {
@@ -58,8 +62,14 @@ pub fn response(r: &GetCareRecordResponse) -> String {
                 let _ = writeln!(out, "Registered GP: {}", p.registered_gp_code);
             }
         }
-        None => {
+        None if r.complete => {
             let _ = writeln!(out, "No organisation that answered knows this patient.");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "No demographics: no organisation that answered knows this patient, and some could not answer (see below)."
+            );
         }
     }
     let freshness = if r.from_cache {
@@ -76,7 +86,7 @@ pub fn response(r: &GetCareRecordResponse) -> String {
         if r.complete {
             "complete"
         } else {
-            "INCOMPLETE: some organisations did not answer"
+            "INCOMPLETE: data may be missing (see warnings and each section's status)"
         }
     );
     if r.emergency_access {
@@ -93,13 +103,19 @@ pub fn response(r: &GetCareRecordResponse) -> String {
     }
     for section in Section::ALL {
         let entries = record.section(section);
-        if entries.is_empty() {
+        let status = r
+            .section_statuses
+            .iter()
+            .find(|s| s.section == section as i32);
+        if status.is_some_and(|s| s.state == SectionState::Unspecified as i32) {
+            // Not requested.
             continue;
         }
-        let _ = writeln!(out, "\n{} ({})", section_title(section), entries.len());
-        for e in entries {
-            let _ = writeln!(out, "  {}", entry_line(e));
+        if status.is_none() && entries.is_empty() {
+            // A broker too old to say why a section is empty: say nothing rather than guess.
+            continue;
         }
+        out.push_str(&section_block(section, entries, status));
     }
     let _ = writeln!(out, "\nSources");
     for s in &r.sources {
@@ -108,7 +124,85 @@ pub fn response(r: &GetCareRecordResponse) -> String {
     out
 }
 
-/// One entry: date, summary, status, and who reported it.
+/// One section: its heading with the section status ("none recorded by ..., unknown from ...
+/// — timed out"), then its entries (medicines split into current and past).
+pub fn section_block(
+    section: Section,
+    entries: &[Entry],
+    status: Option<&SectionStatus>,
+) -> String {
+    let mut out = String::new();
+    let state = match status.map(|s| SectionState::try_from(s.state)) {
+        Some(Ok(SectionState::Recorded)) => "",
+        Some(Ok(SectionState::NoneRecorded)) => "  NONE RECORDED",
+        Some(Ok(SectionState::Partial)) => "  PARTIAL: entries may be missing",
+        Some(Ok(SectionState::Unknown)) => "  UNKNOWN: no organisation could answer",
+        _ => "",
+    };
+    let _ = writeln!(
+        out,
+        "\n{} ({}){state}",
+        section_title(section),
+        entries.len()
+    );
+    if let Some(s) = status {
+        let _ = writeln!(out, "  {}", s.summary);
+    }
+    let medicine = |e: &Entry| match &e.detail {
+        Some(Detail::Medication(m)) => Some(m.current),
+        _ => None,
+    };
+    if section == Section::Medications && entries.iter().any(|e| medicine(e).is_some()) {
+        for (label, current) in [("Current", true), ("Past", false)] {
+            let group: Vec<&Entry> = entries
+                .iter()
+                .filter(|e| medicine(e).unwrap_or(true) == current)
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "  {label}:");
+            for e in group {
+                out.push_str(&entry_block(e, "    "));
+            }
+        }
+    } else {
+        for e in entries {
+            out.push_str(&entry_block(e, "  "));
+        }
+    }
+    out
+}
+
+/// An entry's line, then one line per conflict.
+fn entry_block(e: &Entry, indent: &str) -> String {
+    let mut out = format!("{indent}{}\n", entry_line(e));
+    for c in &e.conflicts {
+        let said: Vec<String> = c
+            .values
+            .iter()
+            .map(|v| {
+                let who = if v.organisation_code.is_empty() {
+                    &v.source_id
+                } else {
+                    &v.organisation_code
+                };
+                format!("{who} {}", or_dash(&v.value))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{indent}  \u{26a0} conflict: {} \u{2014} {}; showing {}",
+            c.field,
+            said.join(", "),
+            c.resolution
+        );
+    }
+    out
+}
+
+/// One entry: date, summary, status (with verification status when not plainly confirmed),
+/// medicine currency and latest issue, who reported it, and marks for what needs checking.
 pub fn entry_line(e: &Entry) -> String {
     let date = e.effective.get(..10).unwrap_or(&e.effective);
     let what = if e.summary.is_empty() {
@@ -126,13 +220,52 @@ pub fn entry_line(e: &Entry) -> String {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let status = if e.status.is_empty() {
+    let mut notes: Vec<String> = Vec::new();
+    if !e.status.is_empty() {
+        notes.push(e.status.clone());
+    }
+    let verification = match VerificationStatus::try_from(e.verification_status) {
+        Ok(VerificationStatus::Unconfirmed) => "unconfirmed",
+        Ok(VerificationStatus::Provisional) => "provisional",
+        Ok(VerificationStatus::Differential) => "differential",
+        Ok(VerificationStatus::Refuted) if e.status != "refuted" => "refuted",
+        Ok(VerificationStatus::EnteredInError) => "entered in error",
+        _ => "",
+    };
+    if !verification.is_empty() {
+        notes.push(verification.to_owned());
+    }
+    if let Some(Detail::Medication(m)) = &e.detail {
+        if !m.dosage.is_empty() && !what.contains(&m.dosage) {
+            notes.push(m.dosage.clone());
+        }
+        if !m.latest_issue.is_empty() {
+            notes.push(format!("last issued {}", m.latest_issue));
+        }
+        if m.rows > 1 {
+            notes.push(format!("{} rows", m.rows));
+        }
+    }
+    let status = if notes.is_empty() {
         String::new()
     } else {
-        format!(" ({})", e.status)
+        format!(" ({})", notes.join(", "))
     };
+    let mut marks = String::new();
+    if e.asserts_absence {
+        marks.push_str("  [assertion]");
+        if e.conflicts.iter().any(|c| c.field == "assertion") {
+            marks.push_str(" \u{26a0} CONTRADICTED");
+        }
+    }
+    if e.identity_disputed {
+        marks.push_str("  ? IDENTITY DISPUTED: check this is the same person");
+    }
+    if e.incomplete {
+        let _ = write!(marks, "  INCOMPLETE: {}", or_dash(&e.incomplete_reason));
+    }
     format!(
-        "{:<10}  {what}{status}  [{}]",
+        "{:<10}  {what}{status}  [{}]{marks}",
         or_dash(date),
         who.join(", ")
     )
@@ -168,5 +301,160 @@ fn group_nhs(d: &str) -> String {
         format!("{} {} {}", &d[..3], &d[3..6], &d[6..])
     } else {
         d.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carerecord_proto::{
+        CareRecord, Coding, Conflict, ConflictValue, MedicationDetail, Patient, Provenance,
+        SourceSectionStatus,
+    };
+
+    fn prov(org: &str) -> Provenance {
+        Provenance {
+            source_id: org.to_lowercase(),
+            organisation_code: org.into(),
+            ..Provenance::default()
+        }
+    }
+
+    fn value(org: &str, v: &str) -> ConflictValue {
+        ConflictValue {
+            organisation_code: org.into(),
+            value: v.into(),
+            ..ConflictValue::default()
+        }
+    }
+
+    fn status(section: Section, state: SectionState, summary: &str) -> SectionStatus {
+        SectionStatus {
+            section: section as i32,
+            state: state as i32,
+            sources: vec![SourceSectionStatus::default()],
+            summary: summary.into(),
+        }
+    }
+
+    #[test]
+    fn every_section_is_printed_with_its_status_and_entries_with_what_to_check() {
+        let record = CareRecord {
+            patient: Some(Patient {
+                family_name: "Smith".into(),
+                ..Patient::default()
+            }),
+            allergies: vec![
+                Entry {
+                    summary: "Allergy to penicillin".into(),
+                    status: "active".into(),
+                    verification_status: VerificationStatus::Unconfirmed as i32,
+                    provenance: vec![prov("RJ1"), prov("H81005")],
+                    conflicts: vec![Conflict {
+                        field: "status".into(),
+                        values: vec![value("H81005", "resolved"), value("RJ1", "active")],
+                        resolution: "active: most recent assertion (RJ1, 2026-11-02)".into(),
+                    }],
+                    ..Entry::default()
+                },
+                Entry {
+                    concept: Some(Coding {
+                        display: "No known allergy".into(),
+                        ..Coding::default()
+                    }),
+                    asserts_absence: true,
+                    provenance: vec![prov("RV5")],
+                    conflicts: vec![Conflict {
+                        field: "assertion".into(),
+                        ..Conflict::default()
+                    }],
+                    ..Entry::default()
+                },
+                Entry {
+                    summary: "Latex allergy".into(),
+                    status: "refuted".into(),
+                    verification_status: VerificationStatus::Refuted as i32,
+                    identity_disputed: true,
+                    provenance: vec![prov("RV5")],
+                    ..Entry::default()
+                },
+            ],
+            medications: vec![
+                Entry {
+                    summary: "Metformin 500mg tablets".into(),
+                    status: "active".into(),
+                    detail: Some(Detail::Medication(MedicationDetail {
+                        current: true,
+                        latest_issue: "2026-11-15".into(),
+                        rows: 3,
+                        ..MedicationDetail::default()
+                    })),
+                    provenance: vec![prov("H81005")],
+                    ..Entry::default()
+                },
+                Entry {
+                    summary: "Amoxicillin 500mg capsules".into(),
+                    status: "completed".into(),
+                    detail: Some(Detail::Medication(MedicationDetail::default())),
+                    provenance: vec![prov("H81005")],
+                    ..Entry::default()
+                },
+            ],
+            ..CareRecord::default()
+        };
+        let response = GetCareRecordResponse {
+            record: Some(record),
+            section_statuses: vec![
+                status(
+                    Section::Conditions,
+                    SectionState::NoneRecorded,
+                    "Conditions: none recorded by H81005, RJ1",
+                ),
+                status(
+                    Section::Allergies,
+                    SectionState::Partial,
+                    "Allergies: recorded by RJ1 (1); unknown from RV5 — timed out",
+                ),
+                status(
+                    Section::Medications,
+                    SectionState::Recorded,
+                    "Medications: recorded by H81005 (2)",
+                ),
+                status(
+                    Section::TestResults,
+                    SectionState::Unspecified,
+                    "Test results: not requested",
+                ),
+            ],
+            sources: vec![SourceStatus {
+                organisation_code: "RJ1".into(),
+                outcome: SourceOutcome::Partial as i32,
+                message: "incomplete: results cut at the 20-page limit".into(),
+                ..SourceStatus::default()
+            }],
+            ..GetCareRecordResponse::default()
+        };
+        let text = response_text(&response);
+        for want in [
+            "Conditions (0)  NONE RECORDED",
+            "  Conditions: none recorded by H81005, RJ1",
+            "Allergies (3)  PARTIAL: entries may be missing",
+            "unknown from RV5 — timed out",
+            "Allergy to penicillin (active, unconfirmed)  [H81005, RJ1]",
+            "⚠ conflict: status — H81005 resolved, RJ1 active; showing active: most recent assertion (RJ1, 2026-11-02)",
+            "No known allergy  [RV5]  [assertion] ⚠ CONTRADICTED",
+            "Latex allergy (refuted)  [RV5]  ? IDENTITY DISPUTED",
+            "  Current:\n    -           Metformin 500mg tablets (active, last issued 2026-11-15, 3 rows)",
+            "  Past:\n    -           Amoxicillin 500mg capsules (completed)",
+            "PARTIAL",
+            "INCOMPLETE: data may be missing",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(!text.contains("Test results"), "not requested: not printed");
+    }
+
+    fn response_text(r: &GetCareRecordResponse) -> String {
+        response(r)
     }
 }

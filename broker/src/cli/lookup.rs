@@ -6,7 +6,9 @@ use crate::render;
 use anyhow::Context;
 use carerecord_proto::care_record_event::Event;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
-use carerecord_proto::{CacheDirective, GetCareRecordRequest, Purpose, Requester, Section};
+use carerecord_proto::{
+    CacheDirective, GetCareRecordRequest, GetCareRecordResponse, Purpose, Requester, Section,
+};
 use clap::Args;
 
 #[derive(Args, Debug, Clone)]
@@ -137,7 +139,7 @@ pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
                 }
                 Some(Event::Complete(r)) => {
                     if args.json {
-                        out.push_str(&serde_json::to_string_pretty(&r)?);
+                        out.push_str(&serde_json::to_string_pretty(&explicit_json(&r)?)?);
                         out.push('\n');
                     } else {
                         out.push('\n');
@@ -154,7 +156,7 @@ pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
             .map_err(status_error)?
             .into_inner();
         if args.json {
-            out.push_str(&serde_json::to_string_pretty(&response)?);
+            out.push_str(&serde_json::to_string_pretty(&explicit_json(&response)?)?);
             out.push('\n');
         } else {
             out.push_str(&render::response(&response));
@@ -163,10 +165,79 @@ pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// The response as proto3 JSON, plus what proto3 JSON leaves out but a reader must see: every
+/// section of the record (an empty one as `[]`, never absent) and `complete` (also when false).
+fn explicit_json(r: &GetCareRecordResponse) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(r)?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("complete".into(), r.complete.into());
+        let record = object
+            .entry("record")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(record) = record.as_object_mut() {
+            for section in [
+                "conditions",
+                "medications",
+                "allergies",
+                "testResults",
+                "carePlans",
+                "documents",
+                "encounters",
+                "appointments",
+            ] {
+                record
+                    .entry(section)
+                    .or_insert_with(|| serde_json::json!([]));
+            }
+        }
+    }
+    Ok(value)
+}
+
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(
         "the broker refused the lookup ({:?}): {}",
         s.code(),
         s.message()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_output_shows_empty_sections_and_an_incomplete_record() {
+        let response = GetCareRecordResponse {
+            record: Some(carerecord_proto::CareRecord {
+                allergies: vec![carerecord_proto::Entry {
+                    summary: "Penicillin".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..GetCareRecordResponse::default()
+        };
+        let json = explicit_json(&response).expect("json");
+        assert_eq!(json["complete"], serde_json::json!(false));
+        let record = &json["record"];
+        for section in carerecord_proto::Section::ALL {
+            let name = match section.short_name() {
+                "test_results" => "testResults",
+                "care_plans" => "carePlans",
+                other => other,
+            };
+            assert!(record[name].is_array(), "{name} in {record}");
+        }
+        assert_eq!(record["allergies"].as_array().map(Vec::len), Some(1));
+        assert_eq!(record["conditions"], serde_json::json!([]));
+        // Every key pbjson would write for a full record is one we also write when empty.
+        let full = carerecord_proto::CareRecord {
+            test_results: vec![Default::default()],
+            care_plans: vec![Default::default()],
+            ..Default::default()
+        };
+        let full = serde_json::to_value(&full).expect("json");
+        assert!(full["testResults"].is_array() && full["carePlans"].is_array());
+    }
 }

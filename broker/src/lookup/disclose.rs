@@ -113,7 +113,15 @@ impl Broker {
             withheld: view.withheld,
             assembled_at: merged.assembled_at,
             locators: merged.locators.clone(),
-            section_statuses: Vec::new(),
+            // A patient's objection: only the requester's own organisation's lines.
+            section_statuses: if self.policy.objection_applies(request) {
+                let org = request.requester.organisation_code.trim();
+                crate::merge::restrict_section_statuses(&merged.section_statuses, |s| {
+                    s.organisation_code.eq_ignore_ascii_case(org)
+                })
+            } else {
+                merged.section_statuses.clone()
+            },
         })
     }
 
@@ -144,7 +152,13 @@ impl Broker {
             .iter()
             .any(|a| !ours(&a.status.organisation_code));
         let mut warnings = Vec::new();
-        let record = crate::merge::merge_found(request.nhs_number, &own, &mut warnings);
+        let today = carerecord_adapters::calendar::rfc3339(merged.assembled_at);
+        let record = crate::merge::merge_found(
+            request.nhs_number,
+            &own,
+            today.get(..10).unwrap_or(&today),
+            &mut warnings,
+        );
         let view = self.policy.view(request, &record);
         Visible {
             record: view.record,
@@ -281,7 +295,7 @@ impl Broker {
             return None;
         }
         Some(SourceUpdate {
-            status: answer.status.clone(),
+            status: crate::merge::status_of(answer),
             contribution: answer.record.as_ref().map(|r| {
                 let mut view = self.policy.view(request, &r.record).record;
                 if let Some(p) = view.patient.as_mut() {
