@@ -92,7 +92,8 @@ fn fixture() -> Fixture {
             .patients()
             .max_by_key(|p| p.organisations.len())
             .expect("a patient");
-        let (answers, records) = fetch_answers(&set, patient.nhs_number, &patient.gp).await;
+        let (answers, records) =
+            fetch_answers(&set, product_nhs(&patient.nhs_number), &patient.gp).await;
 
         let gp = mock
             .organisation(&patient.gp)
@@ -124,9 +125,9 @@ fn fixture() -> Fixture {
 
         let mut others = Vec::new();
         for p in region.patients_known_to_at_least(3).take(10) {
-            let (a, _) = fetch_answers(&set, p.nhs_number, &p.gp).await;
+            let (a, _) = fetch_answers(&set, product_nhs(&p.nhs_number), &p.gp).await;
             others.push(merge::merge(
-                p.nhs_number,
+                product_nhs(&p.nhs_number),
                 &route,
                 &a,
                 tokio::time::Instant::now(),
@@ -138,7 +139,7 @@ fn fixture() -> Fixture {
                 .enable_all()
                 .build()
                 .expect("runtime"),
-            nhs: patient.nhs_number,
+            nhs: product_nhs(&patient.nhs_number),
             gp: patient.gp,
             config_text,
             answers,
@@ -151,6 +152,11 @@ fn fixture() -> Fixture {
 }
 
 type Records = Vec<(String, String, String, Option<SourceRecord>)>;
+
+/// The product's NHS number for one of the mock region's (mock-sources has its own type).
+fn product_nhs(n: &carerecord_mock_sources::NhsNumber) -> NhsNumber {
+    NhsNumber::parse(&n.as_digits()).expect("the mock region's NHS numbers are valid")
+}
 
 async fn fetch_answers(set: &SourceSet, nhs: NhsNumber, gp: &str) -> (Vec<Arc<Answer>>, Records) {
     let request = source_request(nhs, gp);

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use carerecord_adapters::NhsNumber;
+use crate::nhs::NhsNumber;
 
 use crate::calendar;
 use crate::faults::{FaultControl, RequestKind};

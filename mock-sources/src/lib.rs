@@ -26,6 +26,7 @@ pub mod fhir;
 pub mod latency;
 mod locator;
 mod names;
+pub mod nhs;
 pub mod population;
 mod prng;
 mod record;
@@ -35,6 +36,7 @@ pub use broker_config::DirectoryRow;
 pub use broker_config::FhirMode;
 pub use faults::{Fault, FaultControl, LOCATOR, OrgStats, UnknownOrganisation};
 pub use latency::LatencyProfile;
+pub use nhs::NhsNumber;
 pub use population::{
     ConflictField, DemographicConflict, OrgKind, Organisation, PatientSummary, Region, RegionSpec,
 };

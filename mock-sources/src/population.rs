@@ -8,8 +8,9 @@
 //! demographics disagree between organisations, and NHS numbers in the never-issued 999 range.
 
 use std::collections::HashMap;
+use std::fmt;
 
-use carerecord_adapters::NhsNumber;
+use crate::nhs::NhsNumber;
 use serde::Serialize;
 
 use crate::calendar;
@@ -276,8 +277,10 @@ impl Region {
         (0..self.people.len()).map(move |i| self.summary(i))
     }
 
-    pub fn patient(&self, nhs_number: &NhsNumber) -> Option<PatientSummary> {
-        self.person_index(nhs_number).map(|i| self.summary(i))
+    /// The patient with this NHS number. Takes anything that displays as the ten digits: this
+    /// crate's [`NhsNumber`], the broker's own NHS number type, or the digits as text.
+    pub fn patient(&self, nhs_number: &(impl fmt::Display + ?Sized)) -> Option<PatientSummary> {
+        self.index_of(nhs_number).map(|i| self.summary(i))
     }
 
     /// Patients known to at least `n` organisations (GP included).
@@ -311,8 +314,13 @@ impl Region {
     }
 
     /// The `Patient.id` organisation `org_code` uses for this patient, if it knows them.
-    pub fn patient_id_at(&self, nhs_number: &NhsNumber, org_code: &str) -> Option<String> {
-        let p = self.person_index(nhs_number)?;
+    /// (`nhs_number` as for [`Region::patient`].)
+    pub fn patient_id_at(
+        &self,
+        nhs_number: &(impl fmt::Display + ?Sized),
+        org_code: &str,
+    ) -> Option<String> {
+        let p = self.index_of(nhs_number)?;
         let o = self.org_index(org_code)?;
         self.knows(o, p)
             .then(|| patient_id(&self.organisations[o], p))
@@ -353,10 +361,10 @@ impl Region {
     /// unknown patient. The GP stays findable through `Patient.generalPractitioner` regardless.
     pub fn located_organisations(
         &self,
-        nhs_number: &NhsNumber,
+        nhs_number: &(impl fmt::Display + ?Sized),
         missing_fraction: f64,
     ) -> Vec<String> {
-        self.person_index(nhs_number)
+        self.index_of(nhs_number)
             .map(|p| {
                 self.pointers(p, missing_fraction)
                     .map(|o| self.organisations[o].code.clone())
@@ -385,6 +393,13 @@ impl Region {
 
     pub(crate) fn org_index(&self, code: &str) -> Option<usize> {
         self.by_code.get(&code.to_ascii_uppercase()).copied()
+    }
+
+    /// The person whose NHS number displays as `nhs` (ten digits; spaces allowed).
+    fn index_of(&self, nhs: &(impl fmt::Display + ?Sized)) -> Option<usize> {
+        NhsNumber::parse(&nhs.to_string())
+            .ok()
+            .and_then(|n| self.person_index(&n))
     }
 
     pub(crate) fn person_index(&self, nhs: &NhsNumber) -> Option<usize> {

@@ -354,9 +354,10 @@ impl RegionServer {
 
     /// The organisations the locator's record pointers name for this patient (GP first),
     /// allowing for `ServerOptions::locator_missing_pointers`. Empty for an unknown patient.
+    /// (`nhs_number` as for [`Region::patient`].)
     pub fn located_organisations(
         &self,
-        nhs_number: &carerecord_adapters::NhsNumber,
+        nhs_number: &(impl std::fmt::Display + ?Sized),
     ) -> Vec<String> {
         self.region
             .located_organisations(nhs_number, self.locator_missing_pointers)
