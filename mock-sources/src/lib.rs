@@ -34,7 +34,7 @@ pub mod server;
 
 pub use broker_config::DirectoryRow;
 pub use broker_config::FhirMode;
-pub use faults::{Fault, FaultControl, LOCATOR, OrgStats, UnknownOrganisation};
+pub use faults::{DataMode, Fault, FaultControl, LOCATOR, OrgStats, UnknownOrganisation};
 pub use latency::LatencyProfile;
 pub use nhs::NhsNumber;
 pub use population::{

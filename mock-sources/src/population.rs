@@ -391,6 +391,33 @@ impl Region {
             })
     }
 
+    /// Who organisation `org_code` answers about instead of this patient under the
+    /// `wrong_patient` and `wrong_patient_refs` faults: the next person in the region (NHS
+    /// number order, wrapping) that the organisation also knows, else simply the next person.
+    /// `None` if the patient or organisation is unknown, or the region has one person.
+    pub fn wrong_patient_at(
+        &self,
+        nhs_number: &(impl fmt::Display + ?Sized),
+        org_code: &str,
+    ) -> Option<PatientSummary> {
+        let p = self.index_of(nhs_number)?;
+        let o = self.org_index(org_code)?;
+        let other = self.other_person(o, p);
+        (other != p).then(|| self.summary(other))
+    }
+
+    /// See [`Region::wrong_patient_at`].
+    pub(crate) fn other_person(&self, org: usize, person: usize) -> usize {
+        let n = self.people.len();
+        if n < 2 {
+            return person;
+        }
+        (1..n)
+            .map(|k| (person + k) % n)
+            .find(|&q| self.knows(org, q))
+            .unwrap_or((person + 1) % n)
+    }
+
     pub(crate) fn org_index(&self, code: &str) -> Option<usize> {
         self.by_code.get(&code.to_ascii_uppercase()).copied()
     }

@@ -19,6 +19,7 @@ use crate::prng::Prng;
 
 const TAG_TRUTH: u64 = 3;
 const TAG_RECORD: u64 = 4;
+const TAG_NAMING: u64 = 5;
 
 /// Everything one organisation holds about one patient.
 #[derive(Debug, Clone)]
@@ -26,6 +27,32 @@ pub(crate) struct OrgRecord {
     pub patient: Value,
     /// Clinical resources, grouped in [`ResourceType::CLINICAL`] order.
     pub resources: Vec<(ResourceType, Value)>,
+    /// Medication resources its MedicationRequests reference as `Medication/{id}` (not
+    /// contained): readable by id, `_include`d on request, carried by `$everything`.
+    pub medications: Vec<Value>,
+}
+
+/// How a record is shaped beyond the region's data: the organisation's data mode and the
+/// faults that change the shape of what it holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct View {
+    /// Clinical conflict mode: serve this organisation's disagreeing version of a shared fact,
+    /// for the patients who have one here.
+    pub conflicts: bool,
+    /// `ignore_include`: every MedicationRequest names its drug by `Medication/{id}`.
+    pub references_only: bool,
+}
+
+/// How an organisation's system names the drug on a MedicationRequest. Real systems differ, so
+/// the region does too, by organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrugNaming {
+    /// `medicationCodeableConcept`.
+    Inline,
+    /// `medicationReference` to a `contained` Medication (`#med`).
+    Contained,
+    /// `medicationReference` to `Medication/{id}`.
+    Referenced,
 }
 
 impl OrgRecord {
@@ -45,6 +72,9 @@ impl OrgRecord {
         if rt == ResourceType::Patient {
             return (self.patient["id"] == id).then_some(&self.patient);
         }
+        if rt == ResourceType::Medication {
+            return self.medications.iter().find(|v| v["id"] == id);
+        }
         self.of_type(rt).find(|v| v["id"] == id)
     }
 }
@@ -52,7 +82,19 @@ impl OrgRecord {
 /// Builds organisation `org`'s record of person `person`. `base_url` is the organisation's FHIR
 /// base, used for document attachment URLs.
 pub(crate) fn build(region: &Region, person: usize, org: usize, base_url: &str) -> OrgRecord {
+    build_view(region, person, org, base_url, View::default())
+}
+
+/// As [`build`], in a data mode / shape other than the default.
+pub(crate) fn build_view(
+    region: &Region,
+    person: usize,
+    org: usize,
+    base_url: &str,
+    view: View,
+) -> OrgRecord {
     let mut b = Builder::new(region, person, org, base_url);
+    b.view = view;
     let truth = Truth::of(region, person);
     match b.org.kind {
         OrgKind::GpPractice => b.gp(&truth),
@@ -65,7 +107,11 @@ pub(crate) fn build(region: &Region, person: usize, org: usize, base_url: &str) 
     let mut resources = b.out;
     // Stable sort keeps creation order within a type.
     resources.sort_by_key(|(t, _)| ResourceType::CLINICAL.iter().position(|c| c == t));
-    OrgRecord { patient, resources }
+    OrgRecord {
+        patient,
+        resources,
+        medications: b.medications,
+    }
 }
 
 /// Only the Patient resource (the common, cheap case: identifier search).
@@ -166,6 +212,8 @@ struct Builder<'a> {
     rng: Prng,
     out: Vec<(ResourceType, Value)>,
     next_number: u32,
+    view: View,
+    medications: Vec<Value>,
 }
 
 impl<'a> Builder<'a> {
@@ -184,6 +232,8 @@ impl<'a> Builder<'a> {
             rng: Prng::keyed(&[region.spec().seed, TAG_RECORD, person as u64, org as u64]),
             out: Vec::new(),
             next_number: 1,
+            view: View::default(),
+            medications: Vec::new(),
         }
     }
 
@@ -356,12 +406,47 @@ impl<'a> Builder<'a> {
         self.push(ResourceType::MedicationStatement, v);
     }
 
-    fn medication_request(&mut self, med: usize, authored: i64, active: bool) {
+    fn medication_request(&mut self, med: usize, authored: i64, active: bool) -> String {
+        let status = if active { "active" } else { "completed" };
+        self.prescription(med, authored, status, "order", active, None)
+    }
+
+    /// How this organisation names drugs (see [`DrugNaming`]).
+    fn drug_naming(&self) -> DrugNaming {
+        if self.view.references_only {
+            return DrugNaming::Referenced;
+        }
+        match self.org.kind {
+            OrgKind::AcuteTrust => DrugNaming::Contained,
+            OrgKind::MentalHealthTrust => DrugNaming::Referenced,
+            OrgKind::GpPractice => {
+                let seed = self.region.spec().seed;
+                match Prng::keyed(&[seed, TAG_NAMING, self.org_index as u64]).below(3) {
+                    0 => DrugNaming::Referenced,
+                    1 => DrugNaming::Contained,
+                    _ => DrugNaming::Inline,
+                }
+            }
+            _ => DrugNaming::Inline,
+        }
+    }
+
+    /// A MedicationRequest: an authorisation (`intent` plan) or an issue (`order`, optionally
+    /// `basedOn` its plan). Returns its id.
+    fn prescription(
+        &mut self,
+        med: usize,
+        authored: i64,
+        status: &str,
+        intent: &str,
+        repeat: bool,
+        based_on: Option<&str>,
+    ) -> String {
         let id = self.id(ResourceType::MedicationRequest);
         let m = codes::MEDICINES[med];
         let minute = self.minute();
         let updated = self.last_updated(authored);
-        let course = if active {
+        let course = if repeat {
             fhir::hl7(
                 "medicationrequest-course-of-therapy",
                 "continuous",
@@ -374,20 +459,65 @@ impl<'a> Builder<'a> {
                 "Short course (acute) therapy",
             )
         };
-        let v = json!({
+        let mut v = json!({
             "resourceType": "MedicationRequest",
             "id": id,
             "meta": fhir::meta(ResourceType::MedicationRequest, &updated),
-            "status": if active { "active" } else { "completed" },
-            "intent": "order",
-            "medicationCodeableConcept": fhir::concept(DMD, m.concept),
+            "status": status,
+            "intent": intent,
             "subject": self.subject(),
             "authoredOn": calendar::instant(authored, minute),
             "requester": fhir::org_reference(self.org),
             "courseOfTherapyType": course,
             "dosageInstruction": [{ "text": m.dosage }],
         });
+        match self.drug_naming() {
+            DrugNaming::Inline => {
+                v["medicationCodeableConcept"] = fhir::concept(DMD, m.concept);
+            }
+            DrugNaming::Contained => {
+                v["contained"] = json!([{
+                    "resourceType": "Medication",
+                    "id": "med",
+                    "code": fhir::concept(DMD, m.concept),
+                }]);
+                v["medicationReference"] = json!({ "reference": "#med" });
+            }
+            DrugNaming::Referenced => {
+                // One Medication per drug per patient at this organisation; the id does not
+                // depend on the view, so it stays readable whichever shape was served.
+                let med_id = format!(
+                    "{}-{}-{}-{}",
+                    self.id_prefix,
+                    ResourceType::Medication.abbreviation(),
+                    100_000 + self.person_index,
+                    med + 1
+                );
+                if !self.medications.iter().any(|x| x["id"] == med_id.as_str()) {
+                    self.medications.push(json!({
+                        "resourceType": "Medication",
+                        "id": med_id,
+                        "meta": fhir::meta(ResourceType::Medication, &updated),
+                        "code": fhir::concept(DMD, m.concept),
+                    }));
+                }
+                v["medicationReference"] = fhir::reference(ResourceType::Medication, &med_id);
+            }
+        }
+        if let Some(plan) = based_on {
+            v["basedOn"] = json!([fhir::reference(ResourceType::MedicationRequest, plan)]);
+            v["dispenseRequest"] = json!({
+                "validityPeriod": {
+                    "start": calendar::date(authored),
+                    "end": calendar::date(authored + 28),
+                },
+                "expectedSupplyDuration": {
+                    "value": 28, "unit": "days", "system": UCUM, "code": "d",
+                },
+            });
+        }
         self.push(ResourceType::MedicationRequest, v);
+        id
     }
 
     /// A measured value for this patient, shifted by their conditions.
@@ -724,7 +854,20 @@ impl<'a> Builder<'a> {
             } else {
                 start
             };
-            self.medication_request(m, authored, active);
+            if active {
+                // A repeat: the authorisation (plan), then its issues every 28 days, latest
+                // last, each based on the authorisation.
+                let plan = self.prescription(m, start, "active", "plan", true, None);
+                for back in [2, 1] {
+                    let day = authored - 28 * back;
+                    if day > start {
+                        self.prescription(m, day, "completed", "order", true, Some(&plan));
+                    }
+                }
+                self.prescription(m, authored, "active", "order", true, Some(&plan));
+            } else {
+                self.medication_request(m, authored, active);
+            }
         }
         let adult = self.age() >= 18;
         for _ in 0..self.rng.range(1, 3) {
