@@ -38,6 +38,7 @@ pub use faults::{DataMode, Fault, FaultControl, LOCATOR, OrgStats, UnknownOrgani
 pub use latency::LatencyProfile;
 pub use nhs::NhsNumber;
 pub use population::{
-    ConflictField, DemographicConflict, OrgKind, Organisation, PatientSummary, Region, RegionSpec,
+    ClinicalConflict, ClinicalConflictKind, ConflictField, DemographicConflict, OrgKind,
+    Organisation, PatientSummary, Region, RegionSpec,
 };
 pub use server::{RegionServer, RunningOrganisation, ServerOptions};

@@ -119,6 +119,41 @@ pub struct DemographicConflict {
     pub value: String,
 }
 
+/// What two organisations disagree on in clinical conflict mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClinicalConflictKind {
+    /// An allergy active at the GP is resolved at the other organisation.
+    AllergyResolved,
+    /// An allergy active at the GP is refuted at the other organisation.
+    AllergyRefuted,
+    /// The GP asserts "no known allergy" (716186003); the other organisation has an active
+    /// allergy (`code`).
+    NoKnownAllergy,
+    /// A medicine active at the GP is stopped at the other organisation.
+    MedicineStopped,
+    /// The other organisation records another dose of a medicine.
+    Dosage,
+}
+
+/// A patient's clinical conflict: served only by organisations in conflict data mode
+/// ([`crate::DataMode::Conflicts`]); the GP holds the reference version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClinicalConflict {
+    pub kind: ClinicalConflictKind,
+    /// The patient's GP practice (its version is the reference one).
+    pub gp: String,
+    /// The organisation that disagrees, when its conflict mode is on.
+    pub organisation: String,
+    /// The SNOMED CT / dm+d code of the fact they disagree on (the allergy or medicine).
+    pub code: String,
+    pub display: String,
+    /// What the GP says (a status, a dose, or "no known allergy (716186003)").
+    pub gp_says: String,
+    /// What the other organisation says.
+    pub organisation_says: String,
+}
+
 /// A patient as the region's index knows them: the truth, plus where they are known.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PatientSummary {
@@ -135,6 +170,9 @@ pub struct PatientSummary {
     /// Codes of every organisation that knows the patient, GP first.
     pub organisations: Vec<String>,
     pub conflict: Option<DemographicConflict>,
+    /// What their GP and another organisation disagree on in clinical conflict mode (about
+    /// one patient in ten known to more than their GP).
+    pub clinical_conflict: Option<ClinicalConflict>,
 }
 
 fn ser_nhs<S: serde::Serializer>(n: &NhsNumber, s: S) -> Result<S::Ok, S::Error> {
@@ -297,6 +335,15 @@ impl Region {
     pub fn patients_known_only_to_one(&self) -> impl Iterator<Item = PatientSummary> + '_ {
         self.patients_known_to_at_least(1)
             .filter(|p| p.organisations.len() == 1)
+    }
+
+    /// Patients with a clinical conflict (see [`ClinicalConflict`]): what their GP and another
+    /// organisation disagree on once that organisation is in conflict data mode.
+    pub fn patients_with_clinical_conflicts(&self) -> impl Iterator<Item = PatientSummary> + '_ {
+        (0..self.people.len())
+            .filter(move |&i| self.people[i].orgs.len() > 1)
+            .map(move |i| self.summary(i))
+            .filter(|p| p.clinical_conflict.is_some())
     }
 
     /// Patients whose family name or birth date differs at one organisation.
@@ -470,6 +517,7 @@ impl Region {
                     Conflict::Birth(b) => calendar::date(*b),
                 },
             }),
+            clinical_conflict: crate::record::clinical_conflict(self, i),
         }
     }
 }

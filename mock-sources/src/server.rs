@@ -281,6 +281,7 @@ impl RegionServer {
             control.clone(),
             organisations.clone(),
             format!("http://{router_addr}/locator/fhir"),
+            region.clone(),
         );
         let mut admin_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {

@@ -317,3 +317,233 @@ async fn medicines_are_named_inline_contained_or_by_an_included_reference() {
         "every naming is served somewhere"
     );
 }
+
+/// The resource in `resources` coded `code` (allergy or condition code, or the drug).
+fn coded<'a>(resources: &'a [Value], rt: &str, code: &str) -> Vec<&'a Value> {
+    resources
+        .iter()
+        .filter(|r| r["resourceType"] == rt)
+        .filter(|r| {
+            ["code", "medicationCodeableConcept"].iter().any(|f| {
+                r[*f]["coding"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["code"] == code))
+            })
+        })
+        .collect()
+}
+
+async fn everything_of(
+    c: &reqwest::Client,
+    server: &RegionServer,
+    region: &Region,
+    p: &PatientSummary,
+    code: &str,
+) -> Vec<Value> {
+    let id = region.patient_id_at(&p.nhs_number, code).expect("known");
+    all_pages(
+        c,
+        format!("{}/Patient/{id}/$everything?_count=100", base(server, code)),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn conflict_mode_makes_the_gp_and_the_other_organisation_disagree_until_reset() {
+    let (region, server) = start().await;
+    let c = client();
+    let (_, listed) = get_json(&c, &format!("{}/conflicts?limit=200", server.admin_url())).await;
+    let listed = listed.as_array().cloned().unwrap_or_default();
+    let patients: Vec<PatientSummary> = region.patients_with_clinical_conflicts().collect();
+    assert!(patients.len() >= 10, "{}", patients.len());
+    assert_eq!(listed.len(), patients.len().min(200));
+    assert_eq!(
+        listed[0]["nhs_number"],
+        patients[0].nhs_number.as_digits(),
+        "the admin API lists the same patients as the library"
+    );
+
+    // One patient of each kind the region has.
+    let mut by_kind = std::collections::BTreeMap::new();
+    for p in &patients {
+        let conflict = p.clinical_conflict.clone().unwrap();
+        by_kind
+            .entry(format!("{:?}", conflict.kind))
+            .or_insert((p.clone(), conflict));
+    }
+    assert!(by_kind.len() >= 4, "{:?}", by_kind.keys());
+
+    let mut before = Vec::new();
+    for (p, conflict) in by_kind.values() {
+        before.push(everything_of(&c, &server, &region, p, &conflict.organisation).await);
+    }
+    admin_put(
+        &c,
+        &server,
+        "organisations/all/data",
+        json!({"data": "conflicts"}),
+    )
+    .await;
+    for (kind, (p, conflict)) in &by_kind {
+        let gp = everything_of(&c, &server, &region, p, &conflict.gp).await;
+        let other = everything_of(&c, &server, &region, p, &conflict.organisation).await;
+        let code = conflict.code.as_str();
+        let status = |r: &Value, f: &str| r[f]["coding"][0]["code"].as_str().map(String::from);
+        match kind.as_str() {
+            "AllergyResolved" | "AllergyRefuted" => {
+                let at_gp = coded(&gp, "AllergyIntolerance", code);
+                let there = coded(&other, "AllergyIntolerance", code);
+                assert_eq!(
+                    status(at_gp[0], "clinicalStatus").as_deref(),
+                    Some("active")
+                );
+                let want = if kind == "AllergyResolved" {
+                    ("resolved", "confirmed")
+                } else {
+                    ("inactive", "refuted")
+                };
+                assert_eq!(
+                    (
+                        status(there[0], "clinicalStatus").as_deref(),
+                        status(there[0], "verificationStatus").as_deref()
+                    ),
+                    (Some(want.0), Some(want.1)),
+                    "{kind}"
+                );
+            }
+            "NoKnownAllergy" => {
+                assert_eq!(coded(&gp, "AllergyIntolerance", "716186003").len(), 1);
+                assert!(coded(&gp, "AllergyIntolerance", code).is_empty());
+                let there = coded(&other, "AllergyIntolerance", code);
+                assert_eq!(
+                    status(there[0], "clinicalStatus").as_deref(),
+                    Some("active")
+                );
+            }
+            "MedicineStopped" => {
+                let at_gp = coded(&gp, "MedicationStatement", code);
+                let there = coded(&other, "MedicationStatement", code);
+                assert_eq!(at_gp[0]["status"], "active");
+                assert_eq!(there[0]["status"], "stopped");
+            }
+            "Dosage" => {
+                let at_gp = coded(&gp, "MedicationStatement", code);
+                let there = coded(&other, "MedicationStatement", code);
+                assert_eq!(at_gp[0]["dosage"][0]["text"], conflict.gp_says.as_str());
+                assert_eq!(
+                    there[0]["dosage"][0]["text"],
+                    conflict.organisation_says.as_str()
+                );
+                assert_ne!(conflict.gp_says, conflict.organisation_says);
+            }
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    admin_reset(&c, &server).await;
+    for ((p, conflict), was) in by_kind.values().zip(&before) {
+        let now = everything_of(&c, &server, &region, p, &conflict.organisation).await;
+        assert_eq!(&now, was, "reset restores");
+    }
+}
+
+#[tokio::test]
+async fn the_population_carries_the_variety_real_records_do_deterministically() {
+    let (region, server) = start().await;
+    let (_, again) = start().await;
+    let c = client();
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    for p in region.patients().take(250) {
+        let gp = everything_of(&c, &server, &region, &p, &p.gp).await;
+        let twin = everything_of(&c, &again, &region, &p, &p.gp).await;
+        let text = |rs: &[Value], s: &RegionServer| {
+            serde_json::to_string(rs)
+                .unwrap()
+                .replace(&base(s, &p.gp), "BASE")
+        };
+        assert!(
+            text(&gp, &server) == text(&twin, &again),
+            "the same seed serves the same record (bar the server's address)"
+        );
+        for r in &gp {
+            let rt = r["resourceType"].as_str().unwrap_or("");
+            if let Some(v) = r["verificationStatus"]["coding"][0]["code"].as_str() {
+                seen.insert(format!("{rt} {v}"));
+                if v == "entered-in-error" {
+                    assert!(r.get("clinicalStatus").is_none(), "con-5/ait-2: {r}");
+                } else {
+                    assert!(r["clinicalStatus"].is_object(), "con-3/ait-1: {r}");
+                }
+                if v == "refuted" {
+                    assert_eq!(r["clinicalStatus"]["coding"][0]["code"], "inactive");
+                }
+            }
+            if r["code"]["coding"][0]["code"] == "716186003" {
+                seen.insert("no known allergy".into());
+            }
+            if r["code"]["coding"].as_array().is_some_and(|c| c.len() > 1) {
+                seen.insert(format!("{rt} with several codings"));
+            }
+            if r["meta"]["security"].is_array() {
+                seen.insert(format!("{rt} with a security label"));
+            }
+            if let Some(sev) = r["reaction"][0]["severity"].as_str() {
+                seen.insert(format!("severity {sev}"));
+            }
+            if rt == "MedicationRequest" {
+                seen.insert(format!(
+                    "MedicationRequest {}",
+                    r["intent"].as_str().unwrap()
+                ));
+                if r["basedOn"].is_array() {
+                    assert!(r["dispenseRequest"]["validityPeriod"]["start"].is_string());
+                    seen.insert("issue based on an authorisation".into());
+                }
+            }
+        }
+    }
+    for want in [
+        "Condition confirmed",
+        "Condition provisional",
+        "Condition unconfirmed",
+        "Condition refuted",
+        "Condition entered-in-error",
+        "AllergyIntolerance confirmed",
+        "AllergyIntolerance unconfirmed",
+        "AllergyIntolerance refuted",
+        "no known allergy",
+        "Condition with several codings",
+        "Condition with a security label",
+        "severity mild",
+        "severity moderate",
+        "MedicationRequest plan",
+        "MedicationRequest order",
+        "issue based on an authorisation",
+    ] {
+        assert!(seen.contains(want), "{want} missing from {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_long_record_spans_pages_at_a_small_count() {
+    let (region, server) = start().await;
+    let c = client();
+    let p = region
+        .patients_known_to_at_least(2)
+        .find(|p| p.clinical_conflict.is_none())
+        .unwrap();
+    let id = region.patient_id_at(&p.nhs_number, &p.gp).unwrap();
+    let (_, first) = get_json(
+        &c,
+        &format!("{}/Patient/{id}/$everything?_count=3", base(&server, &p.gp)),
+    )
+    .await;
+    assert!(first["total"].as_u64().unwrap() > 3);
+    assert!(
+        first["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["relation"] == "next"),
+        "a next link: the record is longer than a page"
+    );
+}
