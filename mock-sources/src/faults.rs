@@ -517,6 +517,24 @@ mod tests {
     }
 
     #[test]
+    fn data_modes_parse_display_and_are_cleared_by_reset() {
+        for s in ["normal", "conflicts"] {
+            assert_eq!(s.parse::<DataMode>().unwrap().to_string(), s);
+        }
+        assert!("chaos".parse::<DataMode>().is_err());
+        let c = FaultControl::new(1, vec![("A1".into(), LatencyProfile::ZERO, Fault::None)]);
+        assert_eq!(c.data_mode("A1"), Some(DataMode::Normal));
+        c.set_data_mode("a1", DataMode::Conflicts).unwrap();
+        assert_eq!(c.begin(0, RequestKind::Other).3, DataMode::Conflicts);
+        c.reset();
+        assert_eq!(c.data_mode("A1"), Some(DataMode::Normal));
+        c.set_data_mode_all(DataMode::Conflicts);
+        c.clear_faults();
+        assert_eq!(c.data_mode("A1"), Some(DataMode::Normal));
+        assert!(c.set_data_mode("ZZ", DataMode::Conflicts).is_err());
+    }
+
+    #[test]
     fn reset_restores_startup_latency_and_clears_faults() {
         let c = FaultControl::new(
             1,

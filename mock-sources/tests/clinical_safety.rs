@@ -547,3 +547,53 @@ async fn a_long_record_spans_pages_at_a_small_count() {
         "a next link: the record is longer than a page"
     );
 }
+
+#[tokio::test]
+async fn the_admin_api_validates_data_modes_and_names_the_wrong_patient() {
+    let (region, server) = start().await;
+    let c = client();
+    let admin = server.admin_url();
+    let p = shared_patient(&region);
+    let r = c
+        .put(format!("{admin}/organisations/{}/data", p.gp))
+        .json(&json!({"data": "chaos"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = c
+        .put(format!("{admin}/organisations/NOPE/data"))
+        .body("conflicts")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let r = c
+        .put(format!("{admin}/organisations/{}/data", p.gp))
+        .body("conflicts")
+        .send()
+        .await
+        .unwrap();
+    let shown: Value = r.json().await.unwrap();
+    assert_eq!(shown["data"], "conflicts", "a bare spec works too");
+    assert_eq!(shown["fault"], "none");
+
+    let (status, who) = get_json(
+        &c,
+        &format!(
+            "{admin}/patients/{}/wrong-patient/{}",
+            p.nhs_number.as_digits(),
+            p.gp
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let other = region.wrong_patient_at(&p.nhs_number, &p.gp).unwrap();
+    assert_eq!(who["nhs_number"], other.nhs_number.as_digits());
+    assert_eq!(
+        who["patient_id"],
+        region.patient_id_at(&other.nhs_number, &p.gp).unwrap()
+    );
+    let (status, _) = get_json(&c, &format!("{admin}/patients/123/wrong-patient/{}", p.gp)).await;
+    assert_eq!(status, 404);
+}
