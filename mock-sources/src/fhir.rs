@@ -220,12 +220,16 @@ pub fn capability_statement(org: &Organisation, base_url: &str, date: &str) -> V
                 params.push(json!({ "name": "date", "type": "date" }));
             }
             params.push(json!({ "name": "_count", "type": "number" }));
-            json!({
+            let mut r = json!({
                 "type": t.as_str(),
                 "profile": format!("{UK_CORE}{}", t.as_str()),
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
                 "searchParam": params,
-            })
+            });
+            if *t == ResourceType::MedicationRequest {
+                r["searchInclude"] = json!(["MedicationRequest:medication"]);
+            }
+            r
         })
         .collect();
     let mut resources = vec![json!({

@@ -1199,6 +1199,42 @@ mod tests {
     }
 
     #[test]
+    fn clinical_conflicts_are_deterministic_and_between_the_gp_and_an_organisation_that_knows_the_patient()
+     {
+        let r = small();
+        let a: Vec<PatientSummary> = r.patients_with_clinical_conflicts().collect();
+        let b: Vec<PatientSummary> = small().patients_with_clinical_conflicts().collect();
+        assert_eq!(a, b);
+        let share = a.len() as f64 / r.patients_known_to_at_least(2).count() as f64;
+        assert!((0.03..0.12).contains(&share), "{share}");
+        for p in &a {
+            let c = p.clinical_conflict.as_ref().unwrap();
+            assert_eq!(c.gp, p.gp);
+            assert_ne!(c.organisation, p.gp);
+            assert!(p.organisations.contains(&c.organisation));
+            assert_ne!(c.gp_says, c.organisation_says);
+        }
+        assert!(
+            r.patients_known_only_to_one()
+                .all(|p| p.clinical_conflict.is_none())
+        );
+    }
+
+    #[test]
+    fn the_wrong_patient_is_someone_else_the_organisation_knows() {
+        let r = small();
+        for p in r.patients().take(100) {
+            let other = r.wrong_patient_at(&p.nhs_number, &p.gp).unwrap();
+            assert_ne!(other.nhs_number, p.nhs_number);
+            assert!(other.organisations.contains(&p.gp));
+        }
+        assert!(
+            r.wrong_patient_at(&r.unknown_nhs_number(), "H81001")
+                .is_none()
+        );
+    }
+
+    #[test]
     fn patient_ids_differ_per_organisation_and_round_trip() {
         let r = small();
         let p = r.patients_known_to_at_least(2).next().unwrap();
