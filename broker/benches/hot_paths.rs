@@ -93,7 +93,8 @@ fn fixture() -> Fixture {
             .patients()
             .max_by_key(|p| p.organisations.len())
             .expect("a patient");
-        let (answers, records) = fetch_answers(&set, patient.nhs_number, &patient.gp).await;
+        let (answers, records) =
+            fetch_answers(&set, product_nhs(&patient.nhs_number), &patient.gp).await;
 
         let gp = mock
             .organisation(&patient.gp)
@@ -125,10 +126,10 @@ fn fixture() -> Fixture {
 
         let mut others = Vec::new();
         for p in region.patients_known_to_at_least(3).take(10) {
-            let (a, _) = fetch_answers(&set, p.nhs_number, &p.gp).await;
+            let (a, _) = fetch_answers(&set, product_nhs(&p.nhs_number), &p.gp).await;
             let asked = merge::asked(&route.set, &route.selected_by);
             others.push(merge::merge(merge::MergeInput::new(
-                p.nhs_number,
+                product_nhs(&p.nhs_number),
                 &asked,
                 &a,
                 std::time::SystemTime::now(),
@@ -141,7 +142,7 @@ fn fixture() -> Fixture {
                 .enable_all()
                 .build()
                 .expect("runtime"),
-            nhs: patient.nhs_number,
+            nhs: product_nhs(&patient.nhs_number),
             gp: patient.gp,
             config_text,
             answers,
@@ -154,6 +155,11 @@ fn fixture() -> Fixture {
 }
 
 type Records = Vec<(String, String, String, Option<SourceRecord>)>;
+
+/// The product's NHS number for one of the mock region's (mock-sources has its own type).
+fn product_nhs(n: &carerecord_mock_sources::NhsNumber) -> NhsNumber {
+    NhsNumber::parse(&n.as_digits()).expect("the mock region's NHS numbers are valid")
+}
 
 async fn fetch_answers(set: &SourceSet, nhs: NhsNumber, gp: &str) -> (Vec<Arc<Answer>>, Records) {
     let request = source_request(nhs, gp);

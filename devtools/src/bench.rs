@@ -247,6 +247,11 @@ struct Patient {
     org: String,
 }
 
+/// The product's NHS number for one of the mock region's (mock-sources has its own type).
+fn product_nhs(n: &carerecord_mock_sources::NhsNumber) -> NhsNumber {
+    NhsNumber::parse(&n.as_digits()).expect("the mock region's NHS numbers are valid")
+}
+
 struct Bench {
     args: BenchArgs,
     workdir: PathBuf,
@@ -313,7 +318,7 @@ impl Bench {
                 let mut eligible: Vec<Patient> = region
                     .patients_known_to_at_least(args.min_orgs.max(1))
                     .map(|p| Patient {
-                        nhs: p.nhs_number,
+                        nhs: product_nhs(&p.nhs_number),
                         org: p.gp,
                     })
                     .collect();
@@ -1745,7 +1750,7 @@ async fn fetch_templates(
                 break;
             }
             let patient = Patient {
-                nhs: p.nhs_number,
+                nhs: product_nhs(&p.nhs_number),
                 org: p.gp.clone(),
             };
             if let Ok(SourceReply::Found(r)) = sources.sources[i]

@@ -3,6 +3,22 @@
 //! Ops rehearsing an incident, or a test driving the broker from outside the process, need the
 //! same knobs [`FaultControl`] gives code. Bodies are small JSON objects (`{"fault":"hang"}`);
 //! a bare spec string (`hang`) is accepted too, for quick `curl` use.
+//!
+//! - `GET /admin/organisations`, `GET /admin/organisations/{code}`: code, kind, base URL,
+//!   latency, fault, data mode, requests.
+//! - `PUT /admin/organisations/{code|all}/fault` `{"fault": SPEC}`: `none`,
+//!   `error_rate:FRACTION`, `http500`, `hang`, `malformed_json`, `slow_body`, `reset`,
+//!   `empty_bundle`, and the clinical-safety faults `wrong_patient` (every answer about the
+//!   patient is another person's record), `wrong_patient_refs` (the other person's resources
+//!   mixed into the right record), `ignore_include` (drugs only by `GET Medication/{id}`).
+//! - `PUT /admin/organisations/{code|all}/latency` `{"latency": SPEC}`.
+//! - `PUT /admin/organisations/{code|all}/data` `{"data": "conflicts" | "normal"}`: clinical
+//!   conflict mode (see [`DataMode`]).
+//! - `GET /admin/conflicts[?limit=N]`: patients with a clinical conflict, what is disputed, and
+//!   which organisation to switch; `GET /admin/patients/{nhs}/wrong-patient/{code}`: who
+//!   organisation `code` answers about instead under the wrong-patient faults.
+//! - `POST /admin/reset` (faults, data modes, startup latency), `GET /admin/stats`,
+//!   `POST /admin/stats/reset`.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -13,8 +29,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::faults::{Fault, FaultControl, LOCATOR};
+use crate::faults::{DataMode, Fault, FaultControl, LOCATOR};
 use crate::latency::LatencyProfile;
+use crate::population::Region;
 use crate::server::RunningOrganisation;
 
 #[derive(Clone)]
@@ -23,6 +40,8 @@ struct AdminState {
     orgs: std::sync::Arc<Vec<RunningOrganisation>>,
     /// The record locator's FHIR base; it is addressed as the organisation `LOCATOR`.
     locator_url: String,
+    /// For the patient look-ups (`/admin/conflicts`, `/admin/patients/...`).
+    region: std::sync::Arc<Region>,
 }
 
 /// The admin API. The locator is addressed like an organisation with the code `LOCATOR`
@@ -32,12 +51,19 @@ pub(crate) fn router(
     control: FaultControl,
     orgs: Vec<RunningOrganisation>,
     locator_url: String,
+    region: std::sync::Arc<Region>,
 ) -> Router {
     Router::new()
         .route("/admin/organisations", get(list))
         .route("/admin/organisations/{code}", get(one))
         .route("/admin/organisations/{code}/fault", put(set_fault))
         .route("/admin/organisations/{code}/latency", put(set_latency))
+        .route("/admin/organisations/{code}/data", put(set_data))
+        .route("/admin/conflicts", get(conflicts))
+        .route(
+            "/admin/patients/{nhs}/wrong-patient/{code}",
+            get(wrong_patient),
+        )
         .route("/admin/reset", post(reset))
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(reset_stats))
@@ -46,6 +72,7 @@ pub(crate) fn router(
             control,
             orgs: std::sync::Arc::new(orgs),
             locator_url,
+            region,
         })
 }
 
@@ -85,6 +112,7 @@ fn describe(state: &AdminState, o: &Entry) -> Value {
         "base_url": o.base_url,
         "latency": state.control.latency(&o.code).map(|l| l.to_string()),
         "fault": state.control.fault(&o.code).map(|f| f.to_string()),
+        "data": state.control.data_mode(&o.code).map(|d| d.to_string()),
         "requests": state.control.stats(&o.code).map_or(0, |s| s.requests),
     })
 }
@@ -143,6 +171,11 @@ struct LatencyBody {
     latency: String,
 }
 
+#[derive(Deserialize)]
+struct DataBody {
+    data: String,
+}
+
 /// The spec from `{"field": "..."}` or a bare text body.
 fn spec_from<T: for<'de> Deserialize<'de>>(
     body: &Bytes,
@@ -198,6 +231,78 @@ async fn set_latency(
     let _ = state.control.set_latency(&org.code, latency);
     tracing::info!(organisation = %org.code, latency = %latency, "latency set");
     Ok(Json(describe(&state, &org)))
+}
+
+async fn set_data(
+    State(state): State<AdminState>,
+    Path(code): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, AdminError> {
+    let data = spec_from::<DataBody>(&body, |b| b.data)?
+        .parse::<DataMode>()
+        .map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if is_all(&code) {
+        state.control.set_data_mode_all(data);
+        tracing::info!(data = %data, "data mode set on every organisation");
+        return Ok(list(State(state)).await);
+    }
+    let org = find(&state, &code)?;
+    state
+        .control
+        .set_data_mode(&org.code, data)
+        .map_err(|e| AdminError(StatusCode::NOT_FOUND, e.to_string()))?;
+    tracing::info!(organisation = %org.code, data = %data, "data mode set");
+    Ok(Json(describe(&state, &org)))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+/// Patients with a clinical conflict (first `limit`, default 20), each with what is disputed
+/// and the organisation whose data mode shows it.
+async fn conflicts(
+    State(state): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<Limit>,
+) -> Json<Value> {
+    let rows = state
+        .region
+        .patients_with_clinical_conflicts()
+        .take(q.limit.unwrap_or(20))
+        .map(|p| {
+            json!({
+                "nhs_number": p.nhs_number.as_digits(),
+                "name": p.display_name(),
+                "birth_date": p.birth_date,
+                "organisations": p.organisations,
+                "conflict": p.clinical_conflict,
+            })
+        })
+        .collect();
+    Json(Value::Array(rows))
+}
+
+/// Who organisation `code` answers about instead of patient `nhs` under `wrong_patient`.
+async fn wrong_patient(
+    State(state): State<AdminState>,
+    Path((nhs, code)): Path<(String, String)>,
+) -> Result<Json<Value>, AdminError> {
+    let p = state
+        .region
+        .wrong_patient_at(nhs.as_str(), &code)
+        .ok_or_else(|| {
+            AdminError(
+                StatusCode::NOT_FOUND,
+                "unknown patient or organisation".into(),
+            )
+        })?;
+    Ok(Json(json!({
+        "nhs_number": p.nhs_number.as_digits(),
+        "name": p.display_name(),
+        "birth_date": p.birth_date,
+        "patient_id": state.region.patient_id_at(&p.nhs_number, &code),
+    })))
 }
 
 async fn reset(State(state): State<AdminState>) -> Json<Value> {

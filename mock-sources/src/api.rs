@@ -10,10 +10,10 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use carerecord_adapters::NhsNumber;
+use crate::nhs::NhsNumber;
 
 use crate::calendar;
-use crate::faults::{FaultControl, RequestKind};
+use crate::faults::{DataMode, Fault, FaultControl, RequestKind};
 use crate::fhir::{self, FHIR_JSON, NHS_NUMBER_SYSTEM, ResourceType};
 use crate::population::{self, Region};
 use crate::record;
@@ -34,6 +34,11 @@ pub(crate) struct Ctx<'a> {
     pub path_prefix: &'a str,
     /// The `empty_bundle` fault: every search finds nothing.
     pub empty: bool,
+    /// The organisation's fault when the request was admitted (only the faults that change the
+    /// data matter here: `wrong_patient`, `wrong_patient_refs`, `ignore_include`).
+    pub fault: Fault,
+    /// The organisation's data mode (clinical conflicts on or off).
+    pub data: DataMode,
     /// For counting searches inside batches.
     pub control: Option<&'a FaultControl>,
 }
@@ -148,6 +153,7 @@ fn route(path: &str) -> Route {
 pub(crate) fn classify(method: &Method, path: &str) -> RequestKind {
     match (method, route(path)) {
         (&Method::GET, Route::Metadata) => RequestKind::Metadata,
+        (&Method::GET, Route::Search(ResourceType::Medication)) => RequestKind::Other,
         (&Method::GET, Route::Search(ResourceType::Patient)) => RequestKind::PatientSearch,
         (&Method::GET, Route::Search(rt)) => RequestKind::ResourceSearch(rt),
         (&Method::GET, Route::Everything(_)) => RequestKind::Everything,
@@ -192,6 +198,9 @@ fn get(ctx: &Ctx<'_>, r: Route, query: Option<&str>) -> Result<Value, ApiError> 
             ))
         }
         Route::Search(ResourceType::Patient) => patient_search(ctx, &params, query.unwrap_or("")),
+        Route::Search(ResourceType::Medication) => Err(ApiError::not_found(
+            "Medication is not searchable here: read Medication/{id}, or _include it with MedicationRequest",
+        )),
         Route::Search(rt) => resource_search(ctx, rt, &params, query.unwrap_or("")),
         Route::Everything(id) => everything(ctx, &id, &params, query.unwrap_or("")),
         Route::Read(rt, id) => read(ctx, rt, &id),
@@ -292,6 +301,21 @@ fn page(
     params: &[(String, String)],
     items: Vec<&Value>,
 ) -> Result<Value, ApiError> {
+    page_with(ctx, path, raw_query, params, items, &[])
+}
+
+/// As [`page`], adding after each page's matches the `medications` its MedicationRequests
+/// reference (`search.mode` include), once each: what `_include=MedicationRequest:medication`
+/// gives, and how `$everything` carries referenced resources. Includes never count towards
+/// `_count` or `total`, so a reference and its target are always on the same page.
+fn page_with(
+    ctx: &Ctx<'_>,
+    path: &str,
+    raw_query: &str,
+    params: &[(String, String)],
+    items: Vec<&Value>,
+    medications: &[Value],
+) -> Result<Value, ApiError> {
     let (count, offset) = paging(ctx, params)?;
     let total = items.len();
     let rest = query_without_paging(raw_query);
@@ -303,11 +327,29 @@ fn page(
         )
     };
     let next = (count > 0 && offset.saturating_add(count) < total).then(|| link(offset + count));
-    let entries = items
+    let matches: Vec<&Value> = items.into_iter().skip(offset).take(count).collect();
+    let mut included: Vec<&Value> = Vec::new();
+    for v in &matches {
+        let Some(target) = v["medicationReference"]["reference"].as_str() else {
+            continue;
+        };
+        let Some(id) = target.strip_prefix("Medication/") else {
+            continue;
+        };
+        if let Some(m) = medications.iter().find(|m| m["id"] == id)
+            && !included.iter().any(|i| i["id"] == id)
+        {
+            included.push(m);
+        }
+    }
+    let entries = matches
         .into_iter()
-        .skip(offset)
-        .take(count)
         .map(|v| fhir::entry(ctx.base_url, v.clone()))
+        .chain(
+            included
+                .into_iter()
+                .map(|v| fhir::include_entry(ctx.base_url, v.clone())),
+        )
         .collect();
     let self_url = link(offset);
     Ok(fhir::searchset(
@@ -377,14 +419,49 @@ fn resource_search(
     })?;
     let filters = date_filters(rt, params)?;
     paging(ctx, params)?;
-    let rec =
-        person_for(ctx, reference).map(|p| record::build(ctx.region, p, ctx.org, ctx.base_url));
+    let rec = person_for(ctx, reference).map(|p| answer_record(ctx, p));
     let items: Vec<&Value> = rec
         .iter()
         .flat_map(|r| r.of_type(rt))
         .filter(|v| filters.iter().all(|f| f.matches(v)))
         .collect();
-    page(ctx, rt.as_str(), raw, params, items)
+    let include = params.iter().any(|(k, v)| {
+        k == "_include"
+            && matches!(
+                v.as_str(),
+                "MedicationRequest:medication" | "MedicationRequest:*" | "*"
+            )
+    });
+    let medications = match &rec {
+        Some(r) if include && ctx.fault != Fault::IgnoreInclude => r.medications.as_slice(),
+        _ => &[],
+    };
+    page_with(ctx, rt.as_str(), raw, params, items, medications)
+}
+
+/// What a request about the patient `person` is answered with: their record at this
+/// organisation, in the organisation's data mode; under `wrong_patient` another person's record
+/// instead, under `wrong_patient_refs` theirs with the other person's clinical resources mixed
+/// in (see [`Region::wrong_patient_at`]).
+fn answer_record(ctx: &Ctx<'_>, person: usize) -> record::OrgRecord {
+    let view = record::View {
+        conflicts: ctx.data == DataMode::Conflicts,
+        references_only: ctx.fault == Fault::IgnoreInclude,
+    };
+    let build = |p| record::build_view(ctx.region, p, ctx.org, ctx.base_url, view);
+    match ctx.fault {
+        Fault::WrongPatient => build(ctx.region.other_person(ctx.org, person)),
+        Fault::WrongPatientRefs => {
+            let mut rec = build(person);
+            let other = build(ctx.region.other_person(ctx.org, person));
+            rec.resources.extend(other.resources);
+            rec.medications.extend(other.medications);
+            rec.resources
+                .sort_by_key(|(t, _)| ResourceType::CLINICAL.iter().position(|c| c == t));
+            rec
+        }
+        _ => build(person),
+    }
 }
 
 fn everything(
@@ -401,14 +478,21 @@ fn everything(
         )));
     }
     paging(ctx, params)?;
-    let rec = person_for(ctx, id).map(|p| record::build(ctx.region, p, ctx.org, ctx.base_url));
+    let rec = person_for(ctx, id).map(|p| answer_record(ctx, p));
     let items: Vec<&Value> = rec.iter().flat_map(|r| r.everything()).collect();
-    page(
+    // Referenced Medications ride with the page that references them; a server that ignores
+    // `_include` does not send them at all.
+    let medications = match &rec {
+        Some(r) if ctx.fault != Fault::IgnoreInclude => r.medications.as_slice(),
+        _ => &[],
+    };
+    page_with(
         ctx,
         &format!("Patient/{id}/$everything"),
         raw,
         params,
         items,
+        medications,
     )
 }
 
@@ -418,8 +502,21 @@ fn read(ctx: &Ctx<'_>, rt: ResourceType, id: &str) -> Result<Value, ApiError> {
     let person = record::person_of_resource_id(org, rt, id)
         .filter(|&p| ctx.region.knows(ctx.org, p) && !ctx.empty)
         .ok_or_else(missing)?;
-    let rec = record::build(ctx.region, person, ctx.org, ctx.base_url);
-    rec.find(rt, id).cloned().ok_or_else(missing)
+    let view = |references_only| record::View {
+        conflicts: ctx.data == DataMode::Conflicts,
+        references_only,
+    };
+    let rec = record::build_view(ctx.region, person, ctx.org, ctx.base_url, view(false));
+    if let Some(found) = rec.find(rt, id) {
+        return Ok(found.clone());
+    }
+    // A Medication a server that ignores `_include` referenced stays readable after the
+    // fault is switched off (and the other way round): ids do not depend on the view.
+    if rt == ResourceType::Medication {
+        let rec = record::build_view(ctx.region, person, ctx.org, ctx.base_url, view(true));
+        return rec.find(rt, id).cloned().ok_or_else(missing);
+    }
+    Err(missing())
 }
 
 fn binary(ctx: &Ctx<'_>, id: &str) -> Result<ApiResponse, ApiError> {
@@ -586,6 +683,8 @@ mod tests {
             base_url: "http://h:1/fhir",
             path_prefix: "",
             empty: false,
+            fault: Fault::None,
+            data: DataMode::Normal,
             control: None,
         };
         let (path, query) = match path_and_query.split_once('?') {
@@ -611,8 +710,12 @@ mod tests {
         );
         assert_eq!(route("/fhir/"), Route::Batch);
         assert_eq!(
-            route("/fhir/Medication"),
-            Route::UnknownType("Medication".into())
+            route("/fhir/Immunization"),
+            Route::UnknownType("Immunization".into())
+        );
+        assert_eq!(
+            route("/fhir/Medication/m-1"),
+            Route::Read(ResourceType::Medication, "m-1".into())
         );
         assert_eq!(route("/other"), Route::NotFound);
         assert_eq!(route("/fhirx"), Route::NotFound);
@@ -750,7 +853,10 @@ mod tests {
             assert_eq!(s, StatusCode::OK);
             let total = v["total"].as_u64().unwrap();
             for e in v["entry"].as_array().unwrap() {
-                seen.push(e["fullUrl"].as_str().unwrap().to_string());
+                // Referenced Medications ride along as includes; `total` counts matches.
+                if e["search"]["mode"] == "match" {
+                    seen.push(e["fullUrl"].as_str().unwrap().to_string());
+                }
             }
             let next = v["link"]
                 .as_array()

@@ -2,9 +2,35 @@
 //!
 //! Output must not depend on the wall clock (so a seed always yields the same bytes), and the
 //! arithmetic we need (ages, "three days later", future appointments) is simple enough that a
-//! date library would be more weight than help. Days are counted from 1970-01-01.
+//! date library would be more weight than help. Days are counted from 1970-01-01. This crate
+//! plays the outside world, so it has its own implementation rather than the broker's.
 
-pub use carerecord_adapters::calendar::{civil_from_days, days_from_civil};
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    // Count from 1 March, so the leap day is the last day of the counting year.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let month_from_march = (i64::from(month) + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// The `(year, month, day)` of a day number (the inverse of [`days_from_civil`]).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * month_from_march + 2) / 5 + 1) as u32;
+    let month = ((month_from_march + 2) % 12 + 1) as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
 
 /// FHIR `date`: `YYYY-MM-DD`.
 pub fn date(day: i64) -> String {

@@ -576,6 +576,86 @@ pub const AMBULANCE_REASONS: &[Concept] = &[
     c("21522001", "Abdominal pain"),
 ];
 
+// ---- clinical-safety variety ------------------------------------------------------------------
+
+/// Read v2, still carried beside SNOMED CT by GP systems for legacy entries.
+pub const READ_V2: &str = "http://read.info/readv2";
+/// ICD-10, which hospitals code diagnoses in for activity reporting.
+pub const ICD10: &str = "http://hl7.org/fhir/sid/icd-10";
+
+/// A second coding for a condition, by its SNOMED code: `(Read v2, ICD-10)`.
+pub fn condition_alternatives(snomed: &str) -> (Option<Concept>, Option<Concept>) {
+    let read = match snomed {
+        "38341003" => Some(c("G20..", "Essential hypertension")),
+        "44054006" => Some(c("C10F.", "Type 2 diabetes mellitus")),
+        "195967001" => Some(c("H33..", "Asthma")),
+        "13645005" => Some(c("H3...", "Chronic obstructive pulmonary disease")),
+        "49436004" => Some(c("G573.", "Atrial fibrillation and flutter")),
+        "35489007" => Some(c("E2B..", "Depressive disorder NEC")),
+        "40930008" => Some(c("C04..", "Acquired hypothyroidism")),
+        "84114007" => Some(c("G58..", "Heart failure")),
+        "709044004" => Some(c("1Z1..", "Chronic renal impairment")),
+        _ => None,
+    };
+    let icd = match snomed {
+        "38341003" => Some(c("I10", "Essential (primary) hypertension")),
+        "44054006" => Some(c("E11.9", "Type 2 diabetes mellitus without complications")),
+        "195967001" => Some(c("J45.9", "Asthma, unspecified")),
+        "13645005" => Some(c(
+            "J44.9",
+            "Chronic obstructive pulmonary disease, unspecified",
+        )),
+        "49436004" => Some(c(
+            "I48.9",
+            "Atrial fibrillation and atrial flutter, unspecified",
+        )),
+        "35489007" => Some(c("F32.9", "Depressive episode, unspecified")),
+        "197480006" => Some(c("F41.9", "Anxiety disorder, unspecified")),
+        "55822004" => Some(c("E78.5", "Hyperlipidaemia, unspecified")),
+        "40930008" => Some(c("E03.9", "Hypothyroidism, unspecified")),
+        "84114007" => Some(c("I50.9", "Heart failure, unspecified")),
+        "709044004" => Some(c("N18.9", "Chronic kidney disease, unspecified")),
+        "396275006" => Some(c("M19.9", "Arthrosis, unspecified")),
+        "52448006" => Some(c("F03", "Unspecified dementia")),
+        "235595009" => Some(c(
+            "K21.9",
+            "Gastro-oesophageal reflux disease without oesophagitis",
+        )),
+        "22298006" => Some(c("I21.9", "Acute myocardial infarction, unspecified")),
+        "230690007" => Some(c(
+            "I64",
+            "Stroke, not specified as haemorrhage or infarction",
+        )),
+        "13746004" => Some(c("F31.9", "Bipolar affective disorder, unspecified")),
+        "58214004" => Some(c("F20.9", "Schizophrenia, unspecified")),
+        _ => None,
+    };
+    (read, icd)
+}
+
+/// "No known allergy": an assertion recorded as an AllergyIntolerance, not an allergy.
+pub const NO_KNOWN_ALLERGY: Concept = c("716186003", "No known allergy");
+/// A past sexually transmitted infection: in the RCGP sensitive set (and the broker's).
+pub const CHLAMYDIA: Concept = c("105629000", "Chlamydial infection");
+/// Its ICD-10 coding, carried second.
+pub const CHLAMYDIA_ICD10: Concept =
+    c("A56.0", "Chlamydial infection of lower genitourinary tract");
+/// What a hospital that disagrees on the dose writes instead: twice the GP's dose.
+pub fn other_dosage(med: usize) -> String {
+    let dosage = MEDICINES[med].dosage;
+    for (from, to) in [
+        ("One tablet", "Two tablets"),
+        ("One capsule", "Two capsules"),
+        ("Two puffs", "Four puffs"),
+        ("One or two tablets", "Two tablets"),
+    ] {
+        if let Some(rest) = dosage.strip_prefix(from) {
+            return format!("{to}{rest} (dose increased in hospital)");
+        }
+    }
+    format!("{dosage}, doubled (dose increased in hospital)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

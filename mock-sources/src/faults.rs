@@ -37,6 +37,19 @@ pub enum Fault {
     Reset,
     /// Every search finds nothing: a valid empty searchset. Reads are 404.
     EmptyBundle,
+    /// A bad patient match: the Patient search by NHS number still finds the right patient,
+    /// but every search and `$everything` about them answers with *another* patient's record
+    /// (known to the same organisation): every `subject`/`patient` reference names that other
+    /// Patient, and `$everything`'s Patient entry is the other person (another NHS number,
+    /// name and birth date). See [`crate::Region::wrong_patient_at`].
+    WrongPatient,
+    /// Mis-filed entries: the patient's own record (right Patient, right references) with the
+    /// other patient's clinical resources mixed in, referencing the other Patient.
+    WrongPatientRefs,
+    /// The server ignores `_include` and never returns referenced resources: every
+    /// MedicationRequest names its drug by `medicationReference` to `Medication/{id}` (neither
+    /// contained nor included, nor in `$everything`), readable only by `GET Medication/{id}`.
+    IgnoreInclude,
 }
 
 impl fmt::Display for Fault {
@@ -50,6 +63,9 @@ impl fmt::Display for Fault {
             Fault::SlowBody => f.write_str("slow_body"),
             Fault::Reset => f.write_str("reset"),
             Fault::EmptyBundle => f.write_str("empty_bundle"),
+            Fault::WrongPatient => f.write_str("wrong_patient"),
+            Fault::WrongPatientRefs => f.write_str("wrong_patient_refs"),
+            Fault::IgnoreInclude => f.write_str("ignore_include"),
         }
     }
 }
@@ -57,7 +73,7 @@ impl fmt::Display for Fault {
 /// Why a fault spec was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid fault {0:?} (expected none, error_rate:FRACTION, http500, hang, malformed_json, slow_body, reset or empty_bundle)"
+    "invalid fault {0:?} (expected none, error_rate:FRACTION, http500, hang, malformed_json, slow_body, reset, empty_bundle, wrong_patient, wrong_patient_refs or ignore_include)"
 )]
 pub struct ParseFaultError(String);
 
@@ -75,6 +91,9 @@ impl FromStr for Fault {
             "slow_body" => Fault::SlowBody,
             "reset" => Fault::Reset,
             "empty_bundle" => Fault::EmptyBundle,
+            "wrong_patient" => Fault::WrongPatient,
+            "wrong_patient_refs" => Fault::WrongPatientRefs,
+            "ignore_include" => Fault::IgnoreInclude,
             _ => {
                 let rate = t.strip_prefix("error_rate:").ok_or_else(err)?;
                 let p: f64 = rate.trim().parse().map_err(|_| err())?;
@@ -136,10 +155,51 @@ struct Counters {
     by_type: [AtomicU64; 10],
 }
 
+/// What an organisation's data says, as opposed to how it is served ([`Fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataMode {
+    /// The region's data as generated.
+    #[default]
+    Normal,
+    /// Clinical conflict mode: for the patients [`crate::Region::patients_with_clinical_conflicts`]
+    /// names, this organisation serves its disagreeing version of a shared fact (an allergy
+    /// resolved or refuted, a medicine stopped, another dose, an allergy where the GP records
+    /// "no known allergy"). The GP holds the reference version, so switching the GP has no
+    /// effect; switch the disagreeing organisation or `all`.
+    Conflicts,
+}
+
+impl fmt::Display for DataMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataMode::Normal => "normal",
+            DataMode::Conflicts => "conflicts",
+        })
+    }
+}
+
+/// Why a data mode spec was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid data mode {0:?} (expected normal or conflicts)")]
+pub struct ParseDataModeError(String);
+
+impl FromStr for DataMode {
+    type Err = ParseDataModeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "normal" | "none" | "" => Ok(DataMode::Normal),
+            "conflicts" | "conflict" => Ok(DataMode::Conflicts),
+            _ => Err(ParseDataModeError(s.to_string())),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     latency: LatencyProfile,
     fault: Fault,
+    data: DataMode,
 }
 
 #[derive(Debug)]
@@ -212,7 +272,11 @@ impl FaultControl {
             .map(|(code, latency, fault)| OrgControl {
                 code,
                 startup_latency: latency,
-                settings: Mutex::new(Settings { latency, fault }),
+                settings: Mutex::new(Settings {
+                    latency,
+                    fault,
+                    data: DataMode::Normal,
+                }),
                 counters: Counters::default(),
             })
             .collect();
@@ -280,6 +344,23 @@ impl FaultControl {
         }
     }
 
+    /// Sets one organisation's data mode.
+    pub fn set_data_mode(&self, code: &str, data: DataMode) -> Result<(), UnknownOrganisation> {
+        lock(&self.org(code)?.settings).data = data;
+        Ok(())
+    }
+
+    /// Sets every organisation's data mode.
+    pub fn set_data_mode_all(&self, data: DataMode) {
+        for o in self.organisations() {
+            lock(&o.settings).data = data;
+        }
+    }
+
+    pub fn data_mode(&self, code: &str) -> Option<DataMode> {
+        self.org(code).ok().map(|o| lock(&o.settings).data)
+    }
+
     pub fn fault(&self, code: &str) -> Option<Fault> {
         self.org(code).ok().map(|o| lock(&o.settings).fault)
     }
@@ -288,20 +369,23 @@ impl FaultControl {
         self.org(code).ok().map(|o| lock(&o.settings).latency)
     }
 
-    /// Clears every fault, the locator's included; latency is left as it is.
+    /// Clears every fault and data mode, the locator's included; latency is left as it is.
     pub fn clear_faults(&self) {
         for o in &self.inner.orgs {
-            lock(&o.settings).fault = Fault::None;
+            let mut s = lock(&o.settings);
+            s.fault = Fault::None;
+            s.data = DataMode::Normal;
         }
     }
 
-    /// Clears every fault and returns latency to what the region was started with (the
-    /// locator's included).
+    /// Clears every fault and data mode and returns latency to what the region was started
+    /// with (the locator's included).
     pub fn reset(&self) {
         for o in &self.inner.orgs {
             *lock(&o.settings) = Settings {
                 latency: o.startup_latency,
                 fault: Fault::None,
+                data: DataMode::Normal,
             };
         }
     }
@@ -353,10 +437,14 @@ impl FaultControl {
 
     // ---- used by the organisation servers -------------------------------------------------
 
-    /// Counts a request and returns `(request number, fault, latency)` for it.
-    pub(crate) fn begin(&self, org: usize, kind: RequestKind) -> (u64, Fault, LatencyProfile) {
+    /// Counts a request and returns `(request number, fault, latency, data mode)` for it.
+    pub(crate) fn begin(
+        &self,
+        org: usize,
+        kind: RequestKind,
+    ) -> (u64, Fault, LatencyProfile, DataMode) {
         let Some(o) = self.inner.orgs.get(org) else {
-            return (0, Fault::None, LatencyProfile::ZERO);
+            return (0, Fault::None, LatencyProfile::ZERO, DataMode::Normal);
         };
         let c = &o.counters;
         let n = c.requests.fetch_add(1, Ordering::Relaxed);
@@ -374,7 +462,7 @@ impl FaultControl {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let s = *lock(&o.settings);
-        (n, s.fault, s.latency)
+        (n, s.fault, s.latency, s.data)
     }
 
     /// Counts a clinical search by type (also called for each search inside a batch).
@@ -417,12 +505,33 @@ mod tests {
             "slow_body",
             "reset",
             "empty_bundle",
+            "wrong_patient",
+            "wrong_patient_refs",
+            "ignore_include",
         ] {
             assert_eq!(s.parse::<Fault>().unwrap().to_string(), s);
         }
         for bad in ["error_rate:2", "error_rate:x", "explode", "error_rate"] {
             assert!(bad.parse::<Fault>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn data_modes_parse_display_and_are_cleared_by_reset() {
+        for s in ["normal", "conflicts"] {
+            assert_eq!(s.parse::<DataMode>().unwrap().to_string(), s);
+        }
+        assert!("chaos".parse::<DataMode>().is_err());
+        let c = FaultControl::new(1, vec![("A1".into(), LatencyProfile::ZERO, Fault::None)]);
+        assert_eq!(c.data_mode("A1"), Some(DataMode::Normal));
+        c.set_data_mode("a1", DataMode::Conflicts).unwrap();
+        assert_eq!(c.begin(0, RequestKind::Other).3, DataMode::Conflicts);
+        c.reset();
+        assert_eq!(c.data_mode("A1"), Some(DataMode::Normal));
+        c.set_data_mode_all(DataMode::Conflicts);
+        c.clear_faults();
+        assert_eq!(c.data_mode("A1"), Some(DataMode::Normal));
+        assert!(c.set_data_mode("ZZ", DataMode::Conflicts).is_err());
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum ResourceType {
     DocumentReference,
     Encounter,
     Appointment,
+    /// Not in the patient compartment: read by id (`Medication/{id}`), contained in a
+    /// MedicationRequest, or `_include`d with one. Never searched.
+    Medication,
 }
 
 impl ResourceType {
@@ -58,11 +61,13 @@ impl ResourceType {
             ResourceType::DocumentReference => "DocumentReference",
             ResourceType::Encounter => "Encounter",
             ResourceType::Appointment => "Appointment",
+            ResourceType::Medication => "Medication",
         }
     }
 
     pub fn parse(s: &str) -> Option<ResourceType> {
-        std::iter::once(ResourceType::Patient)
+        [ResourceType::Patient, ResourceType::Medication]
+            .into_iter()
             .chain(ResourceType::CLINICAL)
             .find(|t| t.as_str() == s)
     }
@@ -81,6 +86,7 @@ impl ResourceType {
             ResourceType::DocumentReference => "doc",
             ResourceType::Encounter => "enc",
             ResourceType::Appointment => "appt",
+            ResourceType::Medication => "med",
         }
     }
 
@@ -88,7 +94,10 @@ impl ResourceType {
     pub fn has_subject(self) -> bool {
         !matches!(
             self,
-            ResourceType::Patient | ResourceType::AllergyIntolerance | ResourceType::Appointment
+            ResourceType::Patient
+                | ResourceType::AllergyIntolerance
+                | ResourceType::Appointment
+                | ResourceType::Medication
         )
     }
 }
@@ -139,6 +148,13 @@ pub fn entry(base_url: &str, resource: Value) -> Value {
         resource["id"].as_str().unwrap_or("")
     );
     json!({ "fullUrl": full_url, "resource": resource, "search": { "mode": "match" } })
+}
+
+/// A resource `_include`d with the matches (or referenced by them, in `$everything`).
+pub fn include_entry(base_url: &str, resource: Value) -> Value {
+    let mut e = entry(base_url, resource);
+    e["search"]["mode"] = json!("include");
+    e
 }
 
 /// A `searchset` Bundle page.
@@ -204,12 +220,16 @@ pub fn capability_statement(org: &Organisation, base_url: &str, date: &str) -> V
                 params.push(json!({ "name": "date", "type": "date" }));
             }
             params.push(json!({ "name": "_count", "type": "number" }));
-            json!({
+            let mut r = json!({
                 "type": t.as_str(),
                 "profile": format!("{UK_CORE}{}", t.as_str()),
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
                 "searchParam": params,
-            })
+            });
+            if *t == ResourceType::MedicationRequest {
+                r["searchInclude"] = json!(["MedicationRequest:medication"]);
+            }
+            r
         })
         .collect();
     let mut resources = vec![json!({
@@ -227,6 +247,11 @@ pub fn capability_statement(org: &Organisation, base_url: &str, date: &str) -> V
         }],
     })];
     resources.extend(clinical);
+    resources.push(json!({
+        "type": "Medication",
+        "profile": format!("{UK_CORE}Medication"),
+        "interaction": [{ "code": "read" }],
+    }));
     json!({
         "resourceType": "CapabilityStatement",
         "id": format!("{}-capabilities", org.code.to_ascii_lowercase()),
@@ -255,7 +280,10 @@ mod tests {
 
     #[test]
     fn resource_types_round_trip_by_name() {
-        for t in std::iter::once(ResourceType::Patient).chain(ResourceType::CLINICAL) {
+        for t in [ResourceType::Patient, ResourceType::Medication]
+            .into_iter()
+            .chain(ResourceType::CLINICAL)
+        {
             assert_eq!(ResourceType::parse(t.as_str()), Some(t));
         }
         assert_eq!(ResourceType::parse("Binary"), None);

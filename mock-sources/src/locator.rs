@@ -11,7 +11,7 @@
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use carerecord_adapters::NhsNumber;
+use crate::nhs::NhsNumber;
 
 use crate::api::{ApiResponse, outcome_response, param, parse_query, percent_decode};
 use crate::calendar;

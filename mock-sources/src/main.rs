@@ -4,6 +4,12 @@
 //! same seed: `serve` prints where each organisation listens (and can write the broker config
 //! pointing at them); `patients` prints NHS numbers to try, marking the awkward cases.
 //!
+//! Clinical-safety modes, switched at start (`--fault ORG=wrong_patient`, `--data
+//! all=conflicts`) or at runtime through the admin API (`PUT /admin/organisations/{code|all}/
+//! fault` with `{"fault":"wrong_patient"}`, `wrong_patient_refs` or `ignore_include`; `PUT
+//! .../data` with `{"data":"conflicts"}`). `patients --clinical-conflicts` (or `GET
+//! /admin/conflicts`) lists the patients whose GP and another organisation then disagree.
+//!
 //! A whole area: `serve --shared-port --organisations 3000 --write-directory orgs.csv
 //! --write-broker-config broker.toml` serves every organisation from one port
 //! (`/org/{code}/fhir`) beside the record locator (`/locator/fhir`), and writes the directory
@@ -17,7 +23,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use carerecord_mock_sources::{
-    ConflictField, Fault, FhirMode, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
+    ConflictField, DataMode, Fault, FhirMode, LatencyProfile, Region, RegionServer, RegionSpec,
+    ServerOptions,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -106,9 +113,17 @@ struct ServeArgs {
     #[arg(long = "latency", value_name = "ORG=SPEC", value_parser = org_setting::<LatencyProfile>)]
     latency: Vec<(String, LatencyProfile)>,
     /// Fault for an organisation (`all` for every one, `LOCATOR` for the locator): none,
-    /// error_rate:0.3, http500, hang, malformed_json, slow_body, reset, empty_bundle.
+    /// error_rate:0.3, http500, hang, malformed_json, slow_body, reset, empty_bundle; and for
+    /// clinical safety: wrong_patient (every answer about the patient is another person's
+    /// record), wrong_patient_refs (another person's resources mixed in), ignore_include
+    /// (drugs only by GET Medication/{id}).
     #[arg(long = "fault", value_name = "ORG=KIND", value_parser = org_setting::<Fault>)]
     fault: Vec<(String, Fault)>,
+    /// Data mode for an organisation (`all` for every one): normal, or conflicts (it serves
+    /// its disagreeing version of a fact shared with the GP, for the patients
+    /// `patients --clinical-conflicts` lists).
+    #[arg(long = "data", value_name = "ORG=MODE", value_parser = org_setting::<DataMode>)]
+    data: Vec<(String, DataMode)>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,6 +146,10 @@ struct PatientsArgs {
     /// Only patients whose demographics conflict between organisations.
     #[arg(long)]
     conflicts: bool,
+    /// Only patients whose GP and another organisation disagree on a clinical fact in
+    /// conflict data mode (`--data ORG=conflicts`).
+    #[arg(long)]
+    clinical_conflicts: bool,
     /// Print one valid NHS number that no organisation knows, and stop.
     #[arg(long)]
     unknown: bool,
@@ -169,6 +188,7 @@ fn patients(args: PatientsArgs) -> anyhow::Result<()> {
         .patients()
         .filter(|p| p.organisations.len() >= min)
         .filter(|p| !args.conflicts || p.conflict.is_some())
+        .filter(|p| !args.clinical_conflicts || p.clinical_conflict.is_some())
         .take(args.limit.unwrap_or(usize::MAX));
     for p in selected {
         let mut line = format!(
@@ -186,6 +206,18 @@ fn patients(args: PatientsArgs) -> anyhow::Result<()> {
             line.push_str(&format!(
                 "  ! conflicting demographics: {} holds {what}",
                 c.organisation
+            ));
+        }
+        if let Some(c) = &p.clinical_conflict {
+            line.push_str(&format!(
+                "  ! clinical conflict (with {} in conflicts mode): {} {}: {} says {}, {} says {}",
+                c.organisation,
+                c.code,
+                c.display,
+                c.gp,
+                c.gp_says,
+                c.organisation,
+                c.organisation_says
             ));
         }
         // Stop quietly when the reader goes away (`| head`).
@@ -245,6 +277,16 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     .context("starting the region's servers")?;
     let startup = started.elapsed();
+    for (org, data) in &args.data {
+        if is_all(org) {
+            server.faults().set_data_mode_all(*data);
+        } else {
+            server
+                .faults()
+                .set_data_mode(org, *data)
+                .context("--data names an organisation")?;
+        }
+    }
 
     let mut out = std::io::stdout().lock();
     let orgs = server.organisations();

@@ -8,8 +8,9 @@
 //! demographics disagree between organisations, and NHS numbers in the never-issued 999 range.
 
 use std::collections::HashMap;
+use std::fmt;
 
-use carerecord_adapters::NhsNumber;
+use crate::nhs::NhsNumber;
 use serde::Serialize;
 
 use crate::calendar;
@@ -118,6 +119,41 @@ pub struct DemographicConflict {
     pub value: String,
 }
 
+/// What two organisations disagree on in clinical conflict mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClinicalConflictKind {
+    /// An allergy active at the GP is resolved at the other organisation.
+    AllergyResolved,
+    /// An allergy active at the GP is refuted at the other organisation.
+    AllergyRefuted,
+    /// The GP asserts "no known allergy" (716186003); the other organisation has an active
+    /// allergy (`code`).
+    NoKnownAllergy,
+    /// A medicine active at the GP is stopped at the other organisation.
+    MedicineStopped,
+    /// The other organisation records another dose of a medicine.
+    Dosage,
+}
+
+/// A patient's clinical conflict: served only by organisations in conflict data mode
+/// ([`crate::DataMode::Conflicts`]); the GP holds the reference version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClinicalConflict {
+    pub kind: ClinicalConflictKind,
+    /// The patient's GP practice (its version is the reference one).
+    pub gp: String,
+    /// The organisation that disagrees, when its conflict mode is on.
+    pub organisation: String,
+    /// The SNOMED CT / dm+d code of the fact they disagree on (the allergy or medicine).
+    pub code: String,
+    pub display: String,
+    /// What the GP says (a status, a dose, or "no known allergy (716186003)").
+    pub gp_says: String,
+    /// What the other organisation says.
+    pub organisation_says: String,
+}
+
 /// A patient as the region's index knows them: the truth, plus where they are known.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PatientSummary {
@@ -134,6 +170,9 @@ pub struct PatientSummary {
     /// Codes of every organisation that knows the patient, GP first.
     pub organisations: Vec<String>,
     pub conflict: Option<DemographicConflict>,
+    /// What their GP and another organisation disagree on in clinical conflict mode (about
+    /// one patient in ten known to more than their GP).
+    pub clinical_conflict: Option<ClinicalConflict>,
 }
 
 fn ser_nhs<S: serde::Serializer>(n: &NhsNumber, s: S) -> Result<S::Ok, S::Error> {
@@ -276,8 +315,10 @@ impl Region {
         (0..self.people.len()).map(move |i| self.summary(i))
     }
 
-    pub fn patient(&self, nhs_number: &NhsNumber) -> Option<PatientSummary> {
-        self.person_index(nhs_number).map(|i| self.summary(i))
+    /// The patient with this NHS number. Takes anything that displays as the ten digits: this
+    /// crate's [`NhsNumber`], the broker's own NHS number type, or the digits as text.
+    pub fn patient(&self, nhs_number: &(impl fmt::Display + ?Sized)) -> Option<PatientSummary> {
+        self.index_of(nhs_number).map(|i| self.summary(i))
     }
 
     /// Patients known to at least `n` organisations (GP included).
@@ -296,6 +337,15 @@ impl Region {
             .filter(|p| p.organisations.len() == 1)
     }
 
+    /// Patients with a clinical conflict (see [`ClinicalConflict`]): what their GP and another
+    /// organisation disagree on once that organisation is in conflict data mode.
+    pub fn patients_with_clinical_conflicts(&self) -> impl Iterator<Item = PatientSummary> + '_ {
+        (0..self.people.len())
+            .filter(move |&i| self.people[i].orgs.len() > 1)
+            .map(move |i| self.summary(i))
+            .filter(|p| p.clinical_conflict.is_some())
+    }
+
     /// Patients whose family name or birth date differs at one organisation.
     pub fn patients_with_conflicting_demographics(
         &self,
@@ -311,8 +361,13 @@ impl Region {
     }
 
     /// The `Patient.id` organisation `org_code` uses for this patient, if it knows them.
-    pub fn patient_id_at(&self, nhs_number: &NhsNumber, org_code: &str) -> Option<String> {
-        let p = self.person_index(nhs_number)?;
+    /// (`nhs_number` as for [`Region::patient`].)
+    pub fn patient_id_at(
+        &self,
+        nhs_number: &(impl fmt::Display + ?Sized),
+        org_code: &str,
+    ) -> Option<String> {
+        let p = self.index_of(nhs_number)?;
         let o = self.org_index(org_code)?;
         self.knows(o, p)
             .then(|| patient_id(&self.organisations[o], p))
@@ -353,10 +408,10 @@ impl Region {
     /// unknown patient. The GP stays findable through `Patient.generalPractitioner` regardless.
     pub fn located_organisations(
         &self,
-        nhs_number: &NhsNumber,
+        nhs_number: &(impl fmt::Display + ?Sized),
         missing_fraction: f64,
     ) -> Vec<String> {
-        self.person_index(nhs_number)
+        self.index_of(nhs_number)
             .map(|p| {
                 self.pointers(p, missing_fraction)
                     .map(|o| self.organisations[o].code.clone())
@@ -383,8 +438,42 @@ impl Region {
             })
     }
 
+    /// Who organisation `org_code` answers about instead of this patient under the
+    /// `wrong_patient` and `wrong_patient_refs` faults: the next person in the region (NHS
+    /// number order, wrapping) that the organisation also knows, else simply the next person.
+    /// `None` if the patient or organisation is unknown, or the region has one person.
+    pub fn wrong_patient_at(
+        &self,
+        nhs_number: &(impl fmt::Display + ?Sized),
+        org_code: &str,
+    ) -> Option<PatientSummary> {
+        let p = self.index_of(nhs_number)?;
+        let o = self.org_index(org_code)?;
+        let other = self.other_person(o, p);
+        (other != p).then(|| self.summary(other))
+    }
+
+    /// See [`Region::wrong_patient_at`].
+    pub(crate) fn other_person(&self, org: usize, person: usize) -> usize {
+        let n = self.people.len();
+        if n < 2 {
+            return person;
+        }
+        (1..n)
+            .map(|k| (person + k) % n)
+            .find(|&q| self.knows(org, q))
+            .unwrap_or((person + 1) % n)
+    }
+
     pub(crate) fn org_index(&self, code: &str) -> Option<usize> {
         self.by_code.get(&code.to_ascii_uppercase()).copied()
+    }
+
+    /// The person whose NHS number displays as `nhs` (ten digits; spaces allowed).
+    fn index_of(&self, nhs: &(impl fmt::Display + ?Sized)) -> Option<usize> {
+        NhsNumber::parse(&nhs.to_string())
+            .ok()
+            .and_then(|n| self.person_index(&n))
     }
 
     pub(crate) fn person_index(&self, nhs: &NhsNumber) -> Option<usize> {
@@ -428,6 +517,7 @@ impl Region {
                     Conflict::Birth(b) => calendar::date(*b),
                 },
             }),
+            clinical_conflict: crate::record::clinical_conflict(self, i),
         }
     }
 }
@@ -1106,6 +1196,42 @@ mod tests {
                 ConflictField::BirthDate => assert_ne!(c.value, p.birth_date),
             }
         }
+    }
+
+    #[test]
+    fn clinical_conflicts_are_deterministic_and_between_the_gp_and_an_organisation_that_knows_the_patient()
+     {
+        let r = small();
+        let a: Vec<PatientSummary> = r.patients_with_clinical_conflicts().collect();
+        let b: Vec<PatientSummary> = small().patients_with_clinical_conflicts().collect();
+        assert_eq!(a, b);
+        let share = a.len() as f64 / r.patients_known_to_at_least(2).count() as f64;
+        assert!((0.03..0.12).contains(&share), "{share}");
+        for p in &a {
+            let c = p.clinical_conflict.as_ref().unwrap();
+            assert_eq!(c.gp, p.gp);
+            assert_ne!(c.organisation, p.gp);
+            assert!(p.organisations.contains(&c.organisation));
+            assert_ne!(c.gp_says, c.organisation_says);
+        }
+        assert!(
+            r.patients_known_only_to_one()
+                .all(|p| p.clinical_conflict.is_none())
+        );
+    }
+
+    #[test]
+    fn the_wrong_patient_is_someone_else_the_organisation_knows() {
+        let r = small();
+        for p in r.patients().take(100) {
+            let other = r.wrong_patient_at(&p.nhs_number, &p.gp).unwrap();
+            assert_ne!(other.nhs_number, p.nhs_number);
+            assert!(other.organisations.contains(&p.gp));
+        }
+        assert!(
+            r.wrong_patient_at(&r.unknown_nhs_number(), "H81001")
+                .is_none()
+        );
     }
 
     #[test]

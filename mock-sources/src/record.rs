@@ -14,11 +14,14 @@ use serde_json::{Value, json};
 use crate::calendar;
 use crate::codes::{self, Concept, DMD, LOINC, SNOMED, Specialty, UCUM};
 use crate::fhir::{self, ResourceType};
-use crate::population::{self, OrgKind, Organisation, Person, Region};
+use crate::population::{
+    self, ClinicalConflict, ClinicalConflictKind, OrgKind, Organisation, Person, Region,
+};
 use crate::prng::Prng;
 
 const TAG_TRUTH: u64 = 3;
 const TAG_RECORD: u64 = 4;
+const TAG_NAMING: u64 = 5;
 
 /// Everything one organisation holds about one patient.
 #[derive(Debug, Clone)]
@@ -26,6 +29,32 @@ pub(crate) struct OrgRecord {
     pub patient: Value,
     /// Clinical resources, grouped in [`ResourceType::CLINICAL`] order.
     pub resources: Vec<(ResourceType, Value)>,
+    /// Medication resources its MedicationRequests reference as `Medication/{id}` (not
+    /// contained): readable by id, `_include`d on request, carried by `$everything`.
+    pub medications: Vec<Value>,
+}
+
+/// How a record is shaped beyond the region's data: the organisation's data mode and the
+/// faults that change the shape of what it holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct View {
+    /// Clinical conflict mode: serve this organisation's disagreeing version of a shared fact,
+    /// for the patients who have one here.
+    pub conflicts: bool,
+    /// `ignore_include`: every MedicationRequest names its drug by `Medication/{id}`.
+    pub references_only: bool,
+}
+
+/// How an organisation's system names the drug on a MedicationRequest. Real systems differ, so
+/// the region does too, by organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrugNaming {
+    /// `medicationCodeableConcept`.
+    Inline,
+    /// `medicationReference` to a `contained` Medication (`#med`).
+    Contained,
+    /// `medicationReference` to `Medication/{id}`.
+    Referenced,
 }
 
 impl OrgRecord {
@@ -45,6 +74,9 @@ impl OrgRecord {
         if rt == ResourceType::Patient {
             return (self.patient["id"] == id).then_some(&self.patient);
         }
+        if rt == ResourceType::Medication {
+            return self.medications.iter().find(|v| v["id"] == id);
+        }
         self.of_type(rt).find(|v| v["id"] == id)
     }
 }
@@ -52,8 +84,21 @@ impl OrgRecord {
 /// Builds organisation `org`'s record of person `person`. `base_url` is the organisation's FHIR
 /// base, used for document attachment URLs.
 pub(crate) fn build(region: &Region, person: usize, org: usize, base_url: &str) -> OrgRecord {
+    build_view(region, person, org, base_url, View::default())
+}
+
+/// As [`build`], in a data mode / shape other than the default.
+pub(crate) fn build_view(
+    region: &Region,
+    person: usize,
+    org: usize,
+    base_url: &str,
+    view: View,
+) -> OrgRecord {
     let mut b = Builder::new(region, person, org, base_url);
+    b.view = view;
     let truth = Truth::of(region, person);
+    b.variety = Variety::of(region, person, &truth);
     match b.org.kind {
         OrgKind::GpPractice => b.gp(&truth),
         OrgKind::AcuteTrust => b.acute(&truth),
@@ -61,11 +106,24 @@ pub(crate) fn build(region: &Region, person: usize, org: usize, base_url: &str) 
         OrgKind::AmbulanceService => b.ambulance(&truth),
         OrgKind::CareHome => b.care_home(&truth),
     }
+    if b.org.kind == OrgKind::GpPractice {
+        b.gp_variety(&truth);
+    }
+    if view.conflicts
+        && let Some(plan) = plan_conflict(region, person, &truth)
+        && plan.org == org
+    {
+        b.apply_conflict(&plan, &truth);
+    }
     let patient = b.patient();
     let mut resources = b.out;
     // Stable sort keeps creation order within a type.
     resources.sort_by_key(|(t, _)| ResourceType::CLINICAL.iter().position(|c| c == t));
-    OrgRecord { patient, resources }
+    OrgRecord {
+        patient,
+        resources,
+        medications: b.medications,
+    }
 }
 
 /// Only the Patient resource (the common, cheap case: identifier search).
@@ -153,6 +211,258 @@ impl Truth {
     }
 }
 
+/// A verification status (FHIR `condition-ver-status` / `allergyintolerance-verification`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verification {
+    Confirmed,
+    Unconfirmed,
+    Provisional,
+    Differential,
+    Refuted,
+    EnteredInError,
+}
+
+impl Verification {
+    fn code(self) -> &'static str {
+        match self {
+            Verification::Confirmed => "confirmed",
+            Verification::Unconfirmed => "unconfirmed",
+            Verification::Provisional => "provisional",
+            Verification::Differential => "differential",
+            Verification::Refuted => "refuted",
+            Verification::EnteredInError => "entered-in-error",
+        }
+    }
+
+    fn display(self) -> &'static str {
+        match self {
+            Verification::Confirmed => "Confirmed",
+            Verification::Unconfirmed => "Unconfirmed",
+            Verification::Provisional => "Provisional",
+            Verification::Differential => "Differential",
+            Verification::Refuted => "Refuted",
+            Verification::EnteredInError => "Entered in Error",
+        }
+    }
+}
+
+/// What real records carry beyond the bare facts, per patient and so the same at every
+/// organisation (a provisional diagnosis is provisional everywhere; disagreement is conflict
+/// mode's job). Drawn from a generator of its own so [`Truth`] is what it was without it.
+#[derive(Debug, Clone, Default)]
+struct Variety {
+    /// `(CONDITIONS index, status)` for the patient's conditions: mostly confirmed.
+    conditions: Vec<(usize, Verification)>,
+    /// `(ALLERGIES index, status, reaction severity)`: mostly confirmed, some unconfirmed.
+    allergies: Vec<(usize, Verification, &'static str)>,
+    /// GP only: an allergy considered and refuted (de-labelled), `(ALLERGIES index, day)`.
+    refuted_allergy: Option<(usize, i64)>,
+    /// GP only: a diagnosis considered and ruled out, `(CONDITIONS index, day)`.
+    refuted_condition: Option<(usize, i64)>,
+    /// GP only, rare: a diagnosis entered in error, `(CONDITIONS index, day)`.
+    entered_in_error: Option<(usize, i64)>,
+    /// GP only: a past sexually transmitted infection (sensitive; security-labelled).
+    sexual_health: Option<i64>,
+    /// A patient with no allergies whose GP (if it records them) asserts "no known allergy".
+    nka: bool,
+}
+
+const TAG_VARIETY: u64 = 6;
+const TAG_NKA: u64 = 7;
+const TAG_CONFLICT: u64 = 8;
+
+impl Variety {
+    fn of(region: &Region, person: usize, truth: &Truth) -> Variety {
+        let p = region.person(person);
+        let today = region.reference_day();
+        let mut rng = Prng::keyed(&[region.spec().seed, TAG_VARIETY, person as u64]);
+        let conditions = truth
+            .conditions
+            .iter()
+            .map(|&(c, _)| {
+                let u = rng.unit();
+                let status = if u < 0.04 {
+                    Verification::Provisional
+                } else if u < 0.07 {
+                    Verification::Unconfirmed
+                } else if u < 0.09 {
+                    Verification::Differential
+                } else {
+                    Verification::Confirmed
+                };
+                (c, status)
+            })
+            .collect();
+        let allergies = truth
+            .allergies
+            .iter()
+            .map(|&(a, _)| {
+                let status = if rng.chance(0.1) {
+                    Verification::Unconfirmed
+                } else {
+                    Verification::Confirmed
+                };
+                let severity = if codes::ALLERGIES[a].reaction.code == "39579001" {
+                    "severe"
+                } else if rng.chance(0.4) {
+                    "mild"
+                } else {
+                    "moderate"
+                };
+                (a, status, severity)
+            })
+            .collect();
+        let lived = (today - p.birth).max(2);
+        let day =
+            |rng: &mut Prng| (today - rng.range(30, (lived - 1).clamp(30, 3650))).max(p.birth + 1);
+        let pick_absent = |rng: &mut Prng, n: usize, present: &dyn Fn(usize) -> bool| {
+            let i = rng.below(n as u64) as usize;
+            (!present(i)).then_some(i)
+        };
+        let refuted_allergy = if rng.chance(0.03) {
+            let had = |i| truth.allergies.iter().any(|(a, _)| *a == i);
+            pick_absent(&mut rng, codes::ALLERGIES.len(), &had).map(|a| (a, day(&mut rng)))
+        } else {
+            None
+        };
+        let refuted_condition = if rng.chance(0.02) {
+            pick_absent(&mut rng, codes::CONDITIONS.len(), &|i| p.has_condition(i))
+                .map(|c| (c, day(&mut rng)))
+        } else {
+            None
+        };
+        let entered_in_error = if rng.chance(0.015) {
+            pick_absent(&mut rng, codes::CONDITIONS.len(), &|i| p.has_condition(i))
+                .map(|c| (c, day(&mut rng)))
+        } else {
+            None
+        };
+        let age = calendar::years_between(p.birth, today);
+        let sexual_health =
+            ((16..=45).contains(&age) && rng.chance(0.03)).then(|| today - rng.range(60, 1500));
+        let nka = rng.chance(0.5);
+        Variety {
+            conditions,
+            allergies,
+            refuted_allergy,
+            refuted_condition,
+            entered_in_error,
+            sexual_health,
+            nka,
+        }
+    }
+
+    fn condition_status(&self, def: usize) -> Verification {
+        self.conditions
+            .iter()
+            .find(|(c, _)| *c == def)
+            .map_or(Verification::Confirmed, |(_, s)| *s)
+    }
+
+    fn allergy(&self, def: usize) -> (Verification, &'static str) {
+        self.allergies
+            .iter()
+            .find(|(a, _, _)| *a == def)
+            .map_or((Verification::Confirmed, "moderate"), |(_, s, sev)| {
+                (*s, sev)
+            })
+    }
+}
+
+/// Does this GP practice record "no known allergy" (about 60% of practices do)?
+fn gp_records_nka(region: &Region, org: usize) -> bool {
+    Prng::keyed(&[region.spec().seed, TAG_NKA, org as u64]).chance(0.6)
+}
+
+/// One patient's clinical conflict, by index.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    kind: ClinicalConflictKind,
+    /// The organisation holding the disagreeing version.
+    org: usize,
+    /// Index into ALLERGIES or MEDICINES, by kind.
+    item: usize,
+}
+
+/// About one in ten patients known to their GP and another organisation has a shared fact the
+/// two disagree on (in conflict mode): the other organisation is their first acute trust, else
+/// the next organisation that knows them.
+fn plan_conflict(region: &Region, person: usize, truth: &Truth) -> Option<Planned> {
+    let p = region.person(person);
+    let orgs = region.organisations();
+    let others = p.orgs.get(1..)?;
+    let org = others
+        .iter()
+        .find(|&&o| orgs[usize::from(o)].kind == OrgKind::AcuteTrust)
+        .or(others.first())
+        .map(|&o| usize::from(o))?;
+    let mut rng = Prng::keyed(&[region.spec().seed, TAG_CONFLICT, person as u64]);
+    if !rng.chance(0.1) {
+        return None;
+    }
+    let variety = Variety::of(region, person, truth);
+    let gp = usize::from(p.orgs[0]);
+    let mut options = Vec::new();
+    if let Some(&(a, _)) = truth.allergies.first() {
+        options.push((ClinicalConflictKind::AllergyResolved, a));
+        options.push((ClinicalConflictKind::AllergyRefuted, a));
+    }
+    if truth.allergies.is_empty() && variety.nka && gp_records_nka(region, gp) {
+        // The hospital has a penicillin allergy the GP does not know of.
+        options.push((ClinicalConflictKind::NoKnownAllergy, 0));
+    }
+    if let Some(&(m, _, _)) = truth.medicines.iter().find(|(_, _, active)| *active) {
+        options.push((ClinicalConflictKind::MedicineStopped, m));
+        options.push((ClinicalConflictKind::Dosage, m));
+    }
+    let &(kind, item) = rng.pick(&options)?;
+    Some(Planned { kind, org, item })
+}
+
+/// The clinical conflict the patient has in conflict mode, described for people and tests.
+pub(crate) fn clinical_conflict(region: &Region, person: usize) -> Option<ClinicalConflict> {
+    let truth = Truth::of(region, person);
+    let plan = plan_conflict(region, person, &truth)?;
+    let (concept, gp_says, organisation_says) = match plan.kind {
+        ClinicalConflictKind::AllergyResolved => (
+            codes::ALLERGIES[plan.item].concept,
+            "active".to_string(),
+            "resolved".to_string(),
+        ),
+        ClinicalConflictKind::AllergyRefuted => (
+            codes::ALLERGIES[plan.item].concept,
+            "active".to_string(),
+            "refuted".to_string(),
+        ),
+        ClinicalConflictKind::NoKnownAllergy => (
+            codes::ALLERGIES[plan.item].concept,
+            format!("no known allergy ({})", codes::NO_KNOWN_ALLERGY.code),
+            "active".to_string(),
+        ),
+        ClinicalConflictKind::MedicineStopped => (
+            codes::MEDICINES[plan.item].concept,
+            "active".to_string(),
+            "stopped".to_string(),
+        ),
+        ClinicalConflictKind::Dosage => (
+            codes::MEDICINES[plan.item].concept,
+            codes::MEDICINES[plan.item].dosage.to_string(),
+            codes::other_dosage(plan.item),
+        ),
+    };
+    let p = region.person(person);
+    let orgs = region.organisations();
+    Some(ClinicalConflict {
+        kind: plan.kind,
+        gp: orgs[usize::from(p.orgs[0])].code.clone(),
+        organisation: orgs[plan.org].code.clone(),
+        code: concept.code.to_string(),
+        display: concept.display.to_string(),
+        gp_says,
+        organisation_says,
+    })
+}
+
 struct Builder<'a> {
     region: &'a Region,
     person: &'a Person,
@@ -166,6 +476,10 @@ struct Builder<'a> {
     rng: Prng,
     out: Vec<(ResourceType, Value)>,
     next_number: u32,
+    view: View,
+    medications: Vec<Value>,
+    /// The patient's verification statuses, severities and extras.
+    variety: Variety,
 }
 
 impl<'a> Builder<'a> {
@@ -184,6 +498,9 @@ impl<'a> Builder<'a> {
             rng: Prng::keyed(&[region.spec().seed, TAG_RECORD, person as u64, org as u64]),
             out: Vec::new(),
             next_number: 1,
+            view: View::default(),
+            medications: Vec::new(),
+            variety: Variety::default(),
         }
     }
 
@@ -288,30 +605,127 @@ impl<'a> Builder<'a> {
     // ---- resource builders ----------------------------------------------------------------
 
     fn condition(&mut self, def: usize, onset: i64, recorded: i64) -> String {
+        let status = self.variety.condition_status(def);
+        self.condition_as(def, onset, recorded, status)
+    }
+
+    /// A Condition with a given verification status. Refuted ones are inactive; entered in
+    /// error ones carry no clinical status (FHIR con-5).
+    fn condition_as(
+        &mut self,
+        def: usize,
+        onset: i64,
+        recorded: i64,
+        status: Verification,
+    ) -> String {
         let id = self.id(ResourceType::Condition);
         let c = codes::CONDITIONS[def].concept;
         let recorded = recorded.clamp(onset, self.today);
         let updated = self.last_updated(recorded);
-        let v = json!({
+        let mut v = json!({
             "resourceType": "Condition",
             "id": id,
             "meta": fhir::meta(ResourceType::Condition, &updated),
             "clinicalStatus": fhir::hl7("condition-clinical", "active", "Active"),
-            "verificationStatus": fhir::hl7("condition-ver-status", "confirmed", "Confirmed"),
+            "verificationStatus": fhir::hl7("condition-ver-status", status.code(), status.display()),
             "category": [fhir::hl7("condition-category", "problem-list-item", "Problem List Item")],
-            "code": fhir::concept(SNOMED, c),
+            "code": self.condition_code(c),
             "subject": self.subject(),
             "onsetDateTime": calendar::date(onset),
             "recordedDate": calendar::date(recorded),
         });
+        match status {
+            Verification::Refuted => {
+                v["clinicalStatus"] = fhir::hl7("condition-clinical", "inactive", "Inactive");
+            }
+            Verification::EnteredInError => {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("clinicalStatus");
+                }
+            }
+            _ => {}
+        }
+        if self.org.kind == OrgKind::MentalHealthTrust
+            && codes::CONDITIONS[def].specialty == Specialty::MentalHealth
+        {
+            v["meta"]["security"] = json!([{
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                "code": "PSY",
+                "display": "psychiatry information sensitivity",
+            }]);
+        }
         self.push(ResourceType::Condition, v);
         id
     }
 
+    /// A condition's code as this organisation's system writes it: SNOMED CT, with a Read v2
+    /// code beside it at GP practices (first, at a third of them) and ICD-10 at hospitals.
+    fn condition_code(&self, c: Concept) -> Value {
+        let (read, icd) = codes::condition_alternatives(c.code);
+        let snomed = fhir::coding(SNOMED, c);
+        let codings = match (self.org.kind, read, icd) {
+            (OrgKind::GpPractice, Some(r), _) => {
+                let read = fhir::coding(codes::READ_V2, r);
+                let seed = self.region.spec().seed;
+                if Prng::keyed(&[seed, TAG_NAMING, self.org_index as u64, 1]).chance(0.34) {
+                    vec![read, snomed]
+                } else {
+                    vec![snomed, read]
+                }
+            }
+            (OrgKind::AcuteTrust | OrgKind::MentalHealthTrust, _, Some(i)) => {
+                vec![snomed, fhir::coding(codes::ICD10, i)]
+            }
+            _ => vec![snomed],
+        };
+        json!({ "coding": codings, "text": c.display })
+    }
+
     fn allergy(&mut self, def: usize, recorded: i64) {
+        let (status, severity) = self.variety.allergy(def);
+        self.allergy_as(def, recorded, status, severity);
+    }
+
+    /// An AllergyIntolerance with a given verification status and reaction severity. Refuted
+    /// ones are inactive; entered in error ones carry no clinical status (FHIR ait-2).
+    fn allergy_as(
+        &mut self,
+        def: usize,
+        recorded: i64,
+        status: Verification,
+        severity: &str,
+    ) -> String {
         let id = self.id(ResourceType::AllergyIntolerance);
         let a = codes::ALLERGIES[def];
-        let severe = a.reaction.code == "39579001";
+        let updated = self.last_updated(recorded);
+        let mut v = json!({
+            "resourceType": "AllergyIntolerance",
+            "id": id,
+            "meta": fhir::meta(ResourceType::AllergyIntolerance, &updated),
+            "clinicalStatus": fhir::hl7("allergyintolerance-clinical", "active", "Active"),
+            "verificationStatus": fhir::hl7("allergyintolerance-verification", status.code(), status.display()),
+            "type": "allergy",
+            "category": [a.category],
+            "criticality": if severity == "severe" { "high" } else { "low" },
+            "code": fhir::concept(SNOMED, a.concept),
+            "patient": self.subject(),
+            "recordedDate": calendar::date(recorded),
+            "reaction": [{
+                "manifestation": [fhir::concept(SNOMED, a.reaction)],
+                "severity": severity,
+            }],
+        });
+        if status == Verification::Refuted {
+            v["clinicalStatus"] = fhir::hl7("allergyintolerance-clinical", "inactive", "Inactive");
+        }
+        self.push(ResourceType::AllergyIntolerance, v);
+        id
+    }
+
+    /// "No known allergy" (SNOMED CT 716186003): an assertion, recorded as GP systems do, as
+    /// an active, confirmed AllergyIntolerance with no substance, category or reaction.
+    fn no_known_allergy(&mut self, recorded: i64) {
+        let id = self.id(ResourceType::AllergyIntolerance);
         let updated = self.last_updated(recorded);
         let v = json!({
             "resourceType": "AllergyIntolerance",
@@ -319,18 +733,139 @@ impl<'a> Builder<'a> {
             "meta": fhir::meta(ResourceType::AllergyIntolerance, &updated),
             "clinicalStatus": fhir::hl7("allergyintolerance-clinical", "active", "Active"),
             "verificationStatus": fhir::hl7("allergyintolerance-verification", "confirmed", "Confirmed"),
-            "type": "allergy",
-            "category": [a.category],
-            "criticality": if severe { "high" } else { "low" },
-            "code": fhir::concept(SNOMED, a.concept),
+            "code": fhir::concept(SNOMED, codes::NO_KNOWN_ALLERGY),
             "patient": self.subject(),
             "recordedDate": calendar::date(recorded),
-            "reaction": [{
-                "manifestation": [fhir::concept(SNOMED, a.reaction)],
-                "severity": if severe { "severe" } else { "moderate" },
-            }],
         });
         self.push(ResourceType::AllergyIntolerance, v);
+    }
+
+    /// The GP-only extras: "no known allergy", a refuted allergy or diagnosis, one entered in
+    /// error, a past sexually transmitted infection carrying a security label and a second
+    /// coding. Drawn from their own generator, after everything else, so the rest of the
+    /// record is what it was without them.
+    fn gp_variety(&mut self, truth: &Truth) {
+        let v = self.variety.clone();
+        if truth.allergies.is_empty() && v.nka && gp_records_nka(self.region, self.org_index) {
+            let day = self.past_day(1500);
+            self.no_known_allergy(day);
+        }
+        if let Some((a, day)) = v.refuted_allergy {
+            self.allergy_as(a, day, Verification::Refuted, "moderate");
+        }
+        if let Some((c, day)) = v.refuted_condition {
+            self.condition_as(c, day, day, Verification::Refuted);
+        }
+        if let Some((c, day)) = v.entered_in_error {
+            self.condition_as(c, day, day, Verification::EnteredInError);
+        }
+        if let Some(day) = v.sexual_health {
+            let id = self.id(ResourceType::Condition);
+            let updated = self.last_updated(day);
+            let c = json!({
+                "resourceType": "Condition",
+                "id": id,
+                "meta": {
+                    "lastUpdated": updated,
+                    "profile": fhir::meta(ResourceType::Condition, "")["profile"].clone(),
+                    "security": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+                        "code": "R",
+                        "display": "restricted",
+                    }],
+                },
+                "clinicalStatus": fhir::hl7("condition-clinical", "resolved", "Resolved"),
+                "verificationStatus": fhir::hl7("condition-ver-status", "confirmed", "Confirmed"),
+                "category": [fhir::hl7("condition-category", "encounter-diagnosis", "Encounter Diagnosis")],
+                "code": {
+                    "coding": [
+                        fhir::coding(SNOMED, codes::CHLAMYDIA),
+                        fhir::coding(codes::ICD10, codes::CHLAMYDIA_ICD10),
+                    ],
+                    "text": codes::CHLAMYDIA.display,
+                },
+                "subject": self.subject(),
+                "onsetDateTime": calendar::date(day),
+                "abatementDateTime": calendar::date((day + 14).min(self.today)),
+                "recordedDate": calendar::date(day),
+            });
+            self.push(ResourceType::Condition, c);
+        }
+    }
+
+    /// Conflict mode: this organisation's disagreeing version of the patient's shared fact.
+    fn apply_conflict(&mut self, plan: &Planned, truth: &Truth) {
+        match plan.kind {
+            ClinicalConflictKind::AllergyResolved | ClinicalConflictKind::AllergyRefuted => {
+                let code = codes::ALLERGIES[plan.item].concept.code;
+                if self
+                    .position(ResourceType::AllergyIntolerance, "code", code)
+                    .is_none()
+                {
+                    let recorded = truth
+                        .allergies
+                        .iter()
+                        .find(|(a, _)| *a == plan.item)
+                        .map_or(self.today - 30, |(_, d)| *d);
+                    self.allergy(plan.item, recorded);
+                }
+                let Some(i) = self.position(ResourceType::AllergyIntolerance, "code", code) else {
+                    return;
+                };
+                let v = &mut self.out[i].1;
+                if plan.kind == ClinicalConflictKind::AllergyResolved {
+                    v["clinicalStatus"] =
+                        fhir::hl7("allergyintolerance-clinical", "resolved", "Resolved");
+                    v["lastReactionOccurrence"] = json!(calendar::date(self.today - 400));
+                } else {
+                    v["clinicalStatus"] =
+                        fhir::hl7("allergyintolerance-clinical", "inactive", "Inactive");
+                    v["verificationStatus"] =
+                        fhir::hl7("allergyintolerance-verification", "refuted", "Refuted");
+                }
+            }
+            ClinicalConflictKind::NoKnownAllergy => {
+                let day = self.past_day(400);
+                self.allergy_as(plan.item, day, Verification::Confirmed, "moderate");
+            }
+            ClinicalConflictKind::MedicineStopped | ClinicalConflictKind::Dosage => {
+                let code = codes::MEDICINES[plan.item].concept.code;
+                let field = "medicationCodeableConcept";
+                if self
+                    .position(ResourceType::MedicationStatement, field, code)
+                    .is_none()
+                {
+                    let start = truth
+                        .medicines
+                        .iter()
+                        .find(|(m, _, _)| *m == plan.item)
+                        .map_or(self.today - 30, |(_, d, _)| *d);
+                    self.medication_statement(plan.item, start, true);
+                }
+                let Some(i) = self.position(ResourceType::MedicationStatement, field, code) else {
+                    return;
+                };
+                let today = self.today;
+                let v = &mut self.out[i].1;
+                if plan.kind == ClinicalConflictKind::MedicineStopped {
+                    v["status"] = json!("stopped");
+                    v["effectivePeriod"]["end"] = json!(calendar::date(today - 10));
+                    v["statusReason"] = json!([{ "text": "Stopped during admission" }]);
+                } else {
+                    v["dosage"] = json!([{ "text": codes::other_dosage(plan.item) }]);
+                }
+            }
+        }
+    }
+
+    /// Index in `out` of the first resource of type `rt` whose `field` is coded `code`.
+    fn position(&self, rt: ResourceType, field: &str, code: &str) -> Option<usize> {
+        self.out.iter().position(|(t, v)| {
+            *t == rt
+                && v[field]["coding"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["code"] == code))
+        })
     }
 
     fn medication_statement(&mut self, med: usize, start: i64, active: bool) {
@@ -356,12 +891,47 @@ impl<'a> Builder<'a> {
         self.push(ResourceType::MedicationStatement, v);
     }
 
-    fn medication_request(&mut self, med: usize, authored: i64, active: bool) {
+    fn medication_request(&mut self, med: usize, authored: i64, active: bool) -> String {
+        let status = if active { "active" } else { "completed" };
+        self.prescription(med, authored, status, "order", active, None)
+    }
+
+    /// How this organisation names drugs (see [`DrugNaming`]).
+    fn drug_naming(&self) -> DrugNaming {
+        if self.view.references_only {
+            return DrugNaming::Referenced;
+        }
+        match self.org.kind {
+            OrgKind::AcuteTrust => DrugNaming::Contained,
+            OrgKind::MentalHealthTrust => DrugNaming::Referenced,
+            OrgKind::GpPractice => {
+                let seed = self.region.spec().seed;
+                match Prng::keyed(&[seed, TAG_NAMING, self.org_index as u64]).below(3) {
+                    0 => DrugNaming::Referenced,
+                    1 => DrugNaming::Contained,
+                    _ => DrugNaming::Inline,
+                }
+            }
+            _ => DrugNaming::Inline,
+        }
+    }
+
+    /// A MedicationRequest: an authorisation (`intent` plan) or an issue (`order`, optionally
+    /// `basedOn` its plan). Returns its id.
+    fn prescription(
+        &mut self,
+        med: usize,
+        authored: i64,
+        status: &str,
+        intent: &str,
+        repeat: bool,
+        based_on: Option<&str>,
+    ) -> String {
         let id = self.id(ResourceType::MedicationRequest);
         let m = codes::MEDICINES[med];
         let minute = self.minute();
         let updated = self.last_updated(authored);
-        let course = if active {
+        let course = if repeat {
             fhir::hl7(
                 "medicationrequest-course-of-therapy",
                 "continuous",
@@ -374,20 +944,65 @@ impl<'a> Builder<'a> {
                 "Short course (acute) therapy",
             )
         };
-        let v = json!({
+        let mut v = json!({
             "resourceType": "MedicationRequest",
             "id": id,
             "meta": fhir::meta(ResourceType::MedicationRequest, &updated),
-            "status": if active { "active" } else { "completed" },
-            "intent": "order",
-            "medicationCodeableConcept": fhir::concept(DMD, m.concept),
+            "status": status,
+            "intent": intent,
             "subject": self.subject(),
             "authoredOn": calendar::instant(authored, minute),
             "requester": fhir::org_reference(self.org),
             "courseOfTherapyType": course,
             "dosageInstruction": [{ "text": m.dosage }],
         });
+        match self.drug_naming() {
+            DrugNaming::Inline => {
+                v["medicationCodeableConcept"] = fhir::concept(DMD, m.concept);
+            }
+            DrugNaming::Contained => {
+                v["contained"] = json!([{
+                    "resourceType": "Medication",
+                    "id": "med",
+                    "code": fhir::concept(DMD, m.concept),
+                }]);
+                v["medicationReference"] = json!({ "reference": "#med" });
+            }
+            DrugNaming::Referenced => {
+                // One Medication per drug per patient at this organisation; the id does not
+                // depend on the view, so it stays readable whichever shape was served.
+                let med_id = format!(
+                    "{}-{}-{}-{}",
+                    self.id_prefix,
+                    ResourceType::Medication.abbreviation(),
+                    100_000 + self.person_index,
+                    med + 1
+                );
+                if !self.medications.iter().any(|x| x["id"] == med_id.as_str()) {
+                    self.medications.push(json!({
+                        "resourceType": "Medication",
+                        "id": med_id,
+                        "meta": fhir::meta(ResourceType::Medication, &updated),
+                        "code": fhir::concept(DMD, m.concept),
+                    }));
+                }
+                v["medicationReference"] = fhir::reference(ResourceType::Medication, &med_id);
+            }
+        }
+        if let Some(plan) = based_on {
+            v["basedOn"] = json!([fhir::reference(ResourceType::MedicationRequest, plan)]);
+            v["dispenseRequest"] = json!({
+                "validityPeriod": {
+                    "start": calendar::date(authored),
+                    "end": calendar::date(authored + 28),
+                },
+                "expectedSupplyDuration": {
+                    "value": 28, "unit": "days", "system": UCUM, "code": "d",
+                },
+            });
+        }
         self.push(ResourceType::MedicationRequest, v);
+        id
     }
 
     /// A measured value for this patient, shifted by their conditions.
@@ -724,7 +1339,20 @@ impl<'a> Builder<'a> {
             } else {
                 start
             };
-            self.medication_request(m, authored, active);
+            if active {
+                // A repeat: the authorisation (plan), then its issues every 28 days, latest
+                // last, each based on the authorisation.
+                let plan = self.prescription(m, start, "active", "plan", true, None);
+                for back in [2, 1] {
+                    let day = authored - 28 * back;
+                    if day > start {
+                        self.prescription(m, day, "completed", "order", true, Some(&plan));
+                    }
+                }
+                self.prescription(m, authored, "active", "order", true, Some(&plan));
+            } else {
+                self.medication_request(m, authored, active);
+            }
         }
         let adult = self.age() >= 18;
         for _ in 0..self.rng.range(1, 3) {

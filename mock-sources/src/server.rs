@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{self, Ctx};
 use crate::broker_config::{self, FhirMode};
-use crate::faults::{Fault, FaultControl, LOCATOR, OrgStats, RequestKind};
+use crate::faults::{DataMode, Fault, FaultControl, LOCATOR, OrgStats, RequestKind};
 use crate::latency::LatencyProfile;
 use crate::locator::{self, LocatorCtx};
 use crate::population::{OrgKind, Region};
@@ -281,6 +281,7 @@ impl RegionServer {
             control.clone(),
             organisations.clone(),
             format!("http://{router_addr}/locator/fhir"),
+            region.clone(),
         );
         let mut admin_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -354,9 +355,10 @@ impl RegionServer {
 
     /// The organisations the locator's record pointers name for this patient (GP first),
     /// allowing for `ServerOptions::locator_missing_pointers`. Empty for an unknown patient.
+    /// (`nhs_number` as for [`Region::patient`].)
     pub fn located_organisations(
         &self,
-        nhs_number: &carerecord_adapters::NhsNumber,
+        nhs_number: &(impl std::fmt::Display + ?Sized),
     ) -> Vec<String> {
         self.region
             .located_organisations(nhs_number, self.locator_missing_pointers)
@@ -617,13 +619,15 @@ async fn handle(
         kind,
         conn,
         req,
-        |parts, body, empty| {
+        |parts, body, served| {
             let ctx = Ctx {
                 region: &server.region,
                 org: server.org,
                 base_url: &base_url,
                 path_prefix: "",
-                empty,
+                empty: served.fault == Fault::EmptyBundle,
+                fault: served.fault,
+                data: served.data,
                 control: Some(&server.control),
             };
             api::handle(
@@ -662,13 +666,15 @@ async fn handle_routed(
                 kind,
                 conn,
                 req,
-                |parts, body, empty| {
+                |parts, body, served| {
                     let ctx = Ctx {
                         region: &server.region,
                         org,
                         base_url: &base_url,
                         path_prefix: &prefix,
-                        empty,
+                        empty: served.fault == Fault::EmptyBundle,
+                        fault: served.fault,
+                        data: served.data,
                         control: Some(&server.control),
                     };
                     api::handle(&ctx, &parts.method, &inner, parts.uri.query(), body)
@@ -702,13 +708,13 @@ async fn handle_routed(
             kind,
             conn,
             req,
-            |parts, _, empty| {
+            |parts, _, served| {
                 let ctx = LocatorCtx {
                     region: &server.region,
                     base_url: &base_url,
                     org_base_urls: &server.org_base_urls,
                     missing_fraction: server.missing_fraction,
-                    empty,
+                    empty: served.fault == Fault::EmptyBundle,
                 };
                 locator::handle(&ctx, &parts.method, &inner, parts.uri.query())
             },
@@ -724,19 +730,34 @@ async fn handle_routed(
     ))
 }
 
+/// What shapes a request's answer once it is served at all: faults that change the data
+/// (`empty_bundle`, `wrong_patient`, `wrong_patient_refs`, `ignore_include`) and the data mode.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    fault: Fault,
+    data: DataMode,
+}
+
 /// Counts the request against `index` (an organisation, or the locator), applies its latency
-/// and fault, and otherwise answers with `serve(parts, body, empty_bundle)`.
+/// and fault, and otherwise answers with `serve(parts, body, served)`.
 async fn with_faults(
     control: &FaultControl,
     index: usize,
     kind: RequestKind,
     conn: &ConnectionControl,
     req: Request<Incoming>,
-    serve: impl FnOnce(&http::request::Parts, &[u8], bool) -> api::ApiResponse,
+    serve: impl FnOnce(&http::request::Parts, &[u8], Served) -> api::ApiResponse,
 ) -> Response<Body> {
-    let (n, fault, latency) = control.begin(index, kind);
-    let faulted = !matches!(fault, Fault::None | Fault::EmptyBundle)
-        && !matches!(fault, Fault::ErrorRate(p) if control.draw(index, n, 1) >= p);
+    let (n, fault, latency, data) = control.begin(index, kind);
+    // Faults that answer with (different) data are not counted as faulted requests.
+    let faulted = !matches!(
+        fault,
+        Fault::None
+            | Fault::EmptyBundle
+            | Fault::WrongPatient
+            | Fault::WrongPatientRefs
+            | Fault::IgnoreInclude
+    ) && !matches!(fault, Fault::ErrorRate(p) if control.draw(index, n, 1) >= p);
     if faulted {
         control.count_fault(index);
     }
@@ -783,7 +804,7 @@ async fn with_faults(
             ));
         }
     };
-    let resp = serve(&parts, &body, fault == Fault::EmptyBundle);
+    let resp = serve(&parts, &body, Served { fault, data });
     match fault {
         Fault::MalformedJson => {
             // Cut the document off part-way and add junk: a parser must fail, not guess.

@@ -322,7 +322,11 @@ async fn metadata_unknown_types_and_bad_parameters_answer_in_fhir() {
         .iter()
         .filter_map(|r| r["type"].as_str())
         .collect();
-    assert!(types.contains(&"Appointment") && types.contains(&"Patient") && types.len() == 11);
+    assert!(types.contains(&"Appointment") && types.contains(&"Patient") && types.len() == 12);
+    assert!(
+        types.contains(&"Medication"),
+        "Medication is readable by id"
+    );
     assert_eq!(
         cap["rest"][0]["resource"][0]["operation"][0]["name"],
         "everything"

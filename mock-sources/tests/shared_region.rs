@@ -125,7 +125,10 @@ async fn shared_port_serves_each_organisation_below_its_own_path() {
                 let total = b["total"].as_u64().unwrap();
                 for e in b["entry"].as_array().into_iter().flatten() {
                     assert!(e["fullUrl"].as_str().unwrap().starts_with(base.as_str()));
-                    assert!(seen.insert(e["fullUrl"].as_str().unwrap().to_string()));
+                    // A referenced Medication rides with every page that references it.
+                    if e["search"]["mode"] == "match" {
+                        assert!(seen.insert(e["fullUrl"].as_str().unwrap().to_string()));
+                    }
                 }
                 let next = b["link"]
                     .as_array()

@@ -144,8 +144,10 @@ def uk_core(where: str, resource: dict, patient_id: str | None = None, nhs: str 
             P.add("clinical resources reference the patient", rid, f"references {refs}, patient is {patient_id}")
 
 
-def bundle(where: str, b: dict | None, want_type: str, patient_id=None, nhs=None) -> list[dict]:
-    """Validates a Bundle and its entries; returns the entry resources."""
+def bundle(where: str, b: dict | None, want_type: str, patient_id=None, nhs=None, matches_only=False) -> list[dict]:
+    """Validates a Bundle and its entries; returns the entry resources (with `matches_only`,
+    only those with search.mode match: `_include`d and referenced resources, such as the
+    Medications `$everything` carries, are validated but not returned)."""
     if not isinstance(b, dict) or b.get("resourceType") != "Bundle":
         P.add("valid R4 (R4B models)", where, f"expected a Bundle, got {str(b)[:200]}")
         return []
@@ -165,6 +167,8 @@ def bundle(where: str, b: dict | None, want_type: str, patient_id=None, nhs=None
                 P.add("searchset entries have an absolute fullUrl ending in Type/id", f"{where} entry {i}", f"fullUrl {full!r}")
         validate(f"{where} entry {i}", res)
         uk_core(f"{where} entry {i}", res, patient_id, nhs)
+        if matches_only and (e.get("search") or {}).get("mode") == "include":
+            continue
         out.append(res)
     return out
 
@@ -180,7 +184,8 @@ def search_all(where: str, url: str, patient_id=None, nhs=None) -> list[dict]:
         if status != 200 or "fhir+json" not in ctype:
             P.add("searches answer 200 with application/fhir+json", where, f"{url} -> {status} {ctype}")
             return resources
-        resources += bundle(f"{where} page {pages}", b, "searchset", patient_id, nhs)
+        # Bundle.total counts matches; includes ride with the page that references them.
+        resources += bundle(f"{where} page {pages}", b, "searchset", patient_id, nhs, matches_only=True)
         if total is None:
             total = b.get("total")
         nxt = [l.get("url") for l in b.get("link", []) if l.get("relation") == "next"]
@@ -282,6 +287,64 @@ def check_org(org: str, base: str, patients) -> dict:
     return stats
 
 
+def admin_call(url: str, method: str, body: dict | None = None) -> int:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=15) as r:
+        return r.status
+
+
+def check_modes(admin: str, sources) -> dict:
+    """The shapes the clinical-safety modes serve are valid R4 too: conflict data mode (the
+    disagreeing organisation's record of listed patients) and `ignore_include` (searches without
+    included Medications, then `GET Medication/{id}`)."""
+    bases = {s.organisation_code: s.base_url.rstrip("/") for s in sources}
+    _, listed, _ = fetch(f"{admin}/conflicts?limit=6")
+    stats = {"resources": 0}
+    try:
+        admin_call(f"{admin}/organisations/all/data", "PUT", {"data": "conflicts"})
+        for row in listed or []:
+            nhs = row["nhs_number"]
+            for org in {row["conflict"]["gp"], row["conflict"]["organisation"]}:
+                base = bases.get(org)
+                if not base:
+                    continue
+                q = urllib.parse.urlencode({"identifier": f"{NHS_SYSTEM}|{nhs}"})
+                found = search_all(f"conflicts {org} {nhs} Patient", f"{base}/Patient?{q}", nhs=nhs)
+                if len(found) != 1:
+                    continue
+                pid = found[0]["id"]
+                got = search_all(f"conflicts {org} {nhs} $everything", f"{base}/Patient/{pid}/$everything", patient_id=pid)
+                stats["resources"] += len(got)
+        first = sources[0].organisation_code
+        admin_call(f"{admin}/organisations/{first}/fault", "PUT", {"fault": "ignore_include"})
+        base = bases[first]
+        # Any patient of this organisation with prescriptions: from the conflict list or the crawl.
+        for row in listed or []:
+            if first not in row["organisations"]:
+                continue
+            q = urllib.parse.urlencode({"identifier": f"{NHS_SYSTEM}|{row['nhs_number']}"})
+            found = search_all(f"ignore_include {first} Patient", f"{base}/Patient?{q}")
+            if len(found) != 1:
+                continue
+            pid = found[0]["id"]
+            q = urllib.parse.urlencode({"patient": pid, "_include": "MedicationRequest:medication"})
+            mrs = search_all(f"ignore_include {first} MedicationRequest", f"{base}/MedicationRequest?{q}", patient_id=pid)
+            for mr in mrs:
+                ref = (mr.get("medicationReference") or {}).get("reference", "")
+                P.seen("ignore_include: medicationReference to Medication/{id}, readable by id")
+                status, med, _ = fetch(f"{base}/{ref}")
+                if not ref.startswith("Medication/") or status != 200 or not med:
+                    P.add("ignore_include: medicationReference to Medication/{id}, readable by id", first, f"{ref} -> {status}")
+                    continue
+                validate(f"ignore_include {first} {ref}", med)
+                uk_core(f"ignore_include {first}", med)
+                stats["resources"] += 1
+    finally:
+        admin_call(f"{admin}/reset", "POST")
+    return stats
+
+
 def main() -> int:
     _, sources = broker_config(env("EXT_BROKER_CONFIG"))
     patients = region_patients(
@@ -332,6 +395,10 @@ def main() -> int:
         status == 404 and isinstance(oo, dict) and oo.get("resourceType") == "OperationOutcome" and validate("unknown everything", oo),
         f"{status} {str(oo)[:200]}",
     )
+
+    admin = os.environ.get("EXT_ADMIN_URL")
+    if admin:
+        R.run("clinical-safety modes crawl", check_modes, admin.rstrip("/"), sources)
 
     for check in sorted(P.counts):
         problems = P.by_check.get(check, [])

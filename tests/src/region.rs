@@ -10,9 +10,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use carerecord_adapters::NhsNumber;
 use carerecord_broker::config::Config;
 use carerecord_broker::registry;
+use carerecord_mock_sources::NhsNumber;
 use carerecord_mock_sources::{
     FhirMode, LatencyProfile, PatientSummary, Region, RegionServer, RegionSpec,
     RunningOrganisation, ServerOptions,

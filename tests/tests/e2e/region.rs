@@ -9,10 +9,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use carerecord_adapters::NhsNumber;
 use carerecord_e2e::pki::TestCa;
 use carerecord_e2e::region::*;
 use carerecord_e2e::{TestBroker, clinician_of, temp_path};
+use carerecord_mock_sources::NhsNumber;
 use carerecord_mock_sources::{Fault, FhirMode, LatencyProfile, PatientSummary, RegionServer};
 use carerecord_proto::care_record_event::Event;
 use carerecord_proto::{
