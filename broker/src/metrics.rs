@@ -42,18 +42,7 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Lower-case label for a source outcome.
+/// Lower-case label for a source outcome (the contract's own table).
 pub fn outcome_label(outcome: SourceOutcome) -> &'static str {
-    match outcome {
-        SourceOutcome::Ok => "ok",
-        SourceOutcome::NotFound => "not_found",
-        SourceOutcome::Timeout => "timeout",
-        SourceOutcome::Error => "error",
-        SourceOutcome::Unavailable => "unavailable",
-        SourceOutcome::CircuitOpen => "circuit_open",
-        SourceOutcome::Refused => "refused",
-        SourceOutcome::Partial => "partial",
-        SourceOutcome::WrongPatient => "wrong_patient",
-        SourceOutcome::Unspecified => "unspecified",
-    }
+    outcome.labels().1
 }

@@ -24,21 +24,6 @@ pub fn section_title(section: Section) -> &'static str {
     }
 }
 
-/// Upper-case outcome word, fixed width friendly.
-pub fn outcome_label(outcome: i32) -> &'static str {
-    match SourceOutcome::try_from(outcome) {
-        Ok(SourceOutcome::Ok) => "OK",
-        Ok(SourceOutcome::NotFound) => "NOT_FOUND",
-        Ok(SourceOutcome::Timeout) => "TIMEOUT",
-        Ok(SourceOutcome::Error) => "ERROR",
-        Ok(SourceOutcome::Unavailable) => "UNAVAILABLE",
-        Ok(SourceOutcome::CircuitOpen) => "CIRCUIT_OPEN",
-        Ok(SourceOutcome::Refused) => "REFUSED",
-        Ok(SourceOutcome::Partial) => "PARTIAL",
-        Ok(SourceOutcome::WrongPatient) => "WRONG_PATIENT",
-        _ => "UNKNOWN",
-    }
-}
 
 /// The whole response as text.
 pub fn response(r: &GetCareRecordResponse) -> String {
@@ -276,7 +261,7 @@ pub fn source_line(s: &SourceStatus, depth: usize) -> String {
     let mut line = format!(
         "{}{:<12} {:<8} {:<40} {:>6} ms {:>4} entries",
         "  ".repeat(depth),
-        outcome_label(s.outcome),
+        SourceOutcome::label_of(s.outcome),
         s.organisation_code,
         s.organisation_name,
         s.latency_ms,

@@ -52,6 +52,34 @@ impl Section {
     }
 }
 
+impl SourceOutcome {
+    /// The outcome as the contract names it, without the enum prefix (`OK`, `NOT_FOUND`,
+    /// `WRONG_PATIENT`, ...), and lower-cased for metric labels. One table, so the terminal
+    /// view, the audit trail and the metrics can never spell an outcome differently.
+    pub fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            SourceOutcome::Unspecified => ("UNKNOWN", "unknown"),
+            SourceOutcome::Ok => ("OK", "ok"),
+            SourceOutcome::NotFound => ("NOT_FOUND", "not_found"),
+            SourceOutcome::Timeout => ("TIMEOUT", "timeout"),
+            SourceOutcome::Error => ("ERROR", "error"),
+            SourceOutcome::Unavailable => ("UNAVAILABLE", "unavailable"),
+            SourceOutcome::CircuitOpen => ("CIRCUIT_OPEN", "circuit_open"),
+            SourceOutcome::Refused => ("REFUSED", "refused"),
+            SourceOutcome::Partial => ("PARTIAL", "partial"),
+            SourceOutcome::WrongPatient => ("WRONG_PATIENT", "wrong_patient"),
+        }
+    }
+
+    /// The upper-case label of a wire value; `UNKNOWN` for unset or unknown values.
+    pub fn label_of(outcome: i32) -> &'static str {
+        SourceOutcome::try_from(outcome)
+            .unwrap_or(SourceOutcome::Unspecified)
+            .labels()
+            .0
+    }
+}
+
 impl CareRecord {
     /// The entries of one section.
     pub fn section(&self, section: Section) -> &[Entry] {

@@ -206,7 +206,7 @@ impl Broker {
                 .map(|m| {
                     m.sources
                         .iter()
-                        .map(|s| format!("{}:{}", s.source_id, audit_outcome(s.outcome)))
+                        .map(|s| format!("{}:{}", s.source_id, SourceOutcome::label_of(s.outcome)))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -347,35 +347,23 @@ impl Broker {
     }
 }
 
-/// A source outcome as the audit trail writes it (`OK`, `TIMEOUT`, ...): the proto enum's own
-/// name without its prefix, so the trail needs no renderer.
-fn audit_outcome(outcome: i32) -> &'static str {
-    match SourceOutcome::try_from(outcome) {
-        Ok(SourceOutcome::Unspecified) | Err(_) => "UNKNOWN",
-        Ok(o) => o
-            .as_str_name()
-            .strip_prefix("SOURCE_OUTCOME_")
-            .unwrap_or("UNKNOWN"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn audit_outcomes_read_as_before() {
-        assert_eq!(audit_outcome(SourceOutcome::Ok as i32), "OK");
-        assert_eq!(audit_outcome(SourceOutcome::NotFound as i32), "NOT_FOUND");
+        assert_eq!(SourceOutcome::label_of(SourceOutcome::Ok as i32), "OK");
+        assert_eq!(SourceOutcome::label_of(SourceOutcome::NotFound as i32), "NOT_FOUND");
         assert_eq!(
-            audit_outcome(SourceOutcome::CircuitOpen as i32),
+            SourceOutcome::label_of(SourceOutcome::CircuitOpen as i32),
             "CIRCUIT_OPEN"
         );
         assert_eq!(
-            audit_outcome(SourceOutcome::WrongPatient as i32),
+            SourceOutcome::label_of(SourceOutcome::WrongPatient as i32),
             "WRONG_PATIENT"
         );
-        assert_eq!(audit_outcome(0), "UNKNOWN");
-        assert_eq!(audit_outcome(999), "UNKNOWN");
+        assert_eq!(SourceOutcome::label_of(0), "UNKNOWN");
+        assert_eq!(SourceOutcome::label_of(999), "UNKNOWN");
     }
 }
