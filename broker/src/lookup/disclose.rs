@@ -354,7 +354,10 @@ mod tests {
     #[test]
     fn audit_outcomes_read_as_before() {
         assert_eq!(SourceOutcome::label_of(SourceOutcome::Ok as i32), "OK");
-        assert_eq!(SourceOutcome::label_of(SourceOutcome::NotFound as i32), "NOT_FOUND");
+        assert_eq!(
+            SourceOutcome::label_of(SourceOutcome::NotFound as i32),
+            "NOT_FOUND"
+        );
         assert_eq!(
             SourceOutcome::label_of(SourceOutcome::CircuitOpen as i32),
             "CIRCUIT_OPEN"
