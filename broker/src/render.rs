@@ -24,7 +24,6 @@ pub fn section_title(section: Section) -> &'static str {
     }
 }
 
-
 /// The whole response as text.
 pub fn response(r: &GetCareRecordResponse) -> String {
     let mut out = String::new();
