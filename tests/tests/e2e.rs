@@ -12,4 +12,5 @@ mod e2e {
     pub mod region_scale;
     pub mod resilience;
     pub mod routing;
+    pub mod safety;
 }
