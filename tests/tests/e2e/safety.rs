@@ -1279,3 +1279,45 @@ async fn a_federated_region_whose_sources_all_fail_is_partial_and_the_record_inc
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// H13, H10: a valid but wrong NHS number, a stale record
+
+/// A valid NHS number that belongs to someone else passes every check, so the terminal view
+/// opens with who the record is about (name, NHS number as people read it, date of birth, sex)
+/// for the clinician to check against the person in front of them, and says whether the
+/// record is fresh or from the cache and how old.
+#[tokio::test]
+async fn the_terminal_view_opens_with_who_the_record_is_about_and_how_fresh_it_is() {
+    let server = start_region(&small_region(SEED, 100)).await;
+    let patient = shared_patient(&server);
+    let broker = region_broker(&server, FhirMode::Search).await;
+    let digits = patient.nhs_number.as_digits();
+    let args = LookupArgs {
+        org: patient.gp.clone(),
+        ..LookupArgs::for_patient(&digits, &broker.url)
+    };
+
+    let fresh = lookup_text(&LookupArgs {
+        fresh: true,
+        ..args.clone()
+    })
+    .await
+    .expect("the CLI lookup");
+    let banner = fresh.lines().next().unwrap_or_default();
+    let grouped = format!("{} {} {}", &digits[..3], &digits[3..6], &digits[6..]);
+    for want in [
+        patient.family.to_uppercase(),
+        patient.given.clone(),
+        format!("NHS {grouped}"),
+        format!("born {}", patient.birth_date),
+        patient.gender.to_owned(),
+    ] {
+        assert!(banner.contains(&want), "{want:?} in the banner: {banner}");
+    }
+    assert!(fresh.contains("  fresh  complete"), "{fresh}");
+
+    let cached = lookup_text(&args).await.expect("the CLI lookup");
+    assert_eq!(cached.lines().next(), Some(banner), "the same banner");
+    assert!(cached.contains("from cache, "), "{cached}");
+}
