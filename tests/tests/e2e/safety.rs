@@ -1095,7 +1095,8 @@ async fn a_sensitive_second_coding_withholds_the_entry_from_an_ordinary_role_eve
 
 /// An entry sensitive only by its security label (its codes are ordinary), and one sensitive
 /// only by its second coding, from an in-memory source: both withheld from an ordinary role,
-/// on a miss and on a cache hit, and shown to a permitted role.
+/// on a miss and on a cache hit, and shown to a permitted role; the ordinary role's terminal
+/// view says that something was withheld.
 #[tokio::test]
 async fn an_entry_sensitive_only_by_a_label_or_a_later_coding_is_withheld_from_an_ordinary_role() {
     let nhs = carerecord_e2e::shared_patient();
@@ -1203,6 +1204,18 @@ async fn an_entry_sensitive_only_by_a_label_or_a_later_coding_is_withheld_from_a
     assert!(hidden_again.from_cache);
     assert_eq!(codes_of(&hidden_again), ordinary_only);
     assert!(hidden_again.withheld);
+
+    // The terminal view says so to the ordinary role, and only to it.
+    let view = |role: &str| LookupArgs {
+        role: role.into(),
+        org: "A81001".into(),
+        ..LookupArgs::for_patient(&nhs.as_digits(), &broker.url)
+    };
+    let notice = "Some information has been withheld from this view.";
+    let ordinary_view = lookup_text(&view("R8001")).await.expect("the CLI lookup");
+    assert!(ordinary_view.contains(notice), "{ordinary_view}");
+    let permitted_view = lookup_text(&view("R8000")).await.expect("the CLI lookup");
+    assert!(!permitted_view.contains(notice), "{permitted_view}");
 }
 
 // ---------------------------------------------------------------------------------------------
