@@ -593,6 +593,25 @@ async fn resources_about_another_patient_are_never_mapped_in_any_mode() {
         let mut got: Vec<&str> = record.wrong_patient.iter().map(String::as_str).collect();
         got.sort();
         assert_eq!(got, expected, "{mode:?}");
+        // The sections that lost resources to the identity check are cut short, not "none
+        // recorded": appointments and medicines came back empty only because of it.
+        let rejected = record
+            .shortfalls
+            .iter()
+            .find(|s| s.reason.contains("about another patient"))
+            .unwrap_or_else(|| panic!("{mode:?}: no shortfall for the discarded resources"));
+        for section in [
+            Section::Conditions,
+            Section::Allergies,
+            Section::Appointments,
+            Section::Medications,
+        ] {
+            assert!(rejected.sections.contains(section), "{mode:?}: {section:?}");
+        }
+        assert!(
+            !rejected.sections.contains(Section::TestResults),
+            "{mode:?}"
+        );
         let patient = record.record.patient.as_ref().expect("demographics");
         assert_eq!(patient.family_name, "Smith", "only from our Patient");
         for text in record.wrong_patient.iter().chain(&record.warnings) {
@@ -627,10 +646,16 @@ async fn an_everything_answer_about_someone_else_is_wrong_patient() {
         "{reason}"
     );
 
-    // The same server searched: the other person's resources are rejected one by one.
-    let record = fetch(&base, QueryMode::Search).await;
-    assert_eq!(record.record.entry_count(), 0);
-    assert_eq!(record.wrong_patient.len(), 2);
+    // The same server searched: the patient search finds the right person, but every clinical
+    // resource is about someone else. That is an answer about another patient, not an empty
+    // record ("none recorded" would be false).
+    let reply = source(&base, QueryMode::Search)
+        .fetch(&request(WITHIN))
+        .await;
+    let Err(SourceError::WrongPatient(reason)) = reply else {
+        panic!("search: expected WrongPatient, got {reply:?}");
+    };
+    assert!(reason.contains("about another patient"), "{reason}");
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use futures::future::try_join_all;
 use reqwest::Url;
 use reqwest::header::HeaderMap;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::FhirSource;
 use super::bundle::{read_batch_response, read_page};
@@ -155,6 +155,10 @@ impl<'a> Lookup<'a> {
     ) -> Result<Vec<(Kind, &'r PageResource)>, SourceError> {
         identity.check_patients(answer, &mut out.wrong_patient)?;
         let mut accepted = Vec::with_capacity(answer.len());
+        // Sections that lost resources to the identity check: what the source said there is
+        // not "none recorded", it is cut short.
+        let mut rejected_in = SectionSet::NONE;
+        let mut rejected = 0usize;
         for item in answer {
             let kind = match item.kind() {
                 Ok(Some(kind)) if self.ctx.wants(kind) => kind,
@@ -168,15 +172,30 @@ impl<'a> Lookup<'a> {
                 Ok(()) => accepted.push((kind, item)),
                 Err(Rejected::WrongPatient(reason)) => {
                     out.wrong_patient.push(format!("{}: {reason}", kind.name()));
+                    rejected_in = rejected_in.with(kind.section());
+                    rejected += 1;
                 }
                 Err(Rejected::Malformed) => out.unreadable(kind.name()),
             }
         }
-        if !out.wrong_patient.is_empty() {
-            debug!(
-                rejected = out.wrong_patient.len(),
+        if rejected > 0 {
+            warn!(
+                source = %self.source.info.id,
+                rejected,
+                accepted = accepted.len(),
                 "fhir answer held resources about another patient"
             );
+            // Nothing it said about the clinical record was about this patient: that is an
+            // answer about someone else, not an empty record.
+            if accepted.is_empty() {
+                return Err(SourceError::WrongPatient(format!(
+                    "all {rejected} clinical resources it returned were about another patient"
+                )));
+            }
+            out.shortfalls.push(Shortfall {
+                sections: rejected_in,
+                reason: format!("{rejected} resource(s) about another patient discarded"),
+            });
         }
         Ok(accepted)
     }
