@@ -118,14 +118,6 @@ impl Denial {
             Denial::RelationshipUnconfirmed(_) => "relationship_unconfirmed",
         }
     }
-
-    /// The gRPC code: a relationship that could not be checked is worth retrying.
-    pub fn code(&self) -> tonic::Code {
-        match self {
-            Denial::RelationshipUnconfirmed(_) => tonic::Code::Unavailable,
-            _ => tonic::Code::PermissionDenied,
-        }
-    }
 }
 
 /// Why access was granted, for the audit trail.

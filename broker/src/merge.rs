@@ -410,7 +410,7 @@ fn shortfall_reasons(r: &carerecord_adapters::SourceRecord, sections: SectionSet
             let why: Vec<&str> = why.into_iter().collect();
             reasons.push(format!(
                 "{n} {} entr{} incomplete{}",
-                crate::render::section_title(section).to_lowercase(),
+                section.title().to_lowercase(),
                 if n == 1 { "y" } else { "ies" },
                 if why.is_empty() {
                     String::new()
@@ -1000,7 +1000,8 @@ fn why_headline(winner: &Provenance, pool: &[&Provenance]) -> String {
     let on = asserted_on(winner);
     let tied = pool
         .iter()
-        .filter(|p| !std::ptr::eq(**p, winner))
+        // The winner is a copy of one of the pool's assertions: compare by identity key.
+        .filter(|p| prov_key(p) != prov_key(winner))
         .any(|p| asserted_on(p) == on);
     let who = if winner.organisation_code.is_empty() {
         winner.source_id.as_str()
@@ -1421,7 +1422,7 @@ fn contradicted_absences(section: Section, entries: &mut [Entry], warnings: &mut
     if active.is_empty() {
         return;
     }
-    let noun = crate::render::section_title(section).to_lowercase();
+    let noun = section.title().to_lowercase();
     for absence in entries.iter_mut().filter(|e| e.asserts_absence) {
         let what = display(absence);
         let mut values: Vec<ConflictValue> = absence
@@ -1485,7 +1486,7 @@ fn contradicted_absences(section: Section, entries: &mut [Entry], warnings: &mut
         absence.conflicts.push(Conflict {
             field: "assertion".into(),
             values,
-            resolution: "both shown: an active finding contradicts this assertion".into(),
+            resolution: "both: an active finding contradicts this assertion".into(),
         });
     }
 }
@@ -1513,7 +1514,7 @@ fn section_statuses(
     Section::ALL
         .iter()
         .map(|&section| {
-            let title = crate::render::section_title(section);
+            let title = section.title();
             if !sections.contains(section) {
                 return SectionStatus {
                     section: section as i32,
@@ -1590,7 +1591,7 @@ pub fn restrict_section_statuses(
             let lines: Vec<SourceSectionStatus> =
                 status.sources.iter().filter(|s| keep(s)).cloned().collect();
             let title = Section::try_from(status.section)
-                .map(crate::render::section_title)
+                .map(Section::title)
                 .unwrap_or("Other");
             SectionStatus {
                 section: status.section,

@@ -9,21 +9,6 @@ use carerecord_proto::{
     SourceStatus, VerificationStatus,
 };
 
-/// Human title of a section.
-pub fn section_title(section: Section) -> &'static str {
-    match section {
-        Section::Unspecified => "Other",
-        Section::Conditions => "Conditions",
-        Section::Medications => "Medications",
-        Section::Allergies => "Allergies",
-        Section::TestResults => "Test results",
-        Section::CarePlans => "Care plans",
-        Section::Documents => "Documents",
-        Section::Encounters => "Encounters",
-        Section::Appointments => "Appointments",
-    }
-}
-
 /// The whole response as text.
 pub fn response(r: &GetCareRecordResponse) -> String {
     let mut out = String::new();
@@ -123,12 +108,7 @@ pub fn section_block(
         Some(Ok(SectionState::Unknown)) => "  UNKNOWN: no organisation could answer",
         _ => "",
     };
-    let _ = writeln!(
-        out,
-        "\n{} ({}){state}",
-        section_title(section),
-        entries.len()
-    );
+    let _ = writeln!(out, "\n{} ({}){state}", section.title(), entries.len());
     if let Some(s) = status {
         let _ = writeln!(out, "  {}", s.summary);
     }

@@ -45,6 +45,21 @@ impl Section {
         }
     }
 
+    /// The section's title as a clinician reads it ("Test results").
+    pub fn title(self) -> &'static str {
+        match self {
+            Section::Unspecified => "Other",
+            Section::Conditions => "Conditions",
+            Section::Medications => "Medications",
+            Section::Allergies => "Allergies",
+            Section::TestResults => "Test results",
+            Section::CarePlans => "Care plans",
+            Section::Documents => "Documents",
+            Section::Encounters => "Encounters",
+            Section::Appointments => "Appointments",
+        }
+    }
+
     /// Parses [`Section::short_name`] (also accepts hyphens).
     pub fn from_short_name(name: &str) -> Option<Section> {
         let name = name.trim().to_ascii_lowercase().replace('-', "_");
