@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use carerecord_proto::SourceOutcome;
 
-/// Lookups answered, by `outcome` (`complete`, `partial`, `denied`, `invalid`, `shed`, `error`).
+/// Lookups answered, by `outcome` (`complete`, `partial`, `denied`, `invalid`, `shed`, `unavailable`).
 pub const LOOKUPS: &str = "carerecord_lookups_total";
 /// Lookup latency in seconds, by `cache` (`hit`, `miss`).
 pub const LOOKUP_DURATION: &str = "carerecord_lookup_duration_seconds";

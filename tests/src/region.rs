@@ -1,7 +1,7 @@
 //! Harness for end-to-end tests over a synthetic region: mock-sources organisations serving FHIR
 //! R4 over real HTTP on loopback, and a real broker built from the configuration mock-sources
 //! writes (parsed by the broker's own config code, sources built by its own registry), exactly as
-//! `carerecord demo` and `carerecord serve` do. Also a small recording TCP proxy (optionally
+//! `carerecord-dev demo` and `carerecord serve` do. Also a small recording TCP proxy (optionally
 //! terminating TLS) for what mock-sources cannot show: the bytes a source actually received.
 
 use std::collections::{BTreeMap, BTreeSet};
