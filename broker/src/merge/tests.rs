@@ -416,6 +416,16 @@ fn disagreement_is_shown_with_the_most_recent_assertion_whatever_the_configurati
                 .unwrap_or_else(|| panic!("{field} conflict in {e:?}"));
             assert_eq!(conflict.values.len(), 2, "one value per organisation");
             assert!(conflict.resolution.starts_with(shown), "{conflict:?}");
+            // The stated reason is the one that decided it: recency when the dates differ.
+            let dated_apart = a.recorded.get(..10) != b.recorded.get(..10)
+                && !a.recorded.is_empty()
+                && !b.recorded.is_empty();
+            let reason = if dated_apart {
+                "most recent assertion"
+            } else {
+                "more cautious"
+            };
+            assert!(conflict.resolution.contains(reason), "{conflict:?}");
             let headline = match field {
                 "status" => e.status.clone(),
                 "verification_status" => verification_word(e.verification_status).to_owned(),
