@@ -335,7 +335,6 @@ async fn a_source_answering_about_another_patient_contributes_nothing_and_is_nam
 /// "none recorded" for sections where it really holds entries for this patient: nothing is
 /// known from it.
 #[tokio::test]
-#[ignore = "BUG: search mode, a source whose every clinical search answers about another patient is OK and its section lines NONE_RECORDED ('none recorded by RJ1'), though its data for this patient is unknown"]
 async fn sections_whose_resources_were_all_about_another_patient_are_not_none_recorded() {
     let server = start_region(&small_region(SEED, 100)).await;
     let patient = shared_patient(&server);
