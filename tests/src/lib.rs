@@ -471,3 +471,24 @@ impl Source for Panicking {
         panic!("adapter bug")
     }
 }
+
+/// Another carerecord broker at `url` as a federated source named `id` (plaintext).
+pub fn remote_broker(id: &str, url: &str) -> Arc<dyn Source> {
+    Arc::new(
+        carerecord_adapters::federation::BrokerSource::new(
+            carerecord_adapters::SourceInfo {
+                id: id.into(),
+                organisation_code: id.to_uppercase(),
+                organisation_name: format!("{id} exchange"),
+            },
+            &carerecord_adapters::federation::BrokerSourceConfig {
+                url: url.into(),
+                ca_cert: None,
+                client_cert: None,
+                client_key: None,
+                tls_domain: None,
+            },
+        )
+        .expect("valid remote"),
+    )
+}

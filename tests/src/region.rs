@@ -358,3 +358,17 @@ fn parse_requests(bytes: &[u8]) -> Vec<SeenRequest> {
     }
     out
 }
+
+/// Every organisation that reported any part of the record, demographics included.
+pub fn contributing_orgs(response: &GetCareRecordResponse) -> BTreeSet<String> {
+    let record = response.record.clone().unwrap_or_default();
+    let mut orgs: BTreeSet<String> = record_shape(&record)
+        .into_values()
+        .flatten()
+        .flat_map(|e| e.orgs)
+        .collect();
+    if let Some(p) = &record.patient {
+        orgs.extend(provenance_orgs(&p.provenance));
+    }
+    orgs
+}

@@ -3,32 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use carerecord_adapters::federation::{BrokerSource, BrokerSourceConfig};
-use carerecord_adapters::{Source, SourceInfo};
+use carerecord_adapters::Source;
 use carerecord_e2e::*;
 use carerecord_proto::SourceOutcome;
 
 const LONG: Duration = Duration::from_secs(5);
-
-fn remote(id: &str, url: &str) -> Arc<dyn Source> {
-    Arc::new(
-        BrokerSource::new(
-            SourceInfo {
-                id: id.into(),
-                organisation_code: id.to_uppercase(),
-                organisation_name: format!("{id} exchange"),
-            },
-            &BrokerSourceConfig {
-                url: url.into(),
-                ca_cert: None,
-                client_cert: None,
-                client_key: None,
-                tls_domain: None,
-            },
-        )
-        .expect("valid remote"),
-    )
-}
 
 fn named(id: &str) -> Settings {
     Settings {
@@ -47,7 +26,7 @@ async fn a_broker_federates_another_and_keeps_its_source_statuses_nested() {
     let central = start_broker(
         vec![
             (Arc::new(gp_source()) as Arc<dyn Source>, LONG),
-            (remote("north", &north.url), LONG),
+            (remote_broker("north", &north.url), LONG),
         ],
         named("central"),
     )
@@ -87,7 +66,7 @@ async fn a_federation_loop_is_refused_with_a_clear_outcome() {
     let b = start_broker(
         vec![
             (Arc::new(hospital_source()) as Arc<dyn Source>, LONG),
-            (remote("a", &a_url), LONG),
+            (remote_broker("a", &a_url), LONG),
         ],
         named("b"),
     )
@@ -97,7 +76,7 @@ async fn a_federation_loop_is_refused_with_a_clear_outcome() {
         build_broker(
             vec![
                 (Arc::new(gp_source()) as Arc<dyn Source>, LONG),
-                (remote("b", &b.url), LONG),
+                (remote_broker("b", &b.url), LONG),
             ],
             named("a"),
         ),
@@ -130,7 +109,7 @@ async fn an_unreachable_remote_broker_is_an_error_outcome() {
     let central = start_broker(
         vec![
             (Arc::new(gp_source()) as Arc<dyn Source>, LONG),
-            (remote("gone", &format!("http://{closed}")), LONG),
+            (remote_broker("gone", &format!("http://{closed}")), LONG),
         ],
         named("central"),
     )
@@ -155,7 +134,11 @@ async fn a_federated_answer_is_never_shared_between_different_requesters() {
         named("north"),
     )
     .await;
-    let central = start_broker(vec![(remote("north", &north.url), LONG)], named("central")).await;
+    let central = start_broker(
+        vec![(remote_broker("north", &north.url), LONG)],
+        named("central"),
+    )
+    .await;
     let mut c = central.client().await;
     c.get_care_record(request(&shared_patient().as_digits(), LONG))
         .await

@@ -56,20 +56,6 @@ fn status_of<'a>(response: &'a GetCareRecordResponse, org: &str) -> &'a SourceSt
         .unwrap_or_else(|| panic!("no status for {org}"))
 }
 
-/// Every organisation that reported any part of the record, demographics included.
-fn contributing_orgs(response: &GetCareRecordResponse) -> BTreeSet<String> {
-    let record = response.record.clone().unwrap_or_default();
-    let mut orgs: BTreeSet<String> = record_shape(&record)
-        .into_values()
-        .flatten()
-        .flat_map(|e| e.orgs)
-        .collect();
-    if let Some(p) = &record.patient {
-        orgs.extend(provenance_orgs(&p.provenance));
-    }
-    orgs
-}
-
 #[tokio::test]
 async fn a_patient_known_to_several_organisations_gets_one_merged_record() {
     let server = start_region(&small_region(SEED, 100)).await;

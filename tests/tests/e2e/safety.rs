@@ -12,14 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use carerecord_adapters::federation::{BrokerSource, BrokerSourceConfig};
+use carerecord_adapters::Source;
 use carerecord_adapters::memory::InMemorySource;
-use carerecord_adapters::{Source, SourceInfo};
 use carerecord_broker::access::AccessConfig;
 use carerecord_broker::cli::lookup::{LookupArgs, lookup_text};
 use carerecord_broker::config::Config;
 use carerecord_e2e::region::*;
-use carerecord_e2e::{Settings, TestBroker, clinician, start_broker};
+use carerecord_e2e::{Settings, TestBroker, clinician, remote_broker, start_broker};
 use carerecord_mock_sources::{
     ClinicalConflict, ClinicalConflictKind, DataMode, Fault, FhirMode, PatientSummary,
     RegionServer, RegionSpec,
@@ -115,20 +114,6 @@ fn warnings(response: &GetCareRecordResponse, kind: WarningKind) -> Vec<&Warning
 /// the lower-cased organisation codes).
 fn names(w: &Warning, org: &str) -> bool {
     w.source_ids.contains(&org.to_ascii_lowercase())
-}
-
-/// Every organisation that reported any part of the record, demographics included.
-fn contributing_orgs(response: &GetCareRecordResponse) -> BTreeSet<String> {
-    let record = response.record.clone().unwrap_or_default();
-    let mut orgs: BTreeSet<String> = record_shape(&record)
-        .into_values()
-        .flatten()
-        .flat_map(|e| e.orgs)
-        .collect();
-    if let Some(p) = &record.patient {
-        orgs.extend(provenance_orgs(&p.provenance));
-    }
-    orgs
 }
 
 /// The source's own ids of the entries organisation `org` contributed, section by section.
@@ -1220,26 +1205,6 @@ async fn an_entry_sensitive_only_by_a_label_or_a_later_coding_is_withheld_from_a
 // ---------------------------------------------------------------------------------------------
 // H9: a federated region missing
 
-fn remote(id: &str, url: &str) -> Arc<dyn Source> {
-    Arc::new(
-        BrokerSource::new(
-            SourceInfo {
-                id: id.into(),
-                organisation_code: id.to_uppercase(),
-                organisation_name: format!("{id} exchange"),
-            },
-            &BrokerSourceConfig {
-                url: url.into(),
-                ca_cert: None,
-                client_cert: None,
-                client_key: None,
-                tls_domain: None,
-            },
-        )
-        .expect("valid remote"),
-    )
-}
-
 /// A remote broker over a mock region whose organisations all fail: the central broker reports
 /// the remote PARTIAL (never a bare OK), keeps its nested ERROR statuses, raises DATA_CUT_SHORT,
 /// and the record is not complete.
@@ -1250,7 +1215,7 @@ async fn a_federated_region_whose_sources_all_fail_is_partial_and_the_record_inc
     let region = region_broker(&server, FhirMode::Search).await;
     server.faults().set_fault_all(Fault::Http500);
     let central = start_broker(
-        vec![(remote("north", &region.url), SOURCE_TIMEOUT)],
+        vec![(remote_broker("north", &region.url), SOURCE_TIMEOUT)],
         Settings {
             broker_id: "central".into(),
             ..Settings::default()
