@@ -737,6 +737,15 @@ async fn no_known_allergy_is_an_assertion_beside_an_active_allergy() {
         "{:?}",
         record.warnings
     );
+    // ... and the medicines section is short for this source (unknown), not "none recorded".
+    assert!(
+        record.shortfalls.iter().any(|s| s
+            .sections
+            .contains(carerecord_adapters::proto::Section::Medications)
+            && s.reason.contains("no information about medicines")),
+        "{:?}",
+        record.shortfalls
+    );
 }
 
 #[tokio::test]

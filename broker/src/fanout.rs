@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use carerecord_adapters::{Source, SourceRecord, SourceReply, SourceRequest};
+use carerecord_adapters::{
+    NhsNumber, Source, SourceError, SourceRecord, SourceReply, SourceRequest,
+};
 use carerecord_proto::{SourceOutcome, SourceStatus};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
@@ -187,7 +189,9 @@ async fn ask(
     let callers_deadline = caller_limited && request.deadline < started + configured.timeout;
     let result = configured.fetch(&request, callers_deadline).await;
     let cut_short = matches!(result, Err(Failure::TimedOut { cut_short: true }));
-    let result = result.map_err(|f| f.into_source_error("adapter"));
+    let result = result
+        .map_err(|f| f.into_source_error("adapter"))
+        .and_then(|reply| about_the_patient(reply, request.nhs_number));
     let latency = started.elapsed();
     let outcome_label = match &result {
         Ok(SourceReply::Found(_)) => "ok",
@@ -242,6 +246,29 @@ async fn ask(
         cut_short,
         record,
     }
+}
+
+/// Refuses a whole answer whose demographics carry another NHS number: whichever kind of
+/// source gave it, nothing it said can be trusted to be about this patient (the FHIR adapter
+/// checks every resource; this holds every other source to the same rule).
+fn about_the_patient(reply: SourceReply, wanted: NhsNumber) -> Result<SourceReply, SourceError> {
+    let SourceReply::Found(record) = &reply else {
+        return Ok(reply);
+    };
+    let Some(patient) = &record.record.patient else {
+        return Ok(reply);
+    };
+    let digits: String = patient
+        .nhs_number
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    if digits.is_empty() || digits == wanted.as_digits() {
+        return Ok(reply);
+    }
+    Err(SourceError::WrongPatient(
+        "its demographics carry another NHS number; nothing it returned was used".into(),
+    ))
 }
 
 /// Drops sections the request did not ask for: a source may return more than it was asked.

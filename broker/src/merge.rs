@@ -463,6 +463,27 @@ pub fn merge_found(
     record
 }
 
+/// Rebuilds the CONFLICT warnings and the "assertion" conflicts of "no known ..." entries from
+/// the entries a requester may see, after some were withheld: a withheld entry's name must
+/// never ride out in another entry's conflict or in a warning's text.
+pub fn rebuild_conflicts(record: &mut CareRecord, warnings: &mut Vec<Warning>) {
+    warnings.retain(|w| w.kind != WarningKind::Conflict as i32);
+    for section in Section::ALL {
+        let Some(entries) = record.section_mut(section) else {
+            continue;
+        };
+        for entry in entries.iter_mut().filter(|e| e.asserts_absence) {
+            entry.conflicts.retain(|c| c.field != "assertion");
+        }
+        contradicted_absences(section, entries, warnings);
+        for entry in entries.iter() {
+            if !entry.conflicts.is_empty() && !entry.asserts_absence {
+                warnings.push(conflict_warning(entry));
+            }
+        }
+    }
+}
+
 /// Whether the source answered (fully, partially, or "not known here").
 pub fn answered(outcome: i32) -> bool {
     fully_answered(outcome) || outcome == SourceOutcome::Partial as i32
@@ -652,6 +673,9 @@ struct DedupKey {
     code: String,
     /// The day of the event, for event sections; empty otherwise.
     day: String,
+    /// A result's value and unit: two organisations' different values for one test on one day
+    /// are both shown, never one kept.
+    value: String,
 }
 
 fn dedup_key(section: Section, entry: &Entry) -> Option<DedupKey> {
@@ -664,11 +688,20 @@ fn dedup_key(section: Section, entry: &Entry) -> Option<DedupKey> {
     } else {
         String::new()
     };
+    let value = match &entry.detail {
+        Some(Detail::Result(r)) if section == Section::TestResults => format!(
+            "{} {}",
+            r.value.trim().to_lowercase(),
+            r.unit.trim().to_lowercase()
+        ),
+        _ => String::new(),
+    };
     Some(DedupKey {
         absence: entry.asserts_absence,
         system: code_system(&concept.system),
         code: concept.code.trim().to_owned(),
         day,
+        value,
     })
 }
 
@@ -1186,8 +1219,22 @@ fn combine(section: Section, mut items: Vec<Item>, today: &str) -> Option<Entry>
         fill(&mut entry.effective, &e.effective);
         fill(&mut entry.ended, &e.ended);
         fill(&mut entry.recorded, &e.recorded);
-        if entry.detail.is_none() {
-            entry.detail.clone_from(&e.detail);
+        match (entry.detail.as_mut(), &e.detail) {
+            (None, _) => entry.detail.clone_from(&e.detail),
+            // Every organisation's reactions are shown: one's "anaphylaxis" is never dropped
+            // because another recorded "rash".
+            (Some(Detail::Allergy(mine)), Some(Detail::Allergy(theirs))) => {
+                for reaction in &theirs.reactions {
+                    if !mine
+                        .reactions
+                        .iter()
+                        .any(|r| r.trim().eq_ignore_ascii_case(reaction.trim()))
+                    {
+                        mine.reactions.push(reaction.clone());
+                    }
+                }
+            }
+            _ => {}
         }
         for label in &e.security_labels {
             if !entry.security_labels.contains(label) {

@@ -451,9 +451,19 @@ fn map_resource(
             Absence::None => {}
             Absence::Asserted => entry.asserts_absence = true,
             Absence::Unknown(what) => {
-                out.warn(format!(
+                // "No information" is unknown, never "none recorded": the section is short.
+                let reason = format!(
                     "the source says it has no information about {what} (not shown as an entry)"
-                ));
+                );
+                out.warn(reason.clone());
+                let sections = SectionSet::NONE.with(kind.section());
+                if !out
+                    .shortfalls
+                    .iter()
+                    .any(|s| s.reason == reason && s.sections == sections)
+                {
+                    out.shortfalls.push(Shortfall { sections, reason });
+                }
                 return Ok(None);
             }
         }

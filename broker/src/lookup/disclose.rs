@@ -131,12 +131,16 @@ impl Broker {
     /// organisation's content rides under its name), its own source statuses and warnings.
     fn visible(&self, request: &LookupRequest, merged: &MergedRecord) -> Visible {
         if !self.policy.objection_applies(request) {
-            let view = self.policy.view(request, &merged.record);
+            let mut view = self.policy.view(request, &merged.record);
+            let mut warnings = merged.warnings.clone();
+            if view.withheld {
+                crate::merge::rebuild_conflicts(&mut view.record, &mut warnings);
+            }
             return Visible {
                 record: view.record,
                 withheld: view.withheld,
                 sources: merged.sources.clone(),
-                warnings: merged.warnings.clone(),
+                warnings,
             };
         }
         let org = request.requester.organisation_code.trim();
@@ -159,7 +163,10 @@ impl Broker {
             today.get(..10).unwrap_or(&today),
             &mut warnings,
         );
-        let view = self.policy.view(request, &record);
+        let mut view = self.policy.view(request, &record);
+        if view.withheld {
+            crate::merge::rebuild_conflicts(&mut view.record, &mut warnings);
+        }
         Visible {
             record: view.record,
             withheld: view.withheld || others_had_data,

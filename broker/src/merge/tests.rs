@@ -266,6 +266,85 @@ fn dedup_rules_per_section() {
 }
 
 #[test]
+fn two_organisations_different_values_for_one_test_on_one_day_are_both_shown() {
+    let result = |source: &str, value: &str| Entry {
+        detail: Some(Detail::Result(carerecord_proto::ResultDetail {
+            value: value.into(),
+            unit: "mmol/L".into(),
+            ..Default::default()
+        })),
+        ..entry("6298-4", "2024-01-01", source)
+    };
+    let both = |a: &str, b: &str| {
+        let merged = run(
+            2,
+            &[
+                answer(
+                    0,
+                    CareRecord {
+                        test_results: vec![result("s0", a)],
+                        ..CareRecord::default()
+                    },
+                ),
+                answer(
+                    1,
+                    CareRecord {
+                        test_results: vec![result("s1", b)],
+                        ..CareRecord::default()
+                    },
+                ),
+            ],
+        );
+        let mut values: Vec<String> = merged
+            .record
+            .test_results
+            .iter()
+            .filter_map(|e| match &e.detail {
+                Some(Detail::Result(r)) => Some(r.value.clone()),
+                _ => None,
+            })
+            .collect();
+        values.sort();
+        values
+    };
+    assert_eq!(
+        both("4.1", "6.8"),
+        ["4.1", "6.8"],
+        "a potassium of 6.8 is never hidden"
+    );
+    assert_eq!(
+        both("4.1", "4.1"),
+        ["4.1"],
+        "the same result reported twice is one entry"
+    );
+}
+
+#[test]
+fn every_organisations_allergy_reactions_are_kept() {
+    let with = |reactions: &[&str]| {
+        let mut a = allergy("active", VerificationStatus::Confirmed, "2024-01-01");
+        if let Some(Detail::Allergy(d)) = a.detail.as_mut() {
+            d.reactions = reactions.iter().map(|r| (*r).to_owned()).collect();
+        }
+        a
+    };
+    let merged = run(
+        2,
+        &[
+            answer(0, allergies(vec![with(&["Rash"])])),
+            answer(1, allergies(vec![with(&["Anaphylaxis", "rash"])])),
+        ],
+    );
+    assert_eq!(merged.record.allergies.len(), 1);
+    let Some(Detail::Allergy(d)) = &merged.record.allergies[0].detail else {
+        panic!("an allergy detail");
+    };
+    let mut reactions = d.reactions.clone();
+    reactions.sort();
+    assert_eq!(reactions, ["Anaphylaxis", "Rash"]);
+}
+
+#[test]
 fn the_same_source_reporting_a_code_twice_keeps_both_entries() {
     let r0 = CareRecord {
         test_results: vec![

@@ -1202,6 +1202,243 @@ async fn an_entry_sensitive_only_by_a_label_or_a_later_coding_is_withheld_from_a
     assert!(!permitted_view.contains(notice), "{permitted_view}");
 }
 
+/// A source of any kind (here an in-memory one, not FHIR) whose demographics carry another
+/// NHS number is WRONG_PATIENT: none of its entries or demographics reach the record, the
+/// record is not complete, and a WRONG_PATIENT warning names it.
+#[tokio::test]
+async fn a_non_fhir_source_answering_with_another_nhs_number_contributes_nothing() {
+    let nhs = carerecord_e2e::shared_patient();
+    let other = carerecord_e2e::gp_only_patient();
+    assert_ne!(other, nhs);
+    let asthma = |effective: &str| Entry {
+        concept: Some(Coding {
+            system: carerecord_e2e::SNOMED.into(),
+            code: "195967001".into(),
+            display: "Asthma".into(),
+        }),
+        summary: "Asthma".into(),
+        effective: effective.into(),
+        ..Entry::default()
+    };
+    let gp = InMemorySource::new("gp", "A81001", "Riverside Medical Practice").with_patient(
+        nhs,
+        CareRecord {
+            patient: Some(carerecord_proto::Patient {
+                family_name: "Smith".into(),
+                birth_date: "1957-03-02".into(),
+                ..Default::default()
+            }),
+            conditions: vec![asthma("2001-01-01")],
+            ..CareRecord::default()
+        },
+    );
+    let confused = InMemorySource::new("hospice", "HOS01", "Riverside Hospice").with_patient(
+        nhs,
+        CareRecord {
+            patient: Some(carerecord_proto::Patient {
+                nhs_number: other.as_digits(),
+                family_name: "Jones".into(),
+                birth_date: "1990-07-07".into(),
+                ..Default::default()
+            }),
+            conditions: vec![Entry {
+                concept: Some(Coding {
+                    system: carerecord_e2e::SNOMED.into(),
+                    code: "38341003".into(),
+                    display: "Hypertension".into(),
+                }),
+                summary: "Hypertension".into(),
+                ..Entry::default()
+            }],
+            ..CareRecord::default()
+        },
+    );
+    let settings = Settings {
+        access: AccessConfig {
+            trust_unverified_assertions: true,
+            ..AccessConfig::default()
+        },
+        ..Settings::default()
+    };
+    let broker = start_broker(
+        vec![
+            (Arc::new(gp) as Arc<dyn Source>, SOURCE_TIMEOUT),
+            (Arc::new(confused) as Arc<dyn Source>, SOURCE_TIMEOUT),
+        ],
+        settings,
+    )
+    .await;
+    let mut request = tonic::Request::new(GetCareRecordRequest {
+        nhs_number: nhs.as_digits(),
+        requester: Some(clinician()),
+        ..GetCareRecordRequest::default()
+    });
+    request.set_timeout(DEADLINE);
+    let r = broker.lookup(request).await;
+    assert_eq!(outcome_of(&r, "HOS01"), SourceOutcome::WrongPatient);
+    assert!(
+        !r.complete,
+        "a wrong-patient source leaves the record incomplete"
+    );
+    let record = r.record.clone().unwrap_or_default();
+    assert!(
+        record
+            .conditions
+            .iter()
+            .all(|e| e.summary != "Hypertension"),
+        "{:?}",
+        record.conditions
+    );
+    assert!(record.conditions.iter().any(|e| e.summary == "Asthma"));
+    let patient = record.patient.unwrap_or_default();
+    assert_eq!(patient.family_name, "Smith");
+    assert!(
+        warnings(&r, WarningKind::WrongPatient)
+            .iter()
+            .any(|w| w.source_ids.iter().any(|s| s == "hospice")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+/// A withheld entry's name never leaves in another entry's conflict or in a warning: the GP
+/// says "no known problems" and disagrees with the hospital about a sensitive diagnosis's
+/// status; the hospital also reports an active HIV diagnosis and an active asthma. An ordinary
+/// role sees the contradicted assertion and the conflict warning naming only asthma; a
+/// permitted role sees the full disagreement.
+#[tokio::test]
+async fn a_withheld_entry_is_never_named_in_a_conflict_or_a_warning() {
+    let nhs = carerecord_e2e::shared_patient();
+    let snomed = |code: &str, display: &str| Coding {
+        system: carerecord_e2e::SNOMED.into(),
+        code: code.into(),
+        display: display.into(),
+    };
+    let condition = |code: &str, display: &str, status: &str| Entry {
+        concept: Some(snomed(code, display)),
+        codings: vec![snomed(code, display)],
+        summary: display.into(),
+        status: status.into(),
+        effective: "2020-01-01".into(),
+        ..Entry::default()
+    };
+    let patient = || carerecord_proto::Patient {
+        family_name: "Smith".into(),
+        birth_date: "1957-03-02".into(),
+        ..Default::default()
+    };
+    let no_known_problems = Entry {
+        asserts_absence: true,
+        ..condition("160245001", "No current problems or disability", "active")
+    };
+    let gp = InMemorySource::new("gp", "A81001", "Riverside Medical Practice").with_patient(
+        nhs,
+        CareRecord {
+            patient: Some(patient()),
+            conditions: vec![
+                no_known_problems,
+                condition("35489007", "Depressive disorder", "resolved"),
+            ],
+            ..CareRecord::default()
+        },
+    );
+    let hospital = InMemorySource::new("hospital", "RXX", "Riverside Hospital").with_patient(
+        nhs,
+        CareRecord {
+            patient: Some(patient()),
+            conditions: vec![
+                condition("35489007", "Depressive disorder", "active"),
+                condition(
+                    "86406008",
+                    "Human immunodeficiency virus infection",
+                    "active",
+                ),
+                condition("195967001", "Asthma", "active"),
+            ],
+            ..CareRecord::default()
+        },
+    );
+    let settings = Settings {
+        access: AccessConfig {
+            sensitive_codes: vec!["35489007".into(), "86406008".into()],
+            sensitive_roles: vec!["R8000".into()],
+            trust_unverified_assertions: true,
+            ..AccessConfig::default()
+        },
+        ..Settings::default()
+    };
+    let broker = start_broker(
+        vec![
+            (Arc::new(gp) as Arc<dyn Source>, SOURCE_TIMEOUT),
+            (Arc::new(hospital) as Arc<dyn Source>, SOURCE_TIMEOUT),
+        ],
+        settings,
+    )
+    .await;
+    let ask = |role: &str, cache: CacheDirective| {
+        let mut r = tonic::Request::new(GetCareRecordRequest {
+            nhs_number: nhs.as_digits(),
+            requester: Some(Requester {
+                role_code: role.into(),
+                ..clinician()
+            }),
+            cache: cache as i32,
+            ..GetCareRecordRequest::default()
+        });
+        r.set_timeout(DEADLINE);
+        r
+    };
+    // Every word that leaves the broker about conditions: entries' conflicts and all warnings.
+    let said = |r: &GetCareRecordResponse| -> String {
+        let mut text: Vec<String> = r.warnings.iter().map(|w| w.message.clone()).collect();
+        for e in r.record.as_ref().map(|r| &r.conditions[..]).unwrap_or(&[]) {
+            text.push(e.summary.clone());
+            for c in &e.conflicts {
+                text.extend(c.values.iter().map(|v| v.value.clone()));
+                text.push(c.resolution.clone());
+            }
+        }
+        text.join("\n")
+    };
+
+    let seen = broker
+        .lookup(ask("R8000", CacheDirective::RequireFresh))
+        .await;
+    let full = said(&seen);
+    assert!(full.contains("Depressive"), "{full}");
+    assert!(full.contains("Human immunodeficiency"), "{full}");
+    assert!(!warnings(&seen, WarningKind::Conflict).is_empty());
+
+    for cache in [CacheDirective::RequireFresh, CacheDirective::AllowCached] {
+        let hidden = broker.lookup(ask("R8001", cache)).await;
+        assert!(hidden.withheld);
+        let text = said(&hidden);
+        assert!(!text.contains("Depressive"), "{cache:?}: {text}");
+        assert!(
+            !text.contains("Human immunodeficiency"),
+            "{cache:?}: {text}"
+        );
+        // The contradicted assertion is still flagged, by what the requester may see.
+        let absence = hidden
+            .record
+            .as_ref()
+            .and_then(|r| r.conditions.iter().find(|e| e.asserts_absence))
+            .expect("the GP's assertion is shown");
+        let assertion = absence
+            .conflicts
+            .iter()
+            .find(|c| c.field == "assertion")
+            .expect("still contradicted by the asthma");
+        assert!(
+            assertion.values.iter().any(|v| v.value.contains("Asthma")),
+            "{assertion:?}"
+        );
+        let conflicts = warnings(&hidden, WarningKind::Conflict);
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert!(conflicts[0].message.contains("Asthma"), "{conflicts:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // H9: a federated region missing
 
