@@ -189,13 +189,23 @@ pub fn reply_from(
     if nobody_knows && response.complete {
         return SourceReply::NotFound;
     }
+    // The remote discarded data about another patient: that stays a WRONG_PATIENT of ours
+    // (typed), never a generic "invalid data" line.
+    let wrong_patient: Vec<String> = response
+        .warnings
+        .iter()
+        .filter(|w| w.kind == WarningKind::WrongPatient as i32)
+        .map(|w| format!("at the remote broker: {}", w.message))
+        .collect();
     let warnings = response
         .warnings
         .iter()
         // Incompleteness becomes a shortfall below; conflicts are recomputed by our own merge
         // from the per-organisation assertions the remote's provenance carries.
         .filter(|w| {
-            w.kind != WarningKind::Incomplete as i32 && w.kind != WarningKind::Conflict as i32
+            w.kind != WarningKind::Incomplete as i32
+                && w.kind != WarningKind::Conflict as i32
+                && w.kind != WarningKind::WrongPatient as i32
         })
         .map(|w| match WarningKind::try_from(w.kind) {
             // Keep what kind of problem it was in the text: the warning list is untyped here.
@@ -275,7 +285,7 @@ pub fn reply_from(
         warnings,
         nested: response.sources,
         shortfalls,
-        ..SourceRecord::default()
+        wrong_patient,
     })
 }
 
@@ -380,6 +390,33 @@ mod tests {
             panic!("found");
         };
         assert!(record.shortfalls.is_empty(), "{:?}", record.shortfalls);
+    }
+
+    #[test]
+    fn a_remote_wrong_patient_warning_stays_wrong_patient() {
+        let response = GetCareRecordResponse {
+            sources: vec![remote(SourceOutcome::WrongPatient)],
+            complete: false,
+            record: Some(carerecord_proto::CareRecord::default()),
+            warnings: vec![Warning {
+                kind: WarningKind::WrongPatient as i32,
+                message: "Riverside Hospital answered about another patient".into(),
+                source_ids: vec!["gp".into()],
+            }],
+            ..GetCareRecordResponse::default()
+        };
+        let SourceReply::Found(record) = reply_from(&info(), response, SectionSet::ALL) else {
+            panic!("found");
+        };
+        assert_eq!(
+            record.wrong_patient,
+            ["at the remote broker: Riverside Hospital answered about another patient"]
+        );
+        assert!(record.warnings.is_empty(), "{:?}", record.warnings);
+        assert!(
+            !record.shortfalls.is_empty(),
+            "and the remote record is short"
+        );
     }
 
     #[test]

@@ -70,7 +70,7 @@
 //!    about another patient, every locator answered, and the registered GP (as the merged
 //!    demographics name it) did not answer NOT_FOUND.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -575,15 +575,25 @@ fn merge_patient(
         reported.push((answer, p));
     }
     let support = |p: &Patient| reported.iter().filter(|(_, q)| compatible(p, q)).count();
+    let identity = |p: &Patient| IDENTITY_FIELDS.map(|(_, f)| f(p));
+    let best = reported.iter().map(|(_, p)| support(p)).max().unwrap_or(0);
+    // Among the best supported, the choice must not depend on configuration order: by content,
+    // then (only between identical identities) by position.
     let Some(head) = reported
         .iter()
         .enumerate()
-        .max_by_key(|(i, (_, p))| (support(p), Reverse(*i)))
+        .filter(|(_, (_, p))| support(p) == best)
+        .min_by_key(|(i, (_, p))| (identity(p), *i))
         .map(|(i, _)| i)
     else {
         return (None, disputed);
     };
     let headline = reported[head].1;
+    // A tie between incompatible people: nobody can say which is right, so nobody's entries
+    // are marked disputed (the DEMOGRAPHICS_MISMATCH warning below still says so).
+    let contested = reported
+        .iter()
+        .any(|(_, p)| support(p) == best && !compatible(headline, p));
     let mut patient = headline.clone();
     patient.nhs_number = wanted;
     patient.restricted = restricted;
@@ -592,7 +602,9 @@ fn merge_patient(
             continue;
         }
         if !compatible(headline, other) {
-            disputed.insert(answer.status.source_id.clone());
+            if !contested {
+                disputed.insert(answer.status.source_id.clone());
+            }
             continue;
         }
         if patient.address.is_empty() {
@@ -605,6 +617,9 @@ fn merge_patient(
         }
         patient.provenance.extend(other.provenance.iter().cloned());
     }
+    patient
+        .provenance
+        .sort_by(|a, b| prov_key(a).cmp(&prov_key(b)));
 
     for (label, value) in IDENTITY_FIELDS {
         let mut distinct: Vec<(String, Vec<&Answer>)> = Vec::new();
@@ -619,26 +634,37 @@ fn merge_patient(
             }
         }
         if distinct.len() > 1 {
+            distinct.sort_by(|a, b| a.0.cmp(&b.0));
             let parts: Vec<String> = distinct
                 .iter()
                 .map(|(v, who)| {
-                    let names: Vec<&str> = who
+                    let mut names: Vec<&str> = who
                         .iter()
                         .map(|a| a.status.organisation_name.as_str())
                         .collect();
+                    names.sort_unstable();
                     format!("{v} ({})", names.join(", "))
                 })
                 .collect();
             warnings.push(Warning {
                 kind: WarningKind::DemographicsMismatch as i32,
                 message: format!(
-                    "{label} differs between sources: {}. Check this is the same person before acting on their data; entries only the disagreeing organisations report are marked.",
-                    parts.join(" vs ")
+                    "{label} differs between sources: {}. Check this is the same person before acting on their data; {}",
+                    parts.join(" vs "),
+                    if contested {
+                        "the sources are evenly split, so no organisation's entries are marked."
+                    } else {
+                        "entries only the disagreeing organisations report are marked."
+                    }
                 ),
-                source_ids: distinct
-                    .iter()
-                    .flat_map(|(_, who)| who.iter().map(|a| a.status.source_id.clone()))
-                    .collect(),
+                source_ids: {
+                    let mut ids: Vec<String> = distinct
+                        .iter()
+                        .flat_map(|(_, who)| who.iter().map(|a| a.status.source_id.clone()))
+                        .collect();
+                    ids.sort();
+                    ids
+                },
             });
         }
     }

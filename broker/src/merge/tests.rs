@@ -625,8 +625,19 @@ proptest! {
         entries in prop::collection::vec(arb_entry(), 0..9),
         order in Just(vec![0usize, 1, 2]).prop_shuffle(),
         arrival in Just(vec![0usize, 1, 2]).prop_shuffle(),
+        people in prop::collection::vec(0usize..4, 3),
     ) {
         let mut records = [CareRecord::default(), CareRecord::default(), CareRecord::default()];
+        // Each source's demographics: none, or one of three people (two of them compatible),
+        // so evenly split and outvoted sources both occur.
+        for (record, person) in records.iter_mut().zip(&people) {
+            record.patient = match person {
+                1 => Some(patient("SMITH", "1950-01-01", "", "")),
+                2 => Some(patient("SMITH", "1960-01-01", "", "")),
+                3 => Some(patient("", "1950-01-01", "", "")),
+                _ => None,
+            };
+        }
         for (src, e) in entries {
             records[src].conditions.push(e.clone());
             // The same assertion as a medicine row: statement, authorisation or issue.
@@ -666,6 +677,17 @@ proptest! {
             v
         };
         prop_assert_eq!(conflicts(&reference), conflicts(&other));
+        let mismatches = |m: &MergedRecord| -> Vec<Warning> {
+            let mut v: Vec<Warning> = m
+                .warnings
+                .iter()
+                .filter(|w| w.kind == WarningKind::DemographicsMismatch as i32)
+                .cloned()
+                .collect();
+            v.sort_by(|a, b| a.message.cmp(&b.message));
+            v
+        };
+        prop_assert_eq!(mismatches(&reference), mismatches(&other));
     }
 }
 
@@ -1219,6 +1241,65 @@ fn demographics_are_never_borrowed_from_a_disagreeing_source() {
         let disputed: Vec<bool> = a.provenance.iter().map(|p| p.identity_disputed).collect();
         assert_eq!(disputed, [false, true]);
     }
+}
+
+#[test]
+fn an_even_split_over_who_the_patient_is_marks_nobody_whatever_the_order() {
+    // s0 and s1 each report one condition and disagree on the date of birth: one against one.
+    let record = |birth: &str, code: &str, source: &str| CareRecord {
+        patient: Some(patient("Smith", birth, "", "")),
+        conditions: vec![entry(code, "2019", source)],
+        ..CareRecord::default()
+    };
+    let records = [
+        record("1970-01-01", "44054006", "s0"),
+        record("1980-02-02", "195967001", "s1"),
+    ];
+    let mut births = Vec::new();
+    for order in [[0, 1], [1, 0]] {
+        let answers: Vec<Arc<Answer>> = (0..2)
+            .map(|p| {
+                let s = order[p];
+                let mut a = answer(s, records[s].clone()).clone_for_test();
+                a.index = p;
+                Arc::new(a)
+            })
+            .collect();
+        let asked: Vec<Asked> = order
+            .iter()
+            .map(|&s| Asked {
+                info: info(s),
+                selected_by: "all".into(),
+            })
+            .collect();
+        let merged = merge(MergeInput::new(
+            nhs(),
+            &asked,
+            &answers,
+            today(),
+            Instant::now(),
+        ));
+        assert!(
+            merged
+                .record
+                .conditions
+                .iter()
+                .all(|e| !e.identity_disputed),
+            "{order:?}: {:?}",
+            merged.record.conditions
+        );
+        let w = merged
+            .warnings
+            .iter()
+            .find(|w| w.kind == WarningKind::DemographicsMismatch as i32)
+            .expect("the split is still flagged");
+        assert!(w.message.contains("evenly split"), "{}", w.message);
+        births.push(merged.record.patient.expect("patient").birth_date);
+    }
+    assert_eq!(
+        births[0], births[1],
+        "the banner does not depend on configuration order"
+    );
 }
 
 // ---- medicines -------------------------------------------------------------------------------
