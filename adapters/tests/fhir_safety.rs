@@ -710,6 +710,36 @@ async fn verification_status_of_each_kind_is_carried_not_filtered() {
     );
 }
 
+/// A server holding two Patient records for one NHS number (an unmerged duplicate): the
+/// record of one is read, and the answer says it is short in every section asked rather than
+/// looking whole.
+#[tokio::test]
+async fn two_patient_records_for_one_nhs_number_make_the_answer_short() {
+    for mode in MODES {
+        let (_server, base) = serve(Server::fixture("two-patient-records.json")).await;
+        let record = fetch(&base, mode).await;
+        assert!(
+            record
+                .shortfalls
+                .iter()
+                .any(|s| s.reason.contains("2 patient records")
+                    && s.sections
+                        .contains(carerecord_adapters::proto::Section::Conditions)),
+            "{mode:?}: {:?}",
+            record.shortfalls
+        );
+        assert!(
+            record
+                .record
+                .conditions
+                .iter()
+                .any(|e| e.summary.contains("Asthma")),
+            "{mode:?}: {:?}",
+            record.record.conditions
+        );
+    }
+}
+
 #[tokio::test]
 async fn no_known_allergy_is_an_assertion_beside_an_active_allergy() {
     let (_server, base) = serve(Server::fixture("no-known-allergy.json")).await;

@@ -247,10 +247,16 @@ impl<'a> Lookup<'a> {
         let chosen = if rest.is_empty() {
             first.resource
         } else {
-            out.warnings.push(format!(
-                "source has {} patient records for this NHS number; the first active one was used",
+            // The other records' data is not read: the answer is short, never silently whole.
+            let reason = format!(
+                "source has {} patient records for this NHS number; only the first active one was read",
                 rest.len() + 1
-            ));
+            );
+            out.warnings.push(reason.clone());
+            out.shortfalls.push(crate::Shortfall {
+                sections: self.ctx.sections,
+                reason,
+            });
             std::iter::once(first)
                 .chain(rest)
                 .map(|r| r.resource)

@@ -19,7 +19,7 @@
 //! The shipped default limit is [`DEFAULT_MAX_LOOKUPS_IN_FLIGHT`] (¾ of the default bulkhead: the
 //! region benchmark at 3× its sustainable rate shed cleanly at 48 with every admitted answer
 //! complete, and sources slow down well before their bulkheads fill); a configured limit above
-//! the default bulkhead is lowered to it (`Broker::from_config`). A source given a smaller
+//! the default bulkhead is lowered to it (`assemble::assemble`). A source given a smaller
 //! bulkhead of its own than the door is deliberately throttled: under load it is reported
 //! UNAVAILABLE while the other sources are served.
 //!
