@@ -1234,6 +1234,10 @@ fn combine(section: Section, mut items: Vec<Item>, today: &str) -> Option<Entry>
         .unwrap_or(0);
     let base = items.remove(base_at);
     let mut entry = base.entry;
+    // Sets, not scans: a source may send thousands of codings (quadratic otherwise).
+    let key = |c: &carerecord_proto::Coding| (c.system.clone(), c.code.clone(), c.display.clone());
+    let mut have_labels: HashSet<_> = entry.security_labels.iter().map(key).collect();
+    let mut have_codings: HashSet<_> = entry.codings.iter().map(key).collect();
     for other in &items {
         let e = &other.entry;
         let fill = |k: &mut String, d: &String| {
@@ -1263,12 +1267,12 @@ fn combine(section: Section, mut items: Vec<Item>, today: &str) -> Option<Entry>
             _ => {}
         }
         for label in &e.security_labels {
-            if !entry.security_labels.contains(label) {
+            if have_labels.insert(key(label)) {
                 entry.security_labels.push(label.clone());
             }
         }
         for coding in &e.codings {
-            if !entry.codings.contains(coding) {
+            if have_codings.insert(key(coding)) {
                 entry.codings.push(coding.clone());
             }
         }

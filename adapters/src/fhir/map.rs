@@ -5,7 +5,7 @@
 //! or without the code that says what it is, is counted and skipped. One bad resource never
 //! costs its good siblings, and the count (never the content) becomes a warning.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use carerecord_proto::{
     AllergyDetail, CareRecord, Coding as ProtoCoding, DocumentDetail, EncounterDetail, Entry,
@@ -301,7 +301,13 @@ impl<'a> Medications<'a> {
             if r.resource_type.str() != Ok(Some("Medication")) {
                 continue;
             }
-            if let Ok(Some(id)) = r.id.str() {
+            // By id only when it is this server's: a Medication whose fullUrl names another
+            // server must not answer this server's relative `Medication/{id}`.
+            let ours = item.full_url.as_deref().is_none_or(|url| {
+                url.starts_with(base)
+                    || !(url.starts_with("http://") || url.starts_with("https://"))
+            });
+            if ours && let Ok(Some(id)) = r.id.str() {
                 index.by_id.insert(id, r);
             }
             if let Some(url) = &item.full_url {
@@ -347,6 +353,7 @@ pub(crate) fn unresolved_medication_references<'b>(
     medications: &Medications<'_>,
 ) -> Vec<String> {
     let mut missing: Vec<String> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
     for item in resources {
         let r = &item.resource;
         if !matches!(
@@ -368,7 +375,7 @@ pub(crate) fn unresolved_medication_references<'b>(
             continue;
         }
         let reference = without_history(reference);
-        if !missing.iter().any(|m| m == reference) {
+        if seen.insert(reference) {
             missing.push(reference.to_owned());
         }
     }
@@ -533,9 +540,12 @@ fn all_codings(
     ccs: Vec<&CodeableConcept>,
 ) -> Result<Vec<ProtoCoding>, Malformed> {
     let mut codings: Vec<ProtoCoding> = Vec::new();
+    // A set, not a scan: a server may send thousands of codings (quadratic otherwise).
+    let mut seen: HashSet<(String, String)> = HashSet::new();
     if let Some(c) = chosen
         && !c.code.is_empty()
     {
+        seen.insert((c.system.clone(), c.code.clone()));
         codings.push(c.clone());
     }
     for cc in ccs {
@@ -544,10 +554,7 @@ fn all_codings(
             if coding.code.is_empty() && coding.system.is_empty() {
                 continue;
             }
-            if !codings
-                .iter()
-                .any(|c| c.system == coding.system && c.code == coding.code)
-            {
+            if seen.insert((coding.system.clone(), coding.code.clone())) {
                 codings.push(coding);
             }
         }

@@ -208,6 +208,51 @@ fn medication_reference_resolves_to_an_included_medication_or_falls_back_to_disp
 }
 
 #[test]
+fn a_relative_medication_reference_never_resolves_to_another_servers_medication() {
+    let parse = |json: &str| Box::new(parse_resource(json.as_bytes()).expect("object"));
+    let base = "https://gp.example/fhir/";
+    let foreign = PageResource {
+        full_url: Some("https://hospital.example/fhir/Medication/m1".into()),
+        resource: parse(
+            r#"{"resourceType": "Medication", "id": "m1", "code": {"text": "Warfarin"}}"#,
+        ),
+    };
+    let index = Medications::new(base, [&foreign]);
+    assert!(index.get("Medication/m1").is_none(), "another server's m1");
+    assert!(
+        index
+            .get("https://hospital.example/fhir/Medication/m1")
+            .is_some(),
+        "named by its own full URL, it is found"
+    );
+    let ours = PageResource {
+        full_url: Some(format!("{base}Medication/m1")),
+        resource: parse(
+            r#"{"resourceType": "Medication", "id": "m1", "code": {"text": "Aspirin"}}"#,
+        ),
+    };
+    let index = Medications::new(base, [&ours]);
+    assert!(index.get("Medication/m1").is_some(), "this server's m1");
+}
+
+#[test]
+fn thousands_of_repeated_codings_are_kept_once_each() {
+    let coding = |i: usize| {
+        format!(
+            r#"{{"system": "http://snomed.info/sct", "code": "{}"}}"#,
+            i % 50
+        )
+    };
+    let codings: Vec<String> = (0..5_000).map(coding).collect();
+    let json = format!(
+        r#"[{{"resourceType": "Condition", "id": "c1", "code": {{"coding": [{}]}}}}]"#,
+        codings.join(",")
+    );
+    let out = map_resources(&json, &ctx());
+    assert_eq!(only(&out.record.conditions).codings.len(), 50);
+}
+
+#[test]
 fn a_medicine_named_by_nothing_readable_is_kept_and_marked_incomplete() {
     let out = map_resources(
         r#"[{"resourceType": "MedicationRequest", "id": "mr1", "status": "active", "intent": "order",
