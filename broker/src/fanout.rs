@@ -193,11 +193,7 @@ async fn ask(
         .map_err(|f| f.into_source_error("adapter"))
         .and_then(|reply| about_the_patient(reply, request.nhs_number));
     let latency = started.elapsed();
-    let outcome_label = match &result {
-        Ok(SourceReply::Found(_)) => "ok",
-        Ok(SourceReply::NotFound) => "not_found",
-        Err(e) => crate::metrics::outcome_label(e.outcome()),
-    };
+    let outcome_label = outcome_label(&result);
     metrics::counter!(crate::metrics::SOURCE_REQUESTS, "source" => info.id.clone(), "outcome" => outcome_label)
         .increment(1);
     metrics::histogram!(crate::metrics::SOURCE_DURATION, "source" => info.id.clone())
@@ -248,6 +244,20 @@ async fn ask(
     }
 }
 
+/// The metrics label of a source's answer: as the record will judge it, so an answer that
+/// discarded another patient's resources counts as `wrong_patient` (what ops alert on) and one
+/// with shortfalls as `partial`.
+fn outcome_label(result: &Result<SourceReply, SourceError>) -> &'static str {
+    let outcome = match result {
+        Ok(SourceReply::Found(r)) if !r.wrong_patient.is_empty() => SourceOutcome::WrongPatient,
+        Ok(SourceReply::Found(r)) if !r.shortfalls.is_empty() => SourceOutcome::Partial,
+        Ok(SourceReply::Found(_)) => SourceOutcome::Ok,
+        Ok(SourceReply::NotFound) => SourceOutcome::NotFound,
+        Err(e) => e.outcome(),
+    };
+    crate::metrics::outcome_label(outcome)
+}
+
 /// Refuses a whole answer whose demographics carry another NHS number: whichever kind of
 /// source gave it, nothing it said can be trusted to be about this patient (the FHIR adapter
 /// checks every resource; this holds every other source to the same rule).
@@ -285,4 +295,57 @@ fn retain_sections(record: &mut SourceRecord, wanted: carerecord_adapters::Secti
 /// Milliseconds, saturating, for wire fields.
 pub fn millis(d: Duration) -> u32 {
     d.as_millis().try_into().unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carerecord_adapters::{SectionSet, Shortfall};
+
+    #[test]
+    fn source_metrics_count_answers_as_the_record_judges_them() {
+        let found = |record: SourceRecord| Ok(SourceReply::Found(record));
+        assert_eq!(outcome_label(&found(SourceRecord::default())), "ok");
+        let short = SourceRecord {
+            shortfalls: vec![Shortfall {
+                sections: SectionSet::ALL,
+                reason: "cut at the page limit".into(),
+            }],
+            ..SourceRecord::default()
+        };
+        assert_eq!(outcome_label(&found(short)), "partial");
+        let misfiled = SourceRecord {
+            wrong_patient: vec!["Condition: subject is another Patient".into()],
+            ..SourceRecord::default()
+        };
+        assert_eq!(outcome_label(&found(misfiled)), "wrong_patient");
+        assert_eq!(outcome_label(&Ok(SourceReply::NotFound)), "not_found");
+        assert_eq!(outcome_label(&Err(SourceError::Timeout)), "timeout");
+    }
+
+    #[test]
+    fn demographics_with_another_nhs_number_refuse_the_whole_answer() {
+        let wanted = NhsNumber::parse("9434765919").expect("valid");
+        let with = |nhs: &str| {
+            SourceReply::Found(SourceRecord {
+                record: carerecord_proto::CareRecord {
+                    patient: Some(carerecord_proto::Patient {
+                        nhs_number: nhs.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..SourceRecord::default()
+            })
+        };
+        assert!(about_the_patient(with("943 476 5919"), wanted).is_ok());
+        assert!(
+            about_the_patient(with(""), wanted).is_ok(),
+            "unstated is not another"
+        );
+        assert!(matches!(
+            about_the_patient(with("9434765870"), wanted),
+            Err(SourceError::WrongPatient(_))
+        ));
+    }
 }
