@@ -88,6 +88,8 @@ pub struct SourceSet {
     /// Some source's answer depends on the requester (a federated broker): fetches are then
     /// shared and cached only between identical requesters.
     pub requester_scoped: bool,
+    /// Computed once: read on every lookup, and a region has thousands of sources.
+    longest_timeout: Duration,
 }
 
 impl SourceSet {
@@ -102,21 +104,19 @@ impl SourceSet {
         let requester_scoped = sources
             .iter()
             .any(|s| s.source.answers_depend_on_requester());
+        let longest_timeout = sources.iter().map(|s| s.timeout).max().unwrap_or_default();
         SourceSet {
             sources,
             epoch,
             by_organisation,
             requester_scoped,
+            longest_timeout,
         }
     }
 
     /// The longest per-source timeout: no lookup of this set needs longer.
     pub fn longest_timeout(&self) -> Duration {
-        self.sources
-            .iter()
-            .map(|s| s.timeout)
-            .max()
-            .unwrap_or_default()
+        self.longest_timeout
     }
 
     /// The sources of one organisation (usually one).

@@ -6,7 +6,7 @@
 //! If every locator fails or is slow, the lookup still asks the always-ask sources and says
 //! plainly that the view may be missing organisations.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -236,10 +236,15 @@ fn build(
     answers: &[(String, Located)],
     locators: Vec<LocatorStatus>,
 ) -> Route {
-    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); set.sources.len()];
-    for (index, s) in set.sources.iter().enumerate() {
-        if always_ask.contains(&s.source.info().organisation_code.to_ascii_uppercase()) {
-            reasons[index].push(ALWAYS_ASK.to_owned());
+    // Only the chosen sources are touched: the work per lookup does not grow with the number
+    // of organisations configured (a region has thousands). By position: configuration order.
+    let mut reasons: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for code in always_ask {
+        for &index in set.indices_for_organisation(code) {
+            reasons
+                .entry(index)
+                .or_default()
+                .push(ALWAYS_ASK.to_owned());
         }
     }
     let mut warnings = Vec::new();
@@ -257,8 +262,9 @@ fn build(
             }
             for &index in indices {
                 let why = format!("locator:{locator}");
-                if !reasons[index].contains(&why) {
-                    reasons[index].push(why);
+                let reasons = reasons.entry(index).or_default();
+                if !reasons.contains(&why) {
+                    reasons.push(why);
                 }
             }
         }
@@ -281,9 +287,9 @@ fn build(
     }
     let mut sources = Vec::new();
     let mut selected_by = Vec::new();
-    for (index, why) in reasons.into_iter().enumerate() {
-        if !why.is_empty() {
-            sources.push(set.sources[index].clone());
+    for (index, why) in reasons {
+        if let Some(source) = set.sources.get(index) {
+            sources.push(source.clone());
             selected_by.push(why.join(","));
         }
     }
