@@ -13,6 +13,7 @@ pub mod config;
 pub mod directory;
 pub mod error;
 pub mod fanout;
+pub mod fhir_api;
 pub mod flight;
 pub mod lookup;
 pub mod merge;
