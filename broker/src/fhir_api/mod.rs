@@ -5,3 +5,4 @@
 
 pub mod bundle;
 pub mod capability;
+pub mod token;
