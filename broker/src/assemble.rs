@@ -33,6 +33,8 @@ pub struct Assembly {
     pub broker: Option<Broker>,
     /// How callers reach it (plaintext, TLS or mutual TLS), certificates loaded and parsed.
     pub transport: Transport,
+    /// The FHIR face, when `[fhir]` is configured.
+    pub fhir: Option<crate::fhir_api::FaceParts>,
     /// Sources configured: `[[sources]]` plus the directory's organisations.
     pub source_count: usize,
 }
@@ -50,6 +52,8 @@ pub enum Problem {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Tls(#[from] ServeError),
+    #[error(transparent)]
+    FhirFace(#[from] crate::fhir_api::FaceConfigError),
 }
 
 /// Every reason a configuration cannot be served, found in one pass.
@@ -88,6 +92,10 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
         .map_err(|e| problems.push(e.into()))
         .ok();
     let transport = tls(config).map_err(|e| problems.push(e.into())).ok();
+    let fhir = crate::fhir_api::from_config(config)
+        .map_err(|e| problems.push(e.into()))
+        .ok()
+        .flatten();
     // Checking reads the trail without holding it; serving opens it below, once nothing else is
     // wrong (then only to report it alongside the other problems is it checked here). Both find
     // the same faults with the same messages.
@@ -115,6 +123,7 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
     Ok(Assembly {
         broker,
         transport,
+        fhir,
         source_count,
     })
 }

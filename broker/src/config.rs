@@ -41,6 +41,8 @@ pub struct Config {
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The FHIR R4 face (HTTP/JSON), on its own listener; absent means none.
+    pub fhir: Option<FhirFaceConfig>,
     /// The organisations asked for every lookup, in priority order (the first source that knows
     /// the patient supplies the demographics shown).
     #[serde(default)]
@@ -177,6 +179,40 @@ pub struct SystemConfig {
     /// Whether this system is trusted to assert legitimate relationships.
     #[serde(default)]
     pub trusted_assertions: bool,
+    /// PEM public key (P-256 for ES256, or Ed25519 for EdDSA) that verifies the requester tokens
+    /// this system signs for the FHIR face. A system without one cannot use the FHIR face.
+    pub token_key: Option<PathBuf>,
+}
+
+/// `[fhir]`: the FHIR R4 face. It listens on its own address with the same TLS and calling
+/// systems as `[server]` (plaintext when `[server] plaintext = true`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirFaceConfig {
+    /// HTTP listen address, e.g. `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// The face's base URL as callers reach it (behind a proxy, the proxy's), ending in `/`;
+    /// default `https://{listen}/` (`http://` when plaintext). Used in the Bundle's fullUrls.
+    pub base_url: Option<String>,
+    /// The `aud` a requester token must carry; default the base URL without its trailing `/`.
+    pub audience: Option<String>,
+    /// Longest token lifetime accepted (`exp - iat`), in seconds.
+    #[serde(default = "default_token_lifetime")]
+    pub max_token_lifetime_secs: u64,
+    /// Without client certificates (plaintext, or TLS without `client_ca`) every caller is
+    /// `unverified`: this PEM public key verifies their tokens. Development only.
+    pub unverified_token_key: Option<PathBuf>,
+    /// Largest document streamed through the broker, in bytes.
+    #[serde(default = "default_max_document_bytes")]
+    pub max_document_bytes: u64,
+}
+
+fn default_token_lifetime() -> u64 {
+    300
+}
+
+fn default_max_document_bytes() -> u64 {
+    20 * 1024 * 1024
 }
 
 /// `[server]`

@@ -54,21 +54,12 @@ impl CareRecordApi {
         let Some(leaf) = certs.first() else {
             return CallingSystem::Unrecognised;
         };
-        let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
-            return CallingSystem::Unrecognised;
-        };
-        systems
-            .iter()
-            .find(|s| {
-                rustls_pki_types::ServerName::try_from(s.dns_name.as_str())
-                    .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+        system_for_certificate(systems, leaf).map_or(CallingSystem::Unrecognised, |s| {
+            CallingSystem::Identified(Caller {
+                system: s.id.clone(),
+                trusted_assertions: s.trusted_assertions,
             })
-            .map_or(CallingSystem::Unrecognised, |s| {
-                CallingSystem::Identified(Caller {
-                    system: s.id.clone(),
-                    trusted_assertions: s.trusted_assertions,
-                })
-            })
+        })
     }
 
     /// The checked request and who is calling, or the status refusing it.
@@ -100,8 +91,21 @@ impl CareRecordApi {
     }
 }
 
+/// The configured calling system a (verified) client certificate is valid for: the same rule
+/// on every face.
+pub fn system_for_certificate<'a>(
+    systems: &'a [SystemConfig],
+    leaf: &rustls_pki_types::CertificateDer<'_>,
+) -> Option<&'a SystemConfig> {
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    systems.iter().find(|s| {
+        rustls_pki_types::ServerName::try_from(s.dns_name.as_str())
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    })
+}
+
 /// A caller-supplied request id is used only when it is short and plain, so it is safe in logs.
-fn acceptable_request_id(id: &str) -> bool {
+pub fn acceptable_request_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id

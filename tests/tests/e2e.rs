@@ -5,6 +5,7 @@ mod e2e {
     pub mod access;
     pub mod errors;
     pub mod federation;
+    pub mod fhir;
     pub mod foundation;
     pub mod overload;
     pub mod pipeline;

@@ -48,6 +48,28 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     });
     tokio::spawn(reload_on_hangup(broker.clone(), path.to_owned()));
 
+    if let (Some(face), Some(fhir)) = (assembly.fhir, &config.fhir) {
+        let listener = tokio::net::TcpListener::bind(fhir.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} for the FHIR face", fhir.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            base_url = %face.settings.base_url,
+            tls = face.tls.is_some(),
+            "FHIR face serving"
+        );
+        let listener = crate::fhir_api::FaceListener::new(listener, face.tls)?;
+        let face = Arc::new(crate::fhir_api::Face {
+            broker: broker.clone(),
+            settings: face.settings,
+        });
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::fhir_api::serve(listener, face, wait_for(stopping)).await {
+                tracing::error!(error = %e, "FHIR face stopped");
+            }
+        });
+    }
     let drain = std::time::Duration::from_millis(config.resilience.drain_ms);
     let serving = server::run(
         listener,

@@ -353,7 +353,8 @@ pub use base64url::encode as base64url_encode;
 /// demos and tests. A calling system in production signs its own.
 pub fn sign(pkcs8: &[u8], claims: &serde_json::Value) -> Result<String, SignError> {
     let rng = ring::rand::SystemRandom::new();
-    let (alg, signer): (&str, Box<dyn Fn(&[u8]) -> Result<Vec<u8>, SignError>>) =
+    type Signer = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, SignError>>;
+    let (alg, signer): (&str, Signer) =
         if let Ok(pair) = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8) {
             (
                 "EdDSA",
@@ -421,7 +422,7 @@ pub fn pem(label: &str, der: &[u8]) -> String {
             c => c,
         })
         .collect();
-    while standard.len() % 4 != 0 {
+    while !standard.len().is_multiple_of(4) {
         standard.push('=');
     }
     let mut out = format!("-----BEGIN {label}-----\n");

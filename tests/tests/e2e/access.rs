@@ -383,6 +383,7 @@ fn epr_system() -> SystemConfig {
         id: "rj122-epr".into(),
         dns_name: "epr.rj122.test".into(),
         trusted_assertions: true,
+        token_key: None,
     }
 }
 

@@ -373,6 +373,7 @@ async fn a_certificate_for_no_configured_system_is_unknown_calling_system() {
             id: "rj122-epr".into(),
             dns_name: "epr.rj122.test".into(),
             trusted_assertions: true,
+            token_key: None,
         }]),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
