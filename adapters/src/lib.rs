@@ -18,7 +18,8 @@ pub mod testkit;
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use sections::{SectionSet, UnknownSection};
 pub use source::{
-    Shortfall, Source, SourceError, SourceInfo, SourceRecord, SourceReply, SourceRequest,
+    Document, DocumentRequest, Shortfall, Source, SourceError, SourceInfo, SourceRecord,
+    SourceReply, SourceRequest,
 };
 
 /// Re-exported so adapter authors implement [`Source`] without another dependency.

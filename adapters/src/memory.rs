@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use carerecord_proto::CareRecord;
 
 use crate::{
-    NhsNumber, SectionSet, Shortfall, Source, SourceError, SourceInfo, SourceRecord, SourceReply,
-    SourceRequest,
+    Document, DocumentRequest, NhsNumber, SectionSet, Shortfall, Source, SourceError, SourceInfo,
+    SourceRecord, SourceReply, SourceRequest,
 };
 
 /// How an [`InMemorySource`] misbehaves.
@@ -39,6 +39,8 @@ pub struct InMemorySource {
     shortfalls: Vec<Shortfall>,
     /// Wrong-patient rejects every answer reports, for tests and demos of WRONG_PATIENT.
     wrong_patient: Vec<String>,
+    /// Documents by URL: (content type, content).
+    documents: HashMap<String, (String, bytes::Bytes)>,
 }
 
 impl InMemorySource {
@@ -57,7 +59,20 @@ impl InMemorySource {
             completed: Arc::default(),
             shortfalls: Vec::new(),
             wrong_patient: Vec::new(),
+            documents: HashMap::new(),
         }
+    }
+
+    /// Serves `content` at `url` (the URL its records' document entries carry).
+    pub fn with_document(
+        mut self,
+        url: &str,
+        content_type: &str,
+        content: impl Into<bytes::Bytes>,
+    ) -> Self {
+        self.documents
+            .insert(url.to_owned(), (content_type.to_owned(), content.into()));
+        self
     }
 
     /// Adds a patient's record (demographics and entries).
@@ -115,6 +130,25 @@ impl InMemorySource {
 impl Source for InMemorySource {
     fn info(&self) -> &SourceInfo {
         &self.info
+    }
+
+    async fn fetch_document(&self, request: &DocumentRequest) -> Result<Document, SourceError> {
+        let Some((content_type, content)) = self.documents.get(&request.url) else {
+            return Err(SourceError::Status(404));
+        };
+        if content.len() as u64 > request.max_bytes {
+            return Err(SourceError::TooLarge(
+                usize::try_from(request.max_bytes).unwrap_or(usize::MAX),
+            ));
+        }
+        // In two chunks, so a consumer that reads one chunk only is caught.
+        let half = content.len() / 2;
+        let chunks = vec![Ok(content.slice(..half)), Ok(content.slice(half..))];
+        Ok(Document {
+            content_type: content_type.clone(),
+            length: Some(content.len() as u64),
+            body: Box::pin(futures::stream::iter(chunks)),
+        })
     }
 
     async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError> {

@@ -205,4 +205,50 @@ pub trait Source: Send + Sync {
     fn answers_depend_on_requester(&self) -> bool {
         false
     }
+
+    /// Streams one document this source listed in a patient's record (its `DocumentDetail.url`
+    /// as the source gave it). The broker has already decided that the requester may see it and
+    /// audited the retrieval; the source must only fetch that URL from its own system (never
+    /// follow it elsewhere), say its content type, and stop at `request.max_bytes`. The default:
+    /// this source serves no documents.
+    async fn fetch_document(&self, request: &DocumentRequest) -> Result<Document, SourceError> {
+        let _ = request;
+        Err(SourceError::Refused(
+            "this source does not serve documents through the broker".into(),
+        ))
+    }
+}
+
+/// One document a source listed in a patient's record, asked for by the source's own URL.
+#[derive(Debug, Clone)]
+pub struct DocumentRequest {
+    /// The broker's request id.
+    pub request_id: String,
+    /// The source's own URL for the content, exactly as its record gave it.
+    pub url: String,
+    /// When the broker stops waiting for the content to start.
+    pub deadline: Instant,
+    /// The largest content the broker passes on.
+    pub max_bytes: u64,
+    /// Who is asking, for the source's own audit.
+    pub requester: Requester,
+}
+
+/// A document's content as it streams from the source.
+pub struct Document {
+    /// The media type the source declared (`application/octet-stream` when it declared none).
+    pub content_type: String,
+    /// The length, when the source declared it.
+    pub length: Option<u64>,
+    /// The content; an error ends it (the broker then cuts the response short).
+    pub body: futures::stream::BoxStream<'static, Result<bytes::Bytes, SourceError>>,
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Document")
+            .field("content_type", &self.content_type)
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
 }

@@ -112,6 +112,65 @@ impl FhirHttp {
         Ok(url)
     }
 
+    /// GETs a document's content from the source's own origin, as a stream capped at
+    /// `max_bytes` (checked against the declared length first, then as it arrives).
+    pub(crate) async fn get_document(
+        &self,
+        link: &str,
+        headers: &HeaderMap,
+        max_bytes: u64,
+    ) -> Result<crate::Document, SourceError> {
+        use futures::StreamExt;
+        let url = self.base.join(link).map_err(|_| {
+            SourceError::InvalidResponse("a document URL is not a valid URL".into())
+        })?;
+        if url.origin() != self.base.origin() {
+            // Never fetch elsewhere: the URL came from the source's data, and our token and the
+            // requester's headers would go with it.
+            return Err(SourceError::Refused(
+                "the document URL points outside the source".into(),
+            ));
+        }
+        let mut request = self
+            .client
+            .get(url)
+            .headers(headers.clone())
+            .header(ACCEPT, "*/*");
+        if let Some(auth) = &self.authorization {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let response = request.send().await.map_err(transport_error)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(SourceError::Status(status.as_u16()));
+        }
+        let cap = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+        let length = response.content_length();
+        if length.is_some_and(|n| n > max_bytes) {
+            return Err(SourceError::TooLarge(cap));
+        }
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_owned();
+        let mut sent: u64 = 0;
+        let body = response.bytes_stream().map(move |chunk| {
+            let chunk = chunk.map_err(transport_error)?;
+            sent += chunk.len() as u64;
+            if sent > max_bytes {
+                return Err(SourceError::TooLarge(cap));
+            }
+            Ok(chunk)
+        });
+        Ok(crate::Document {
+            content_type,
+            length,
+            body: Box::pin(body),
+        })
+    }
+
     /// GETs `url` and parses the body as one FHIR resource.
     pub(crate) async fn get(&self, url: Url, headers: &HeaderMap) -> Result<Resource, SourceError> {
         let request = self.client.get(url).headers(headers.clone());

@@ -109,4 +109,29 @@ impl Source for FhirSource {
         .instrument(span)
         .await
     }
+
+    async fn fetch_document(
+        &self,
+        request: &crate::DocumentRequest,
+    ) -> Result<crate::Document, SourceError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        client::insert(&mut headers, "x-request-id", &request.request_id);
+        client::insert(
+            &mut headers,
+            "x-carerecord-user",
+            &request.requester.user_id,
+        );
+        client::insert(
+            &mut headers,
+            "x-carerecord-role",
+            &request.requester.role_code,
+        );
+        tokio::time::timeout_at(
+            request.deadline,
+            self.http
+                .get_document(&request.url, &headers, request.max_bytes),
+        )
+        .await
+        .unwrap_or(Err(SourceError::Timeout))
+    }
 }
