@@ -219,15 +219,10 @@ impl Builder {
 
     fn patient(&mut self, answer: &LookupAnswer) -> Value {
         let p = answer.record.patient.clone().unwrap_or_default();
-        let keys = provenance_keys(&p.provenance);
-        let id = if keys.is_empty() {
-            self.unique_id("patient", &["no-provenance"])
-        } else {
-            self.unique_id(
-                "patient",
-                &keys.iter().map(String::as_str).collect::<Vec<_>>(),
-            )
-        };
+        // A fixed id: the source's own Patient id may be the NHS number, and a hash of a
+        // ten-digit number is no disguise. One Patient per Bundle, so it is unique.
+        let id = "patient".to_string();
+        self.ids.insert(id.clone());
         self.patient_ref = format!("Patient/{id}");
 
         let mut meta = Map::new();
@@ -461,12 +456,8 @@ impl Builder {
         parts.extend(provenance_keys(&e.provenance));
         if e.provenance.is_empty() {
             // No source ids to hash: the concept and summary keep the id stable all the same.
-            parts.push(format!(
-                "{}|{}|{}",
-                e.concept_system(),
-                e.concept_code(),
-                e.summary
-            ));
+            let c = e.concept.clone().unwrap_or_default();
+            parts.push(format!("{}|{}|{}", c.system, c.code, e.summary));
         }
         let id = self.unique_id(
             prefix,
@@ -2004,24 +1995,6 @@ fn scrub_with(v: &mut Value, forms: &[&str]) {
     }
 }
 
-/// Small accessors the id hash needs for entries without provenance.
-trait ConceptParts {
-    fn concept_system(&self) -> &str;
-    fn concept_code(&self) -> &str;
-}
-
-impl ConceptParts for Entry {
-    fn concept_system(&self) -> &str {
-        self.concept
-            .as_ref()
-            .map(|c| c.system.as_str())
-            .unwrap_or("")
-    }
-    fn concept_code(&self) -> &str {
-        self.concept.as_ref().map(|c| c.code.as_str()).unwrap_or("")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime};
@@ -3008,6 +2981,34 @@ mod tests {
                 .any(|i| i["details"]["text"].as_str().unwrap().contains("emergency"))
         );
         assert!(issues.iter().any(|i| i["code"] == "timeout"));
+    }
+
+    #[test]
+    fn dates_become_fhir_types_only_when_they_fit() {
+        for (raw, date_time, instant) in [
+            ("2019", Some("2019"), None),
+            ("2019-03", Some("2019-03"), None),
+            ("2019-03-14", Some("2019-03-14"), None),
+            (
+                "2019-03-14T10:00:00Z",
+                Some("2019-03-14T10:00:00Z"),
+                Some("2019-03-14T10:00:00Z"),
+            ),
+            (
+                "2019-03-14T10:00:00.250+01:00",
+                Some("2019-03-14T10:00:00.250+01:00"),
+                Some("2019-03-14T10:00:00.250+01:00"),
+            ),
+            // A time without a zone is not a FHIR dateTime: only its date is kept.
+            ("2019-03-14T10:00:00", Some("2019-03-14"), None),
+            ("2019-13-01", None, None),
+            ("14/03/2019", None, None),
+            ("", None, None),
+            ("2019-03-14T10:00:00\u{e9}", Some("2019-03-14"), None),
+        ] {
+            assert_eq!(fhir_date_time(raw).as_deref(), date_time, "{raw}");
+            assert_eq!(fhir_instant(raw), instant, "{raw}");
+        }
     }
 
     /// Writes a sample Bundle for external validation when `CARERECORD_WRITE_FHIR_SAMPLE` is set.
