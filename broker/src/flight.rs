@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::budget::Budget;
 use crate::cache::{CacheKey, RecordCache};
+use crate::documents::DocumentIds;
 use crate::fanout::{self, Answer, SourceSet};
 use crate::lookup::Slot;
 use crate::merge::{self, MergedRecord};
@@ -125,6 +126,7 @@ impl Flights {
         budget: Budget,
         cache: Arc<RecordCache>,
         slot: Arc<Slot>,
+        documents: Arc<DocumentIds>,
     ) -> (Arc<Flight>, bool) {
         // What this caller could use: up to the slowest source timeout, within its budget.
         let needed_until = budget
@@ -164,7 +166,16 @@ impl Flights {
                 };
                 let route = Arc::new(router.route(&sources, &request).await);
                 tx.send_modify(|p| p.route = Some(route.clone()));
-                fanout::run(&route.set, &request, &budget, |answer| {
+                fanout::run(&route.set, &request, &budget, |mut answer| {
+                    // Before anyone sees it: no source's internal document URL leaves the
+                    // broker, and its documents are fetched through it.
+                    if let Some(r) = answer.record.as_mut() {
+                        documents.rewrite(
+                            &mut r.record,
+                            &answer.status.source_id,
+                            request.nhs_number,
+                        );
+                    }
                     tx.send_modify(|p| p.answers.push(Arc::new(answer)));
                 })
                 .await;

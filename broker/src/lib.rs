@@ -11,6 +11,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod directory;
+pub mod documents;
 pub mod error;
 pub mod fanout;
 pub mod fhir_api;

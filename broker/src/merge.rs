@@ -720,6 +720,9 @@ fn dedup_key(section: Section, entry: &Entry) -> Option<DedupKey> {
             r.value.trim().to_lowercase(),
             r.unit.trim().to_lowercase()
         ),
+        // Two organisations' documents of one type on one day are two documents, each
+        // retrievable: neither is folded into the other.
+        Some(Detail::Document(d)) if section == Section::Documents => d.url.clone(),
         _ => String::new(),
     };
     Some(DedupKey {

@@ -347,6 +347,7 @@ mod base64url {
     }
 }
 
+pub use base64url::decode as base64url_decode;
 pub use base64url::encode as base64url_encode;
 
 /// Signs a token with a PKCS#8 ES256 or Ed25519 private key: for the CLI (`carerecord token`),

@@ -34,6 +34,7 @@ use crate::access::{Caller, Denial, Policy};
 use crate::audit::AuditLog;
 use crate::budget::Budget;
 use crate::cache::{CacheKey, RecordCache};
+use crate::documents::DocumentIds;
 use crate::error::LookupError;
 use crate::fanout::SourceSet;
 use crate::flight::{Flight, Flights};
@@ -73,6 +74,8 @@ pub struct Broker {
     audit: AuditLog,
     /// Sheds excess lookups at once, and everything while draining.
     door: Door,
+    /// Seals the broker-relative document references records carry.
+    documents: Arc<DocumentIds>,
 }
 
 /// How long a lookup may take: the cap on any lookup, and the time kept back from the caller's
@@ -137,6 +140,7 @@ impl Broker {
             policy: parts.policy,
             audit: parts.audit,
             door: Door::new(parts.limits),
+            documents: Arc::new(DocumentIds::new()),
         }
     }
 
@@ -309,6 +313,7 @@ impl Broker {
             budget,
             self.cache.clone(),
             slot.clone(),
+            self.documents.clone(),
         );
         tracing::debug!(joined = !started, "fan-out");
         if !started {
