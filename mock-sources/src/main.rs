@@ -131,6 +131,7 @@ enum Mode {
     Search,
     Everything,
     Batch,
+    Chained,
 }
 
 #[derive(Args)]
@@ -350,6 +351,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Mode::Search => FhirMode::Search,
             Mode::Everything => FhirMode::Everything,
             Mode::Batch => FhirMode::Batch,
+            Mode::Chained => FhirMode::Chained,
         };
         let config = match &args.write_directory {
             Some(dir) => server.broker_config_toml_routed_with(

@@ -20,6 +20,12 @@ pub enum QueryMode {
     Everything,
     /// One `batch` Bundle holding every search: one round trip for servers that support batch.
     Batch,
+    /// One `batch` Bundle holding the Patient search by NHS number *and* every search chained
+    /// on it (`Condition?patient.identifier=https://fhir.nhs.uk/Id/nhs-number|N`): the record in
+    /// one round trip, where every other mode needs the Patient search first. Every resource
+    /// is still checked against the Patients that search returned. A server that refuses the
+    /// chained parameter is read as `batch` (two round trips) from then on.
+    Chained,
 }
 
 /// Which FHIR resources count as the patient's medicines.
@@ -193,6 +199,8 @@ mod tests {
         assert_eq!(config.medications, MedicationKinds::Statement);
         assert_eq!(config.page_limit, 3);
         assert!(parse("[fhir]\nbase_url = \"http://x\"\nmode = \"Everything\"\n").is_err());
+        let config = parse("[fhir]\nbase_url = \"http://x\"\nmode = \"chained\"\n").expect("valid");
+        assert_eq!(config.mode, QueryMode::Chained);
     }
 
     #[test]

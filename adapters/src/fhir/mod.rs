@@ -2,7 +2,8 @@
 //!
 //! Most organisations carerecord reads expose FHIR R4 over HTTPS, so this is the adapter most
 //! sources use. It finds the patient by NHS number, reads the wanted sections (by search,
-//! `$everything` or batch, see [`QueryMode`]), and maps the resources to carerecord entries.
+//! `$everything` or batch, see [`QueryMode`]; or both in one batch of chained searches), and
+//! maps the resources to carerecord entries.
 //! A resource it cannot read costs a warning, not the source's answer.
 //!
 //! Code map: `config` (settings, config errors), `client` (HTTP, TLS, limits, redaction),
@@ -23,6 +24,8 @@ mod locator;
 mod map;
 mod model;
 mod query;
+
+use std::sync::atomic::AtomicBool;
 
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span};
@@ -47,6 +50,11 @@ pub struct FhirSource {
     page_size: String,
     /// Which medication resources count.
     medications: MedicationKinds,
+    /// Set once the server has refused a chained search (`QueryMode::Chained`): later lookups
+    /// go straight to the two-round-trip flow instead of paying for a refused batch each time,
+    /// and the fallback is logged once per source rather than once per lookup. Never cleared:
+    /// a server that gains the capability is read in one round trip after a restart.
+    chain_unsupported: AtomicBool,
 }
 
 impl FhirSource {
@@ -69,6 +77,7 @@ impl FhirSource {
             page_limit: config.page_limit,
             page_size: config.page_size.to_string(),
             medications: config.medications,
+            chain_unsupported: AtomicBool::new(false),
         })
     }
 

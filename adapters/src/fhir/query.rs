@@ -1,9 +1,11 @@
 //! One lookup against a FHIR server: find the patient, then read the wanted sections by search,
-//! `$everything` or batch, following `next` links up to the page limit.
+//! `$everything` or batch, following `next` links up to the page limit; or (chained mode) both
+//! in one batch whose searches name the patient by NHS number instead of by server id.
 //!
 //! Searches run concurrently as plain futures in this task (no spawned tasks), so when the broker
 //! drops the lookup at its deadline every request in flight is dropped with it.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -14,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::FhirSource;
-use super::bundle::{read_batch_response, read_page};
+use super::bundle::{BatchAnswer, read_batch_response, read_page};
 use super::client::insert;
 use super::config::QueryMode;
 use super::identity::{Identity, Rejected};
@@ -77,21 +79,56 @@ impl<'a> Lookup<'a> {
     pub(crate) async fn run(&self, nhs_number: &NhsNumber) -> Result<SourceReply, SourceError> {
         let mut out = Collected::default();
         let mut identity = Identity::new(*nhs_number, self.source.http.base());
-        let Some((patient_id, patient)) = self
-            .find_patient(nhs_number, &mut identity, &mut out)
-            .await?
-        else {
-            return Ok(SourceReply::NotFound);
-        };
         // The whole answer first, mapped once at the end: a reference may be resolved by any
         // page, and the same checks run whichever mode brought a resource.
         let mut answer: Vec<PageResource> = Vec::new();
+        let found = if self.source.mode == QueryMode::Chained
+            && !self.source.chain_unsupported.load(Ordering::Relaxed)
+        {
+            self.chained(nhs_number, &mut identity, &mut out, &mut answer)
+                .await?
+        } else {
+            let found = self
+                .find_patient(nhs_number, &mut identity, &mut out)
+                .await?;
+            if let Some((patient_id, _)) = &found {
+                self.read_record(patient_id, &mut out, &mut answer).await?;
+            }
+            found
+        };
+        let Some((_, patient)) = found else {
+            return Ok(SourceReply::NotFound);
+        };
+        let accepted = self.accept(&mut identity, &answer, &mut out)?;
+        let base = self.source.http.base().as_str();
+        let missing = map::unresolved_medication_references(
+            accepted.iter().map(|(_, item)| *item),
+            &Medications::new(base, &answer),
+        );
+        let fetched = self.read_medications(missing).await;
+        let medications = Medications::new(base, answer.iter().chain(&fetched));
+        map::map_resources(&accepted, &medications, &self.ctx, &mut out);
+        let mut record = out.into_source_record(self.ctx.sections);
+        record.record.patient = Some(patient);
+        record.stamp_provenance(&self.source.info);
+        Ok(SourceReply::Found(record))
+    }
+
+    /// The second round trip of the two-round-trip flow: the record of the patient found by
+    /// the Patient search, as the configured mode reads it. Chained mode lands here only once
+    /// the server has refused the chain, and then reads by batch (the server answers batches).
+    async fn read_record(
+        &self,
+        patient_id: &str,
+        out: &mut Collected,
+        answer: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
         match self.source.mode {
             QueryMode::Search => {
                 let searches = Kind::searched(self.ctx.sections, self.ctx.medications)
                     .into_iter()
                     .map(|kind| {
-                        let url = self.search_url(kind, &patient_id);
+                        let url = self.search_url(kind, "patient", patient_id);
                         async move {
                             let mut found = Collected::default();
                             let mut resources = Vec::new();
@@ -120,28 +157,78 @@ impl<'a> Lookup<'a> {
                 url.path_segments_mut()
                     .map_err(|()| SourceError::Other("base URL cannot take a path".into()))?
                     .pop_if_empty()
-                    .extend(["Patient", &patient_id, "$everything"]);
+                    .extend(["Patient", patient_id, "$everything"]);
                 // Ask for large pages: every extra page is another round trip.
                 url.query_pairs_mut()
                     .append_pair("_count", &self.source.page_size);
                 let first = self.source.http.get(url, &self.headers).await?;
-                self.read_everything(first, &mut out, &mut answer).await?;
+                self.read_everything(first, out, answer).await?;
             }
-            QueryMode::Batch => self.batch(&patient_id, &mut out, &mut answer).await?,
+            QueryMode::Batch | QueryMode::Chained => self.batch(patient_id, out, answer).await?,
         }
-        let accepted = self.accept(&mut identity, &answer, &mut out)?;
-        let base = self.source.http.base().as_str();
-        let missing = map::unresolved_medication_references(
-            accepted.iter().map(|(_, item)| *item),
-            &Medications::new(base, &answer),
+        Ok(())
+    }
+
+    /// The Patient search by NHS number and every wanted search chained on the same NHS
+    /// number (`patient.identifier=`), in one `batch` Bundle: one round trip. The Patient
+    /// entry is judged exactly as the Patient search of the other modes (the same code), so
+    /// the chained results are then checked against the Patients it accepted, as any mode's
+    /// are: a server that resolves the chain to someone else is caught by the identity check.
+    ///
+    /// A server that answers a chained search with a 4xx does not support the chain: the
+    /// lookup reads the record by id in a second batch (using the Patient it already has), and
+    /// the source is read in two round trips from then on.
+    async fn chained(
+        &self,
+        nhs_number: &NhsNumber,
+        identity: &mut Identity,
+        out: &mut Collected,
+        answer: &mut Vec<PageResource>,
+    ) -> Result<Option<(String, carerecord_proto::Patient)>, SourceError> {
+        let kinds = Kind::searched(self.ctx.sections, self.ctx.medications);
+        let token = nhs_number_token(nhs_number);
+        let urls = std::iter::once(self.patient_search_url(nhs_number)).chain(
+            kinds
+                .iter()
+                .map(|kind| self.search_url(*kind, CHAINED_PATIENT, &token)),
         );
-        let fetched = self.read_medications(missing).await;
-        let medications = Medications::new(base, answer.iter().chain(&fetched));
-        map::map_resources(&accepted, &medications, &self.ctx, &mut out);
-        let mut record = out.into_source_record(self.ctx.sections);
-        record.record.patient = Some(patient);
-        record.stamp_provenance(&self.source.info);
-        Ok(SourceReply::Found(record))
+        let mut answers = self.post_batch(urls).await?.into_iter();
+        let (status, patients) = answers.next().ok_or_else(|| {
+            SourceError::InvalidResponse("batch-response has the wrong number of entries".into())
+        })?;
+        if !(200..300).contains(&status) {
+            return Err(SourceError::Status(status));
+        }
+        let patients = patients.ok_or_else(|| {
+            SourceError::InvalidResponse("batch-response entry has no Bundle".into())
+        })?;
+        let Some((patient_id, patient)) =
+            self.choose_patient(*patients, nhs_number, identity, out)?
+        else {
+            return Ok(None);
+        };
+        let answers: Vec<BatchAnswer> = answers.collect();
+        // Composition is the one type a server may not search at all (see
+        // `composition_unsupported`): its refusal says nothing about the chain.
+        let refused = kinds
+            .iter()
+            .zip(&answers)
+            .find(|(kind, (status, _))| **kind != Kind::Composition && (400..500).contains(status))
+            .map(|(_, (status, _))| *status);
+        if let Some(status) = refused {
+            if !self.source.chain_unsupported.swap(true, Ordering::Relaxed) {
+                warn!(
+                    source = %self.source.info.id,
+                    status,
+                    "source refuses chained searches; it is read in two round trips from now on"
+                );
+            }
+            self.batch(&patient_id, out, answer).await?;
+        } else {
+            self.read_batch_answers(&kinds, answers, out, answer)
+                .await?;
+        }
+        Ok(Some((patient_id, patient)))
     }
 
     /// The resources of wanted types that are about the matched patient. Patients in the answer
@@ -210,12 +297,20 @@ impl<'a> Lookup<'a> {
         identity: &mut Identity,
         out: &mut Collected,
     ) -> Result<Option<(String, carerecord_proto::Patient)>, SourceError> {
-        let mut url = self.resource_url("Patient");
-        url.query_pairs_mut().append_pair(
-            "identifier",
-            &format!("{NHS_NUMBER_SYSTEM}|{}", nhs_number.as_digits()),
-        );
+        let url = self.patient_search_url(nhs_number);
         let bundle = self.source.http.get(url, &self.headers).await?;
+        self.choose_patient(bundle, nhs_number, identity, out)
+    }
+
+    /// The Patient search's answer judged, whichever request brought it (a GET, or the first
+    /// entry of a chained batch): see [`Lookup::find_patient`].
+    fn choose_patient(
+        &self,
+        bundle: Resource,
+        nhs_number: &NhsNumber,
+        identity: &mut Identity,
+        out: &mut Collected,
+    ) -> Result<Option<(String, carerecord_proto::Patient)>, SourceError> {
         let page = read_page(bundle, out)?;
         let mut candidates = Vec::new();
         for item in page.resources {
@@ -355,15 +450,27 @@ impl<'a> Lookup<'a> {
         answer: &mut Vec<PageResource>,
     ) -> Result<(), SourceError> {
         let kinds = Kind::searched(self.ctx.sections, self.ctx.medications);
-        let base = self.source.http.base().as_str();
-        let entries: Vec<serde_json::Value> = kinds
+        let urls = kinds
             .iter()
-            .map(|kind| {
-                let url = self.search_url(*kind, patient_id);
+            .map(|kind| self.search_url(*kind, "patient", patient_id));
+        let answers = self.post_batch(urls).await?;
+        self.read_batch_answers(&kinds, answers, out, answer).await
+    }
+
+    /// One `batch` Bundle of GETs, one per URL, posted to the base; the answers in request
+    /// order, exactly as many as were asked.
+    async fn post_batch(
+        &self,
+        urls: impl Iterator<Item = Url>,
+    ) -> Result<Vec<BatchAnswer>, SourceError> {
+        let base = self.source.http.base().as_str();
+        let entries: Vec<serde_json::Value> = urls
+            .map(|url| {
                 let relative = url.as_str().strip_prefix(base).unwrap_or(url.as_str());
                 serde_json::json!({"request": {"method": "GET", "url": relative}})
             })
             .collect();
+        let asked = entries.len();
         let body = serde_json::to_vec(&serde_json::json!({
             "resourceType": "Bundle",
             "type": "batch",
@@ -372,11 +479,23 @@ impl<'a> Lookup<'a> {
         .map_err(|_| SourceError::Other("could not encode the batch".into()))?;
         let response = self.source.http.post_base(body, &self.headers).await?;
         let answers = read_batch_response(response)?;
-        if answers.len() != kinds.len() {
+        if answers.len() != asked {
             return Err(SourceError::InvalidResponse(
                 "batch-response has the wrong number of entries".into(),
             ));
         }
+        Ok(answers)
+    }
+
+    /// Each search's answer of a batch-response (in `kinds` order), every page of it: later
+    /// pages are fetched with plain GETs, at most `page_limit` pages per search.
+    async fn read_batch_answers(
+        &self,
+        kinds: &[Kind],
+        answers: Vec<BatchAnswer>,
+        out: &mut Collected,
+        answer: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
         let pages = kinds
             .iter()
             .zip(answers)
@@ -487,11 +606,21 @@ impl<'a> Lookup<'a> {
         url
     }
 
-    fn search_url(&self, kind: Kind, patient_id: &str) -> Url {
+    /// `Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|N`.
+    fn patient_search_url(&self, nhs_number: &NhsNumber) -> Url {
+        let mut url = self.resource_url("Patient");
+        url.query_pairs_mut()
+            .append_pair("identifier", &nhs_number_token(nhs_number));
+        url
+    }
+
+    /// A search of `kind` for the patient named by `param=value`: `patient={id}`, or the
+    /// chained `patient.identifier={NHS number token}`.
+    fn search_url(&self, kind: Kind, param: &str, value: &str) -> Url {
         let mut url = self.resource_url(kind.name());
         {
             let mut query = url.query_pairs_mut();
-            query.append_pair("patient", patient_id);
+            query.append_pair(param, value);
             match kind {
                 Kind::MedicationStatement => {
                     query.append_pair("_include", "MedicationStatement:medication");
@@ -508,6 +637,16 @@ impl<'a> Lookup<'a> {
         }
         url
     }
+}
+
+/// The chained search parameter naming the patient by identifier. FHIR R4 defines `patient`
+/// on every type the adapter searches (Appointment's is its patient actor; AllergyIntolerance
+/// has no `subject`), so one name serves all of them, as `patient={id}` does in search mode.
+const CHAINED_PATIENT: &str = "patient.identifier";
+
+/// The NHS number as a FHIR token, `https://fhir.nhs.uk/Id/nhs-number|N`.
+fn nhs_number_token(nhs_number: &NhsNumber) -> String {
+    format!("{NHS_NUMBER_SYSTEM}|{}", nhs_number.as_digits())
 }
 
 /// Statuses with which a server says it cannot search a resource type (rather than failing).
