@@ -28,7 +28,12 @@ use tokio::time::Instant;
 
 const NHS: &str = "9990000018";
 const WITHIN: Duration = Duration::from_secs(5);
-const MODES: [QueryMode; 3] = [QueryMode::Search, QueryMode::Everything, QueryMode::Batch];
+const MODES: [QueryMode; 4] = [
+    QueryMode::Search,
+    QueryMode::Everything,
+    QueryMode::Batch,
+    QueryMode::Chained,
+];
 
 // ---------------------------------------------------------------------------------------------
 // A FHIR server serving one fixture
@@ -56,6 +61,9 @@ struct Server {
     hanging: HashSet<&'static str>,
     /// Ids left out of `$everything`.
     not_in_everything: HashSet<&'static str>,
+    /// Answers a search chained on the patient (`patient.identifier=`) with 400, as servers
+    /// without chaining do, in a batch entry or a GET.
+    refuse_chain: bool,
     seen: Mutex<Vec<String>>,
     base: OnceLock<String>,
 }
@@ -129,6 +137,39 @@ impl Server {
             links.push(json!({"relation": "next", "url": next(page + 1)}));
         }
         json!({"resourceType": "Bundle", "type": "searchset", "link": links, "entry": entries})
+    }
+
+    /// `Patient?identifier=system|value`: the Patients carrying that identifier.
+    fn patient_search(&self, query: &[(String, String)]) -> Value {
+        let identifier = query
+            .iter()
+            .find(|(k, _)| k == "identifier")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let entries: Vec<Value> = self
+            .resources
+            .iter()
+            .filter(|(_, r)| {
+                r["resourceType"] == "Patient"
+                    && r["identifier"].as_array().is_some_and(|ids| {
+                        ids.iter().any(|i| {
+                            identifier
+                                == format!(
+                                    "{}|{}",
+                                    i["system"].as_str().unwrap_or(""),
+                                    i["value"].as_str().unwrap_or("")
+                                )
+                        })
+                    })
+            })
+            .map(|item| self.entry(item, "match"))
+            .collect();
+        json!({"resourceType": "Bundle", "type": "searchset", "entry": entries})
+    }
+
+    /// Whether a search is refused: chained on the patient, by a server that cannot chain.
+    fn refuses(&self, query: &[(String, String)]) -> bool {
+        self.refuse_chain && query.iter().any(|(k, _)| k.contains('.'))
     }
 
     fn search(&self, resource_type: &str, query: &[(String, String)]) -> Value {
@@ -208,8 +249,29 @@ impl Server {
             .iter()
             .map(|entry| {
                 let url = entry["request"]["url"].as_str().unwrap_or("");
+                self.seen.lock().expect("lock").push(format!("BATCH {url}"));
                 let (resource_type, query) = url.split_once('?').unwrap_or((url, ""));
-                json!({"resource": self.search(resource_type, &parse_query(query)), "response": {"status": "200 OK"}})
+                // A read (`Patient/{id}`) in the batch, as the remembered-id flow sends.
+                if let Some((resource_type, id)) = resource_type.split_once('/') {
+                    return match self
+                        .resources
+                        .iter()
+                        .find(|(_, r)| r["resourceType"] == resource_type && r["id"] == id)
+                    {
+                        Some((_, r)) => json!({"resource": r, "response": {"status": "200 OK"}}),
+                        None => json!({"response": {"status": "404 Not Found"}}),
+                    };
+                }
+                let query = parse_query(query);
+                if self.refuses(&query) {
+                    return json!({"response": {"status": "400 Bad Request"}});
+                }
+                let resource = if resource_type == "Patient" {
+                    self.patient_search(&query)
+                } else {
+                    self.search(resource_type, &query)
+                };
+                json!({"resource": resource, "response": {"status": "200 OK"}})
             })
             .collect();
         json!({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
@@ -234,32 +296,7 @@ async fn handle(
     let query = parse_query(uri.query().unwrap_or(""));
     let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
     let answer = match (method, segments.as_slice()) {
-        (Method::GET, ["fhir", "Patient"]) => {
-            let identifier = query
-                .iter()
-                .find(|(k, _)| k == "identifier")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            let entries: Vec<Value> = server
-                .resources
-                .iter()
-                .filter(|(_, r)| {
-                    r["resourceType"] == "Patient"
-                        && r["identifier"].as_array().is_some_and(|ids| {
-                            ids.iter().any(|i| {
-                                identifier
-                                    == format!(
-                                        "{}|{}",
-                                        i["system"].as_str().unwrap_or(""),
-                                        i["value"].as_str().unwrap_or("")
-                                    )
-                            })
-                        })
-                })
-                .map(|item| server.entry(item, "match"))
-                .collect();
-            json!({"resourceType": "Bundle", "type": "searchset", "entry": entries})
-        }
+        (Method::GET, ["fhir", "Patient"]) => server.patient_search(&query),
         (Method::GET, ["fhir", "Patient", id, "$everything"]) => server.everything(id, &query),
         (Method::GET, ["fhir", resource_type, id]) => {
             if server.unreadable.contains(id) {
@@ -276,6 +313,9 @@ async fn handle(
                 Some((_, r)) => r.clone(),
                 None => return StatusCode::NOT_FOUND.into_response(),
             }
+        }
+        (Method::GET, ["fhir", _]) if server.refuses(&query) => {
+            return StatusCode::BAD_REQUEST.into_response();
         }
         (Method::GET, ["fhir", resource_type]) => server.search(resource_type, &query),
         (Method::POST, ["fhir"]) => server.batch(&body),
@@ -418,7 +458,7 @@ async fn every_query_mode_gives_the_same_record_for_the_same_server() {
         "Composition and DocumentReference"
     );
     assert_eq!(search.record.entry_count(), 19);
-    for mode in [QueryMode::Everything, QueryMode::Batch] {
+    for mode in [QueryMode::Everything, QueryMode::Batch, QueryMode::Chained] {
         let other = fetch(&base, mode).await;
         assert_eq!(
             sorted(other.record),
@@ -427,6 +467,106 @@ async fn every_query_mode_gives_the_same_record_for_the_same_server() {
         );
         assert_eq!(other.shortfalls, search.shortfalls, "{mode:?}");
         assert_eq!(other.wrong_patient, search.wrong_patient, "{mode:?}");
+    }
+}
+
+/// Chained mode: the Patient search and every search, chained on the NHS number, in one batch:
+/// no separate Patient search, no search by server id. (Later pages and the follow-up reads of
+/// Medications no answer held are GETs, as in batch mode.)
+#[tokio::test]
+async fn chained_mode_asks_for_the_patient_and_the_record_in_one_batch() {
+    let (server, base) = serve(record_server()).await;
+    let record = fetch(&base, QueryMode::Chained).await;
+    assert_eq!(record.record.entry_count(), 19);
+    let seen = server.seen();
+    let posts = seen.iter().filter(|s| s.starts_with("POST ")).count();
+    assert_eq!(posts, 1, "one batch: {seen:?}");
+    assert!(
+        !seen.iter().any(|s| s.starts_with("GET /fhir/Patient")),
+        "no Patient search of its own: {seen:?}"
+    );
+    let batch: Vec<&str> = seen
+        .iter()
+        .filter_map(|s| s.strip_prefix("BATCH "))
+        .collect();
+    assert_eq!(
+        batch.first().copied(),
+        Some("Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9990000018"),
+        "{batch:?}"
+    );
+    assert_eq!(batch.len(), 12, "the Patient search and 11 searches");
+    for search in &batch[1..] {
+        assert!(
+            search.contains(
+                "?patient.identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9990000018&"
+            ),
+            "chained on the NHS number: {search}"
+        );
+    }
+    assert!(
+        batch.iter().any(|s| s.starts_with("MedicationRequest?")
+            && s.contains("_include=MedicationRequest%3Amedication")),
+        "Medications included as in the other modes: {batch:?}"
+    );
+}
+
+/// A server that refuses the chained parameter still gives the whole record: that lookup
+/// reads it by id in a second batch, and the source is not asked the chain again (no refused
+/// batch on every lookup). The next lookup reads by the Patient id the first one verified (the
+/// patient id cache): one batch holding `Patient/{id}` and the searches by id.
+#[tokio::test]
+async fn a_server_that_refuses_the_chain_is_read_in_two_round_trips_instead() {
+    let (server, base) = serve(Server {
+        refuse_chain: true,
+        ..record_server()
+    })
+    .await;
+    let search = fetch(&base, QueryMode::Search).await;
+    let source = source(&base, QueryMode::Chained);
+    let batches = |seen: &[String]| -> Vec<String> {
+        seen.iter()
+            .filter(|s| s.starts_with("POST ") || s.starts_with("GET /fhir/Patient"))
+            .cloned()
+            .collect()
+    };
+    for lookup in ["first", "second"] {
+        let before = server.seen().len();
+        let record = match source.fetch(&request(WITHIN)).await {
+            Ok(SourceReply::Found(record)) => record,
+            other => panic!("{lookup}: expected a record, got {other:?}"),
+        };
+        assert_eq!(
+            sorted(record.record),
+            sorted(search.record.clone()),
+            "{lookup} lookup: the same record as search mode"
+        );
+        assert_eq!(record.shortfalls, search.shortfalls, "{lookup}");
+        assert_eq!(record.wrong_patient, search.wrong_patient, "{lookup}");
+        let seen = server.seen()[before..].to_vec();
+        let chained = seen
+            .iter()
+            .filter(|s| s.starts_with("BATCH ") && s.contains("patient.identifier="))
+            .count();
+        match lookup {
+            "first" => {
+                assert_eq!(chained, 11, "{seen:?}");
+                assert_eq!(
+                    batches(&seen),
+                    ["POST /fhir", "POST /fhir"],
+                    "the refused batch, then the record by id (the Patient came with the first)"
+                );
+            }
+            _ => {
+                assert_eq!(chained, 0, "the refusal is remembered: {seen:?}");
+                assert_eq!(batches(&seen), ["POST /fhir"], "one batch by id: {seen:?}");
+                let batch: Vec<&String> = seen.iter().filter(|s| s.starts_with("BATCH ")).collect();
+                assert_eq!(batch[0], "BATCH Patient/p1", "{seen:?}");
+                assert!(
+                    batch[1..].iter().all(|s| s.contains("?patient=p1&")),
+                    "{seen:?}"
+                );
+            }
+        }
     }
 }
 
@@ -485,7 +625,7 @@ async fn medication_references_resolve_wherever_the_medication_is() {
         .collect();
     assert_eq!(
         reads.len(),
-        6,
+        2 * MODES.len(),
         "per mode, one follow-up read each for the two Medications no answer held: {reads:?}"
     );
     assert!(
@@ -648,14 +788,17 @@ async fn an_everything_answer_about_someone_else_is_wrong_patient() {
 
     // The same server searched: the patient search finds the right person, but every clinical
     // resource is about someone else. That is an answer about another patient, not an empty
-    // record ("none recorded" would be false).
-    let reply = source(&base, QueryMode::Search)
-        .fetch(&request(WITHIN))
-        .await;
-    let Err(SourceError::WrongPatient(reason)) = reply else {
-        panic!("search: expected WrongPatient, got {reply:?}");
-    };
-    assert!(reason.contains("about another patient"), "{reason}");
+    // record ("none recorded" would be false). The same in one chained batch.
+    for mode in [QueryMode::Search, QueryMode::Batch, QueryMode::Chained] {
+        let reply = source(&base, mode).fetch(&request(WITHIN)).await;
+        let Err(SourceError::WrongPatient(reason)) = reply else {
+            panic!("{mode:?}: expected WrongPatient, got {reply:?}");
+        };
+        assert!(
+            reason.contains("about another patient"),
+            "{mode:?}: {reason}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -74,9 +74,15 @@ pub struct BenchArgs {
     /// organisations). The broker asks only the organisations that hold the patient's records.
     #[arg(long)]
     pub routed: bool,
-    /// How the broker reads each mock organisation: search, everything or batch.
+    /// How the broker reads each mock organisation: search, everything, batch or chained.
     #[arg(long, value_parser = crate::parse_query_mode, default_value = "everything")]
     pub mode: QueryMode,
+    /// The FHIR adapter's NHS number -> patient id cache (`patient_id_cache` of every mock
+    /// source): `false` gives the two-round-trip flow of before issue 12 in every mode but
+    /// `chained`. It helps repeat lookups of a patient only: use a small `--patients` pool
+    /// and a warm-up that covers it to measure hits.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub patient_id_cache: bool,
     /// Fixed latency of every organisation (mock: per HTTP request; memory: per fetch).
     #[arg(long, default_value_t = 10)]
     pub latency_ms: u64,
@@ -312,6 +318,16 @@ impl Bench {
         } else {
             mock.broker_config_toml_with("@LISTEN@", |_| mode)
         };
+        let mock_config = if args.patient_id_cache {
+            mock_config
+        } else if args.routed {
+            bail!("--patient-id-cache false applies to the unrouted mock region only");
+        } else {
+            mock_config.replace(
+                "[sources.fhir]\n",
+                "[sources.fhir]\npatient_id_cache = false\n",
+            )
+        };
 
         let (pool, hot, templates) = match args.region {
             RegionKind::Mock => {
@@ -377,7 +393,7 @@ impl Bench {
     async fn measure(&self) -> anyhow::Result<Report> {
         let a = &self.args;
         println!(
-            "carerecord-dev bench: {} region, {} organisations, mode {:?}, latency {} ms, page size {}, \
+            "carerecord-dev bench: {} region, {} organisations, mode {:?}, patient id cache {}, latency {} ms, page size {}, \
              {}, hit ratio {}, deadline {} ms, {} run(s); machine: {} × {}",
             match a.region {
                 RegionKind::Mock if a.routed => "mock (HTTP, routed)",
@@ -386,6 +402,7 @@ impl Bench {
             },
             a.orgs,
             a.mode,
+            a.patient_id_cache,
             a.latency_ms,
             a.page_size,
             match a.rate {

@@ -33,8 +33,10 @@ pub struct DemoArgs {
     /// Number of organisations.
     #[arg(long, default_value_t = 10)]
     pub organisations: usize,
-    /// How the broker reads each organisation: search, everything or batch.
-    #[arg(long, value_parser = crate::parse_query_mode, default_value = "search")]
+    /// How the broker reads each organisation: search, everything (the default: with the
+    /// patient id cache one round trip for a patient looked up before, and the least CPU; see
+    /// BENCHMARKS.md section 7), batch or chained.
+    #[arg(long, value_parser = crate::parse_query_mode, default_value = "everything")]
     pub mode: QueryMode,
     /// Look up this patient instead of one known to several organisations.
     #[arg(long)]

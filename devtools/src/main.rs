@@ -74,14 +74,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// A FHIR query mode from the command line (`search`, `everything`, `batch`): the adapter's own
+/// A FHIR query mode from the command line (`search`, `everything`, `batch`, `chained`): the adapter's own
 /// enum, spelled as the broker's TOML spells it.
 fn parse_query_mode(s: &str) -> Result<carerecord_adapters::fhir::QueryMode, String> {
     use serde::Deserialize;
     use serde::de::IntoDeserializer;
     let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> = s.into_deserializer();
     carerecord_adapters::fhir::QueryMode::deserialize(de)
-        .map_err(|_| format!("{s:?}: expected search, everything or batch"))
+        .map_err(|_| format!("{s:?}: expected search, everything, batch or chained"))
 }
 
 /// The mock region's spelling of a query mode (it writes the broker configuration).
@@ -92,5 +92,6 @@ fn mock_mode(mode: carerecord_adapters::fhir::QueryMode) -> carerecord_mock_sour
         QueryMode::Search => FhirMode::Search,
         QueryMode::Everything => FhirMode::Everything,
         QueryMode::Batch => FhirMode::Batch,
+        QueryMode::Chained => FhirMode::Chained,
     }
 }

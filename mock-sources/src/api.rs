@@ -375,21 +375,38 @@ fn person_for(ctx: &Ctx<'_>, reference: &str) -> Option<usize> {
     (ctx.region.knows(ctx.org, person) && !ctx.empty).then_some(person)
 }
 
+/// The chained search parameters that name the patient by identifier instead of by id
+/// (`Condition?patient.identifier=https://fhir.nhs.uk/Id/nhs-number|{NHS number}`): what lets a
+/// client ask for a record in the same round trip as the Patient search. FHIR R4 gives every
+/// clinical type a `patient` parameter; `subject` is accepted as leniently as it is unchained.
+const CHAINED_IDENTIFIER: &[&str] = &[
+    "patient.identifier",
+    "subject.identifier",
+    "patient:Patient.identifier",
+    "subject:Patient.identifier",
+];
+
+/// The person an NHS number identifier token (`system|value`, or a bare value) names at this
+/// organisation: the same match the Patient search makes, so a chained search finds exactly
+/// the records the Patient search would have led to.
+fn person_by_identifier(ctx: &Ctx<'_>, identifier: &str) -> Option<usize> {
+    let (system, value) = identifier.split_once('|').unwrap_or(("", identifier));
+    if !system.is_empty() && system != NHS_NUMBER_SYSTEM {
+        return None;
+    }
+    NhsNumber::parse(value)
+        .ok()
+        .and_then(|n| ctx.region.person_index(&n))
+        .filter(|&p| ctx.region.knows(ctx.org, p) && !ctx.empty)
+}
+
 fn patient_search(
     ctx: &Ctx<'_>,
     params: &[(String, String)],
     raw: &str,
 ) -> Result<Value, ApiError> {
     let person = if let Some(identifier) = param(params, &["identifier"]) {
-        let (system, value) = identifier.split_once('|').unwrap_or(("", identifier));
-        if !system.is_empty() && system != NHS_NUMBER_SYSTEM {
-            None
-        } else {
-            NhsNumber::parse(value)
-                .ok()
-                .and_then(|n| ctx.region.person_index(&n))
-                .filter(|&p| ctx.region.knows(ctx.org, p) && !ctx.empty)
-        }
+        person_by_identifier(ctx, identifier)
     } else if let Some(id) = param(params, &["_id"]) {
         person_for(ctx, id)
     } else {
@@ -407,19 +424,23 @@ fn resource_search(
     params: &[(String, String)],
     raw: &str,
 ) -> Result<Value, ApiError> {
-    let reference = param(
+    let person = if let Some(reference) = param(
         params,
         &["patient", "subject", "patient:Patient", "subject:Patient"],
-    )
-    .ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "{} search needs patient={{id}} or subject=Patient/{{id}}",
+    ) {
+        person_for(ctx, reference)
+    } else if let Some(identifier) = param(params, CHAINED_IDENTIFIER) {
+        person_by_identifier(ctx, identifier)
+    } else {
+        return Err(ApiError::bad_request(format!(
+            "{} search needs patient={{id}}, subject=Patient/{{id}} or \
+             patient.identifier={NHS_NUMBER_SYSTEM}|{{NHS number}}",
             rt.as_str()
-        ))
-    })?;
+        )));
+    };
     let filters = date_filters(rt, params)?;
     paging(ctx, params)?;
-    let rec = person_for(ctx, reference).map(|p| answer_record(ctx, p));
+    let rec = person.map(|p| answer_record(ctx, p));
     let items: Vec<&Value> = rec
         .iter()
         .flat_map(|r| r.of_type(rt))

@@ -17,6 +17,8 @@ pub enum FhirMode {
     Everything,
     /// One `POST` batch of searches.
     Batch,
+    /// One `POST` batch: the Patient search and every search chained on the NHS number.
+    Chained,
 }
 
 impl FhirMode {
@@ -25,6 +27,7 @@ impl FhirMode {
             FhirMode::Search => "search",
             FhirMode::Everything => "everything",
             FhirMode::Batch => "batch",
+            FhirMode::Chained => "chained",
         }
     }
 }

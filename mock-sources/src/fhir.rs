@@ -212,9 +212,23 @@ pub fn capability_statement(org: &Organisation, base_url: &str, date: &str) -> V
     let clinical: Vec<Value> = ResourceType::CLINICAL
         .iter()
         .map(|t| {
-            let mut params = vec![json!({ "name": "patient", "type": "reference" })];
+            // R4 has no element for chains in a CapabilityStatement; the parameter's
+            // documentation says which chain is supported, for clients and operators.
+            let mut params = vec![json!({
+                "name": "patient",
+                "type": "reference",
+                "documentation": format!(
+                    "Patient id or reference; chained: patient.identifier={NHS_NUMBER_SYSTEM}|{{nhs number}}"
+                ),
+            })];
             if t.has_subject() {
-                params.push(json!({ "name": "subject", "type": "reference" }));
+                params.push(json!({
+                    "name": "subject",
+                    "type": "reference",
+                    "documentation": format!(
+                        "Patient reference; chained: subject.identifier={NHS_NUMBER_SYSTEM}|{{nhs number}}"
+                    ),
+                }));
             }
             if *t == ResourceType::Appointment {
                 params.push(json!({ "name": "date", "type": "date" }));

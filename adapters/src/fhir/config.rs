@@ -20,6 +20,12 @@ pub enum QueryMode {
     Everything,
     /// One `batch` Bundle holding every search: one round trip for servers that support batch.
     Batch,
+    /// One `batch` Bundle holding the Patient search by NHS number *and* every search chained
+    /// on it (`Condition?patient.identifier=https://fhir.nhs.uk/Id/nhs-number|N`): the record in
+    /// one round trip, where every other mode needs the Patient search first. Every resource
+    /// is still checked against the Patients that search returned. A server that refuses the
+    /// chained parameter is read as `batch` (two round trips) from then on.
+    Chained,
 }
 
 /// Which FHIR resources count as the patient's medicines.
@@ -83,6 +89,24 @@ pub struct FhirConfig {
     /// Which resources are read as medicines. Default `both`.
     #[serde(default)]
     pub medications: MedicationKinds,
+    /// Remember the server id of each patient found by NHS number, so the next lookup of the
+    /// same patient reads the record by id in one round trip instead of searching first. The
+    /// Patient at the remembered id is verified on every answer (it must still carry the NHS
+    /// number and be active); an answer that fails the check is discarded, the entry evicted,
+    /// and the lookup searches again. Only a Patient search that found exactly one Patient
+    /// carrying the NHS number fills it. Not used while `chained` mode reads the source in one
+    /// round trip anyway. Default `true`.
+    #[serde(default = "defaults::patient_id_cache")]
+    pub patient_id_cache: bool,
+    /// Most NHS numbers remembered by `patient_id_cache` (least recently used go first).
+    /// Default 10,000 (well under 1 MiB).
+    #[serde(default = "defaults::patient_id_cache_capacity")]
+    pub patient_id_cache_capacity: u64,
+    /// Seconds an entry of `patient_id_cache` lives after it was written. Verification makes a
+    /// stale entry cost one wasted round trip, not a wrong answer; the TTL bounds how long a
+    /// patient no longer looked up stays in memory. Default 3,600 (one hour).
+    #[serde(default = "defaults::patient_id_cache_ttl_secs")]
+    pub patient_id_cache_ttl_secs: u64,
 }
 
 mod defaults {
@@ -97,6 +121,15 @@ mod defaults {
     }
     pub(super) fn page_size() -> usize {
         100
+    }
+    pub(super) fn patient_id_cache() -> bool {
+        true
+    }
+    pub(super) fn patient_id_cache_capacity() -> u64 {
+        10_000
+    }
+    pub(super) fn patient_id_cache_ttl_secs() -> u64 {
+        3_600
     }
 }
 
@@ -115,6 +148,9 @@ impl FhirConfig {
             page_limit: defaults::page_limit(),
             page_size: defaults::page_size(),
             medications: MedicationKinds::default(),
+            patient_id_cache: defaults::patient_id_cache(),
+            patient_id_cache_capacity: defaults::patient_id_cache_capacity(),
+            patient_id_cache_ttl_secs: defaults::patient_id_cache_ttl_secs(),
         }
     }
 }
@@ -181,6 +217,20 @@ mod tests {
         assert_eq!(config.max_response_bytes, 8 * 1024 * 1024);
         assert_eq!(config.page_limit, 20);
         assert_eq!(config.medications, MedicationKinds::Both);
+        assert!(config.patient_id_cache);
+        assert_eq!(config.patient_id_cache_capacity, 10_000);
+        assert_eq!(config.patient_id_cache_ttl_secs, 3_600);
+    }
+
+    #[test]
+    fn the_patient_id_cache_can_be_sized_or_switched_off() {
+        let config = parse(
+            "[fhir]\nbase_url = \"http://x\"\npatient_id_cache = false\npatient_id_cache_capacity = 5\npatient_id_cache_ttl_secs = 60\n",
+        )
+        .expect("valid");
+        assert!(!config.patient_id_cache);
+        assert_eq!(config.patient_id_cache_capacity, 5);
+        assert_eq!(config.patient_id_cache_ttl_secs, 60);
     }
 
     #[test]
@@ -193,6 +243,8 @@ mod tests {
         assert_eq!(config.medications, MedicationKinds::Statement);
         assert_eq!(config.page_limit, 3);
         assert!(parse("[fhir]\nbase_url = \"http://x\"\nmode = \"Everything\"\n").is_err());
+        let config = parse("[fhir]\nbase_url = \"http://x\"\nmode = \"chained\"\n").expect("valid");
+        assert_eq!(config.mode, QueryMode::Chained);
     }
 
     #[test]

@@ -2,13 +2,14 @@
 //!
 //! Most organisations carerecord reads expose FHIR R4 over HTTPS, so this is the adapter most
 //! sources use. It finds the patient by NHS number, reads the wanted sections (by search,
-//! `$everything` or batch, see [`QueryMode`]), and maps the resources to carerecord entries.
+//! `$everything` or batch, see [`QueryMode`]; or both in one batch of chained searches), and
+//! maps the resources to carerecord entries.
 //! A resource it cannot read costs a warning, not the source's answer.
 //!
 //! Code map: `config` (settings, config errors), `client` (HTTP, TLS, limits, redaction),
-//! `query` (the lookup flows), `bundle` (Bundles, paging, OperationOutcome), `identity` (every
-//! resource is about the patient matched by NHS number), `model` and `json` (lenient single-pass
-//! parsing), `map` (resources to entries).
+//! `query` (the lookup flows), `patient_ids` (the NHS number -> Patient id cache), `bundle`
+//! (Bundles, paging, OperationOutcome), `identity` (every resource is about the patient matched
+//! by NHS number), `model` and `json` (lenient single-pass parsing), `map` (resources to entries).
 //!
 //! A lookup gathers the whole answer (every page of every search) before mapping anything, so a
 //! reference is resolved wherever in the answer its target is, and every resource passes the
@@ -22,7 +23,11 @@ mod json;
 mod locator;
 mod map;
 mod model;
+mod patient_ids;
 mod query;
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span};
@@ -47,6 +52,16 @@ pub struct FhirSource {
     page_size: String,
     /// Which medication resources count.
     medications: MedicationKinds,
+    /// Set once the server has refused a chained search (`QueryMode::Chained`): later lookups
+    /// go straight to the two-round-trip flow instead of paying for a refused batch each time,
+    /// and the fallback is logged once per source rather than once per lookup. Never cleared:
+    /// a server that gains the capability is read in one round trip after a restart.
+    chain_unsupported: AtomicBool,
+    /// NHS number -> the server's Patient id, learnt from Patient searches that found exactly
+    /// one Patient carrying the NHS number: with it a lookup reads the record by id in one round
+    /// trip. Only a hint: the Patient at the id is verified on every answer that uses it (see
+    /// `query::Lookup::by_cached_id`). `None` when `patient_id_cache = false`.
+    patient_ids: Option<patient_ids::PatientIds>,
 }
 
 impl FhirSource {
@@ -62,6 +77,24 @@ impl FhirSource {
         if config.page_size == 0 {
             return Err(FhirConfigError::ZeroLimit { field: "page_size" });
         }
+        let patient_ids = if config.patient_id_cache {
+            if config.patient_id_cache_capacity == 0 {
+                return Err(FhirConfigError::ZeroLimit {
+                    field: "patient_id_cache_capacity",
+                });
+            }
+            if config.patient_id_cache_ttl_secs == 0 {
+                return Err(FhirConfigError::ZeroLimit {
+                    field: "patient_id_cache_ttl_secs",
+                });
+            }
+            Some(patient_ids::PatientIds::new(
+                config.patient_id_cache_capacity,
+                Duration::from_secs(config.patient_id_cache_ttl_secs),
+            ))
+        } else {
+            None
+        };
         Ok(FhirSource {
             info,
             http: client::FhirHttp::new(config)?,
@@ -69,6 +102,8 @@ impl FhirSource {
             page_limit: config.page_limit,
             page_size: config.page_size.to_string(),
             medications: config.medications,
+            chain_unsupported: AtomicBool::new(false),
+            patient_ids,
         })
     }
 

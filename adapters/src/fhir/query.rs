@@ -1,9 +1,11 @@
 //! One lookup against a FHIR server: find the patient, then read the wanted sections by search,
-//! `$everything` or batch, following `next` links up to the page limit.
+//! `$everything` or batch, following `next` links up to the page limit; or (chained mode) both
+//! in one batch whose searches name the patient by NHS number instead of by server id.
 //!
 //! Searches run concurrently as plain futures in this task (no spawned tasks), so when the broker
 //! drops the lookup at its deadline every request in flight is dropped with it.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -14,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::FhirSource;
-use super::bundle::{read_batch_response, read_page};
+use super::bundle::{BatchAnswer, read_batch_response, read_page};
 use super::client::insert;
 use super::config::QueryMode;
 use super::identity::{Identity, Rejected};
@@ -35,6 +37,41 @@ const FOLLOW_UP_CONCURRENCY: usize = 4;
 /// Time kept back from the deadline when follow-up reads run: the answer gathered so far must
 /// still be mapped and returned, not lost to a timeout because one Medication was slow.
 const FOLLOW_UP_HEADROOM: Duration = Duration::from_millis(100);
+
+/// What one attempt at reading the record gathered: the Patients it accepted, the raw answer,
+/// and what it noted on the way. An attempt by a remembered id that fails verification is
+/// dropped whole, so nothing of it reaches the record.
+struct Read {
+    identity: Identity,
+    out: Collected,
+    /// The whole answer, mapped once at the end: a reference may be resolved by any page, and
+    /// the same checks run whichever mode brought a resource.
+    answer: Vec<PageResource>,
+}
+
+impl Read {
+    fn new(nhs_number: &NhsNumber, source: &FhirSource) -> Read {
+        Read {
+            identity: Identity::new(*nhs_number, source.http.base()),
+            out: Collected::default(),
+            answer: Vec::new(),
+        }
+    }
+}
+
+/// The Patient a Patient search chose.
+struct Found {
+    /// Its server id.
+    id: String,
+    patient: carerecord_proto::Patient,
+    /// It was the only Patient carrying the NHS number (so its id may be remembered).
+    only: bool,
+}
+
+/// Statuses with which a server says the Patient at an id is not there (deleted, merged away).
+fn gone(status: u16) -> bool {
+    matches!(status, 404 | 410)
+}
 
 pub(crate) struct Lookup<'a> {
     source: &'a FhirSource,
@@ -75,60 +112,24 @@ impl<'a> Lookup<'a> {
     }
 
     pub(crate) async fn run(&self, nhs_number: &NhsNumber) -> Result<SourceReply, SourceError> {
-        let mut out = Collected::default();
-        let mut identity = Identity::new(*nhs_number, self.source.http.base());
-        let Some((patient_id, patient)) = self
-            .find_patient(nhs_number, &mut identity, &mut out)
-            .await?
-        else {
+        let chained = self.source.mode == QueryMode::Chained
+            && !self.source.chain_unsupported.load(Ordering::Relaxed);
+        let read = if chained {
+            let mut read = Read::new(nhs_number, self.source);
+            self.chained(nhs_number, &mut read)
+                .await?
+                .map(|patient| (read, patient))
+        } else {
+            self.search_then_read(nhs_number).await?
+        };
+        let Some((read, patient)) = read else {
             return Ok(SourceReply::NotFound);
         };
-        // The whole answer first, mapped once at the end: a reference may be resolved by any
-        // page, and the same checks run whichever mode brought a resource.
-        let mut answer: Vec<PageResource> = Vec::new();
-        match self.source.mode {
-            QueryMode::Search => {
-                let searches = Kind::searched(self.ctx.sections, self.ctx.medications)
-                    .into_iter()
-                    .map(|kind| {
-                        let url = self.search_url(kind, &patient_id);
-                        async move {
-                            let mut found = Collected::default();
-                            let mut resources = Vec::new();
-                            match self.source.http.get(url, &self.headers).await {
-                                Ok(first) => {
-                                    self.read_pages(first, kind, &mut found, &mut resources)
-                                        .await?;
-                                }
-                                Err(SourceError::Status(status))
-                                    if kind == Kind::Composition && unsupported(status) =>
-                                {
-                                    composition_unsupported(status);
-                                }
-                                Err(error) => return Err(error),
-                            }
-                            Ok::<_, SourceError>((found, resources))
-                        }
-                    });
-                for (found, resources) in try_join_all(searches).await? {
-                    out.absorb(found);
-                    answer.extend(resources);
-                }
-            }
-            QueryMode::Everything => {
-                let mut url = self.source.http.base().clone();
-                url.path_segments_mut()
-                    .map_err(|()| SourceError::Other("base URL cannot take a path".into()))?
-                    .pop_if_empty()
-                    .extend(["Patient", &patient_id, "$everything"]);
-                // Ask for large pages: every extra page is another round trip.
-                url.query_pairs_mut()
-                    .append_pair("_count", &self.source.page_size);
-                let first = self.source.http.get(url, &self.headers).await?;
-                self.read_everything(first, &mut out, &mut answer).await?;
-            }
-            QueryMode::Batch => self.batch(&patient_id, &mut out, &mut answer).await?,
-        }
+        let Read {
+            mut identity,
+            mut out,
+            answer,
+        } = read;
         let accepted = self.accept(&mut identity, &answer, &mut out)?;
         let base = self.source.http.base().as_str();
         let missing = map::unresolved_medication_references(
@@ -142,6 +143,307 @@ impl<'a> Lookup<'a> {
         record.record.patient = Some(patient);
         record.stamp_provenance(&self.source.info);
         Ok(SourceReply::Found(record))
+    }
+
+    /// The record of the patient by server id, the id found by a Patient search (two round
+    /// trips), or remembered from an earlier lookup (one round trip, verified on this answer).
+    async fn search_then_read(
+        &self,
+        nhs_number: &NhsNumber,
+    ) -> Result<Option<(Read, carerecord_proto::Patient)>, SourceError> {
+        if let Some(ids) = &self.source.patient_ids
+            && let Some(id) = ids.get(nhs_number).await
+        {
+            let mut read = Read::new(nhs_number, self.source);
+            if let Some(patient) = self.by_cached_id(&id, nhs_number, &mut read).await? {
+                return Ok(Some((read, patient)));
+            }
+            // Everything that answer said is dropped with `read`: nothing of it is used.
+            ids.evict(nhs_number).await;
+            debug!(
+                source = %self.source.info.id,
+                "the remembered patient id no longer names this patient; searching again"
+            );
+            if Instant::now() >= self.deadline {
+                return Err(SourceError::Timeout);
+            }
+        }
+        let mut read = Read::new(nhs_number, self.source);
+        let Some(found) = self
+            .find_patient(nhs_number, &mut read.identity, &mut read.out)
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.remember(nhs_number, &found).await;
+        self.read_record(&found.id, &mut read.out, &mut read.answer)
+            .await?;
+        Ok(Some((read, found.patient)))
+    }
+
+    /// Remembers the id of a Patient search that found exactly one Patient carrying the NHS
+    /// number (with several, every lookup searches, so the choice between them and its warning
+    /// stay as they are).
+    async fn remember(&self, nhs_number: &NhsNumber, found: &Found) {
+        if let Some(ids) = &self.source.patient_ids
+            && found.only
+        {
+            ids.insert(*nhs_number, &found.id).await;
+        }
+    }
+
+    /// The record read by a remembered Patient id in one round trip: `$everything` (which holds
+    /// the Patient), or the searches by id with `Patient/{id}` read alongside (in the same batch
+    /// in batch mode). The Patient at the id must still carry the NHS number and be active;
+    /// `Ok(None)` when it does not (another person, merged, deleted, gone): the caller discards
+    /// the whole answer. Other failures are the source's answer, as in the search flow.
+    async fn by_cached_id(
+        &self,
+        id: &str,
+        nhs_number: &NhsNumber,
+        read: &mut Read,
+    ) -> Result<Option<carerecord_proto::Patient>, SourceError> {
+        let Read {
+            identity,
+            out,
+            answer,
+        } = read;
+        match self.source.mode {
+            QueryMode::Everything => {
+                let url = self.everything_url(id)?;
+                let first = match self.source.http.get(url, &self.headers).await {
+                    Err(SourceError::Status(status)) if gone(status) => return Ok(None),
+                    other => other?,
+                };
+                self.read_everything(first, out, answer).await?;
+                // Without the Patient the answer cannot be shown to be about this patient.
+                let Some(item) = answer.iter().find(|item| {
+                    item.resource.resource_type.str() == Ok(Some("Patient"))
+                        && item.resource.id.str() == Ok(Some(id))
+                }) else {
+                    return Ok(None);
+                };
+                self.verify_cached(
+                    identity,
+                    &item.resource,
+                    item.full_url.as_deref(),
+                    id,
+                    nhs_number,
+                    out,
+                )
+            }
+            QueryMode::Search => {
+                let mut url = self.resource_url("Patient");
+                if let Ok(mut segments) = url.path_segments_mut() {
+                    segments.push(id);
+                }
+                let (patient, searched) = futures::join!(
+                    self.source.http.get(url, &self.headers),
+                    self.search_all(id, out, answer)
+                );
+                let patient = match patient {
+                    Err(SourceError::Status(status)) if gone(status) => return Ok(None),
+                    other => other?,
+                };
+                let verified = self.verify_cached(identity, &patient, None, id, nhs_number, out)?;
+                if verified.is_some() {
+                    searched?;
+                }
+                Ok(verified)
+            }
+            QueryMode::Batch | QueryMode::Chained => {
+                let kinds = Kind::searched(self.ctx.sections, self.ctx.medications);
+                let mut patient_url = self.resource_url("Patient");
+                if let Ok(mut segments) = patient_url.path_segments_mut() {
+                    segments.push(id);
+                }
+                let urls = std::iter::once(patient_url).chain(
+                    kinds
+                        .iter()
+                        .map(|kind| self.search_url(*kind, "patient", id)),
+                );
+                let mut answers = self.post_batch(urls).await?.into_iter();
+                let (status, patient) = answers.next().ok_or_else(|| {
+                    SourceError::InvalidResponse(
+                        "batch-response has the wrong number of entries".into(),
+                    )
+                })?;
+                if gone(status) {
+                    return Ok(None);
+                }
+                if !(200..300).contains(&status) {
+                    return Err(SourceError::Status(status));
+                }
+                let Some(patient) = patient else {
+                    return Ok(None);
+                };
+                let verified = self.verify_cached(identity, &patient, None, id, nhs_number, out)?;
+                if verified.is_some() {
+                    self.read_batch_answers(&kinds, answers.collect(), out, answer)
+                        .await?;
+                }
+                Ok(verified)
+            }
+        }
+    }
+
+    /// The Patient at a remembered id judged: still this patient's record (the same id, the NHS
+    /// number among its identifiers, not marked inactive as a merged-away record is) and
+    /// accepted by the identity check, or `None`.
+    fn verify_cached(
+        &self,
+        identity: &mut Identity,
+        patient: &Resource,
+        full_url: Option<&str>,
+        id: &str,
+        nhs_number: &NhsNumber,
+        out: &mut Collected,
+    ) -> Result<Option<carerecord_proto::Patient>, SourceError> {
+        let holds = patient.resource_type.str() == Ok(Some("Patient"))
+            && patient.id.str() == Ok(Some(id))
+            && patient.active.ok() != Some(&false)
+            && map::patient_has_nhs_number(patient, nhs_number);
+        if !holds || !identity.add_patient(patient, full_url)? {
+            return Ok(None);
+        }
+        Ok(Some(self.patient_record(patient, id, nhs_number, out)))
+    }
+
+    /// The second round trip of the two-round-trip flow: the record of the patient found by
+    /// the Patient search, as the configured mode reads it. Chained mode lands here only once
+    /// the server has refused the chain, and then reads by batch (the server answers batches).
+    async fn read_record(
+        &self,
+        patient_id: &str,
+        out: &mut Collected,
+        answer: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
+        match self.source.mode {
+            QueryMode::Search => self.search_all(patient_id, out, answer).await?,
+            QueryMode::Everything => {
+                let first = self
+                    .source
+                    .http
+                    .get(self.everything_url(patient_id)?, &self.headers)
+                    .await?;
+                self.read_everything(first, out, answer).await?;
+            }
+            QueryMode::Batch | QueryMode::Chained => self.batch(patient_id, out, answer).await?,
+        }
+        Ok(())
+    }
+
+    /// One search per wanted type by patient id, run concurrently.
+    async fn search_all(
+        &self,
+        patient_id: &str,
+        out: &mut Collected,
+        answer: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
+        let searches = Kind::searched(self.ctx.sections, self.ctx.medications)
+            .into_iter()
+            .map(|kind| {
+                let url = self.search_url(kind, "patient", patient_id);
+                async move {
+                    let mut found = Collected::default();
+                    let mut resources = Vec::new();
+                    match self.source.http.get(url, &self.headers).await {
+                        Ok(first) => {
+                            self.read_pages(first, kind, &mut found, &mut resources)
+                                .await?;
+                        }
+                        Err(SourceError::Status(status))
+                            if kind == Kind::Composition && unsupported(status) =>
+                        {
+                            composition_unsupported(status);
+                        }
+                        Err(error) => return Err(error),
+                    }
+                    Ok::<_, SourceError>((found, resources))
+                }
+            });
+        for (found, resources) in try_join_all(searches).await? {
+            out.absorb(found);
+            answer.extend(resources);
+        }
+        Ok(())
+    }
+
+    /// `Patient/{id}/$everything?_count=N`. Large pages: every extra page is another round trip.
+    fn everything_url(&self, patient_id: &str) -> Result<Url, SourceError> {
+        let mut url = self.source.http.base().clone();
+        url.path_segments_mut()
+            .map_err(|()| SourceError::Other("base URL cannot take a path".into()))?
+            .pop_if_empty()
+            .extend(["Patient", patient_id, "$everything"]);
+        url.query_pairs_mut()
+            .append_pair("_count", &self.source.page_size);
+        Ok(url)
+    }
+
+    /// The Patient search by NHS number and every wanted search chained on the same NHS
+    /// number (`patient.identifier=`), in one `batch` Bundle: one round trip. The Patient
+    /// entry is judged exactly as the Patient search of the other modes (the same code), so
+    /// the chained results are then checked against the Patients it accepted, as any mode's
+    /// are: a server that resolves the chain to someone else is caught by the identity check.
+    ///
+    /// A server that answers a chained search with a 4xx does not support the chain: the
+    /// lookup reads the record by id in a second batch (using the Patient it already has), and
+    /// the source is read in two round trips from then on.
+    async fn chained(
+        &self,
+        nhs_number: &NhsNumber,
+        read: &mut Read,
+    ) -> Result<Option<carerecord_proto::Patient>, SourceError> {
+        let Read {
+            identity,
+            out,
+            answer,
+        } = read;
+        let kinds = Kind::searched(self.ctx.sections, self.ctx.medications);
+        let token = nhs_number_token(nhs_number);
+        let urls = std::iter::once(self.patient_search_url(nhs_number)).chain(
+            kinds
+                .iter()
+                .map(|kind| self.search_url(*kind, CHAINED_PATIENT, &token)),
+        );
+        let mut answers = self.post_batch(urls).await?.into_iter();
+        let (status, patients) = answers.next().ok_or_else(|| {
+            SourceError::InvalidResponse("batch-response has the wrong number of entries".into())
+        })?;
+        if !(200..300).contains(&status) {
+            return Err(SourceError::Status(status));
+        }
+        let patients = patients.ok_or_else(|| {
+            SourceError::InvalidResponse("batch-response entry has no Bundle".into())
+        })?;
+        let Some(found) = self.choose_patient(*patients, nhs_number, identity, out)? else {
+            return Ok(None);
+        };
+        // Verified like any Patient search: if the chain is refused, the next lookups read by id.
+        self.remember(nhs_number, &found).await;
+        let answers: Vec<BatchAnswer> = answers.collect();
+        // Composition is the one type a server may not search at all (see
+        // `composition_unsupported`): its refusal says nothing about the chain.
+        let refused = kinds
+            .iter()
+            .zip(&answers)
+            .find(|(kind, (status, _))| **kind != Kind::Composition && (400..500).contains(status))
+            .map(|(_, (status, _))| *status);
+        if let Some(status) = refused {
+            if !self.source.chain_unsupported.swap(true, Ordering::Relaxed) {
+                warn!(
+                    source = %self.source.info.id,
+                    status,
+                    "source refuses chained searches; it is read in two round trips from now on"
+                );
+            }
+            self.batch(&found.id, out, answer).await?;
+        } else {
+            self.read_batch_answers(&kinds, answers, out, answer)
+                .await?;
+        }
+        Ok(Some(found.patient))
     }
 
     /// The resources of wanted types that are about the matched patient. Patients in the answer
@@ -209,13 +511,21 @@ impl<'a> Lookup<'a> {
         nhs_number: &NhsNumber,
         identity: &mut Identity,
         out: &mut Collected,
-    ) -> Result<Option<(String, carerecord_proto::Patient)>, SourceError> {
-        let mut url = self.resource_url("Patient");
-        url.query_pairs_mut().append_pair(
-            "identifier",
-            &format!("{NHS_NUMBER_SYSTEM}|{}", nhs_number.as_digits()),
-        );
+    ) -> Result<Option<Found>, SourceError> {
+        let url = self.patient_search_url(nhs_number);
         let bundle = self.source.http.get(url, &self.headers).await?;
+        self.choose_patient(bundle, nhs_number, identity, out)
+    }
+
+    /// The Patient search's answer judged, whichever request brought it (a GET, or the first
+    /// entry of a chained batch): see [`Lookup::find_patient`].
+    fn choose_patient(
+        &self,
+        bundle: Resource,
+        nhs_number: &NhsNumber,
+        identity: &mut Identity,
+        out: &mut Collected,
+    ) -> Result<Option<Found>, SourceError> {
         let page = read_page(bundle, out)?;
         let mut candidates = Vec::new();
         for item in page.resources {
@@ -244,7 +554,8 @@ impl<'a> Lookup<'a> {
             return Ok(None);
         };
         let rest: Vec<_> = candidates.collect();
-        let chosen = if rest.is_empty() {
+        let only = rest.is_empty();
+        let chosen = if only {
             first.resource
         } else {
             // The other records' data is not read: the answer is short, never silently whole.
@@ -277,7 +588,20 @@ impl<'a> Lookup<'a> {
             .ok_or_else(|| {
                 SourceError::InvalidResponse("the Patient has no valid resource id".into())
             })?;
-        let patient = match map::patient(&chosen, nhs_number) {
+        let patient = self.patient_record(&chosen, &id, nhs_number, out);
+        Ok(Some(Found { id, patient, only }))
+    }
+
+    /// The patient's demographics from their Patient resource; a Patient that cannot be read in
+    /// full still names the patient (by the NHS number asked for) with a warning.
+    fn patient_record(
+        &self,
+        resource: &Resource,
+        id: &str,
+        nhs_number: &NhsNumber,
+        out: &mut Collected,
+    ) -> carerecord_proto::Patient {
+        match map::patient(resource, nhs_number) {
             Ok(patient) => patient,
             Err(_) => {
                 out.warnings
@@ -285,14 +609,13 @@ impl<'a> Lookup<'a> {
                 carerecord_proto::Patient {
                     nhs_number: nhs_number.as_digits(),
                     provenance: vec![carerecord_proto::Provenance {
-                        source_entry_id: id.clone(),
+                        source_entry_id: id.to_owned(),
                         ..Default::default()
                     }],
                     ..Default::default()
                 }
             }
-        };
-        Ok(Some((id, patient)))
+        }
     }
 
     /// Gathers one search's first page and every page after it (following `next` links, at
@@ -361,15 +684,27 @@ impl<'a> Lookup<'a> {
         answer: &mut Vec<PageResource>,
     ) -> Result<(), SourceError> {
         let kinds = Kind::searched(self.ctx.sections, self.ctx.medications);
-        let base = self.source.http.base().as_str();
-        let entries: Vec<serde_json::Value> = kinds
+        let urls = kinds
             .iter()
-            .map(|kind| {
-                let url = self.search_url(*kind, patient_id);
+            .map(|kind| self.search_url(*kind, "patient", patient_id));
+        let answers = self.post_batch(urls).await?;
+        self.read_batch_answers(&kinds, answers, out, answer).await
+    }
+
+    /// One `batch` Bundle of GETs, one per URL, posted to the base; the answers in request
+    /// order, exactly as many as were asked.
+    async fn post_batch(
+        &self,
+        urls: impl Iterator<Item = Url>,
+    ) -> Result<Vec<BatchAnswer>, SourceError> {
+        let base = self.source.http.base().as_str();
+        let entries: Vec<serde_json::Value> = urls
+            .map(|url| {
                 let relative = url.as_str().strip_prefix(base).unwrap_or(url.as_str());
                 serde_json::json!({"request": {"method": "GET", "url": relative}})
             })
             .collect();
+        let asked = entries.len();
         let body = serde_json::to_vec(&serde_json::json!({
             "resourceType": "Bundle",
             "type": "batch",
@@ -378,11 +713,23 @@ impl<'a> Lookup<'a> {
         .map_err(|_| SourceError::Other("could not encode the batch".into()))?;
         let response = self.source.http.post_base(body, &self.headers).await?;
         let answers = read_batch_response(response)?;
-        if answers.len() != kinds.len() {
+        if answers.len() != asked {
             return Err(SourceError::InvalidResponse(
                 "batch-response has the wrong number of entries".into(),
             ));
         }
+        Ok(answers)
+    }
+
+    /// Each search's answer of a batch-response (in `kinds` order), every page of it: later
+    /// pages are fetched with plain GETs, at most `page_limit` pages per search.
+    async fn read_batch_answers(
+        &self,
+        kinds: &[Kind],
+        answers: Vec<BatchAnswer>,
+        out: &mut Collected,
+        answer: &mut Vec<PageResource>,
+    ) -> Result<(), SourceError> {
         let pages = kinds
             .iter()
             .zip(answers)
@@ -493,11 +840,21 @@ impl<'a> Lookup<'a> {
         url
     }
 
-    fn search_url(&self, kind: Kind, patient_id: &str) -> Url {
+    /// `Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|N`.
+    fn patient_search_url(&self, nhs_number: &NhsNumber) -> Url {
+        let mut url = self.resource_url("Patient");
+        url.query_pairs_mut()
+            .append_pair("identifier", &nhs_number_token(nhs_number));
+        url
+    }
+
+    /// A search of `kind` for the patient named by `param=value`: `patient={id}`, or the
+    /// chained `patient.identifier={NHS number token}`.
+    fn search_url(&self, kind: Kind, param: &str, value: &str) -> Url {
         let mut url = self.resource_url(kind.name());
         {
             let mut query = url.query_pairs_mut();
-            query.append_pair("patient", patient_id);
+            query.append_pair(param, value);
             match kind {
                 Kind::MedicationStatement => {
                     query.append_pair("_include", "MedicationStatement:medication");
@@ -514,6 +871,16 @@ impl<'a> Lookup<'a> {
         }
         url
     }
+}
+
+/// The chained search parameter naming the patient by identifier. FHIR R4 defines `patient`
+/// on every type the adapter searches (Appointment's is its patient actor; AllergyIntolerance
+/// has no `subject`), so one name serves all of them, as `patient={id}` does in search mode.
+const CHAINED_PATIENT: &str = "patient.identifier";
+
+/// The NHS number as a FHIR token, `https://fhir.nhs.uk/Id/nhs-number|N`.
+fn nhs_number_token(nhs_number: &NhsNumber) -> String {
+    format!("{NHS_NUMBER_SYSTEM}|{}", nhs_number.as_digits())
 }
 
 /// Statuses with which a server says it cannot search a resource type (rather than failing).
