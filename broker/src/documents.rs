@@ -18,6 +18,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::fhir_api::token::base64url_encode;
 
+/// The largest document streamed through the broker unless configured otherwise.
+pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = 20 * 1024 * 1024;
+
 /// The prefix of a broker-relative document reference.
 pub const PREFIX: &str = "Binary/";
 

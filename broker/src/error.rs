@@ -63,6 +63,12 @@ pub enum LookupError {
     /// Fail closed: nothing is disclosed unless the access was written to the audit trail.
     #[error("the audit trail cannot be written, so the record is not disclosed; try again shortly")]
     AuditUnavailable,
+    /// Not an id this broker issued, or not in the record this requester may see.
+    #[error("no such document in the record you may see")]
+    DocumentNotFound,
+    /// The organisation holding the document did not serve it.
+    #[error("the organisation holding the document did not serve it: {0}")]
+    DocumentUnavailable(String),
 }
 
 impl LookupError {
@@ -90,6 +96,8 @@ impl LookupError {
             LookupError::Overloaded { .. } => "OVERLOADED",
             LookupError::ShuttingDown => "SHUTTING_DOWN",
             LookupError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            LookupError::DocumentNotFound => "DOCUMENT_NOT_FOUND",
+            LookupError::DocumentUnavailable(_) => "DOCUMENT_UNAVAILABLE",
         }
     }
 
@@ -126,7 +134,8 @@ impl LookupError {
             LookupError::Denied(Denial::RelationshipUnconfirmed(_))
             | LookupError::AuditUnavailable
             | LookupError::ShuttingDown => "unavailable",
-            LookupError::Denied(_) => "denied",
+            LookupError::Denied(_) | LookupError::DocumentNotFound => "denied",
+            LookupError::DocumentUnavailable(_) => "unavailable",
             LookupError::Overloaded { .. } => "shed",
             _ => "invalid",
         }
@@ -164,6 +173,8 @@ mod tests {
             },
             LookupError::ShuttingDown,
             LookupError::AuditUnavailable,
+            LookupError::DocumentNotFound,
+            LookupError::DocumentUnavailable("x".into()),
         ];
         let mut seen = std::collections::HashSet::new();
         for e in &all {

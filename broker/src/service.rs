@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use carerecord_proto::care_record_event::Event;
 use carerecord_proto::care_record_service_server::CareRecordService;
-use carerecord_proto::{CareRecordEvent, GetCareRecordRequest, GetCareRecordResponse, SourceEvent};
+use carerecord_proto::{
+    CareRecordEvent, DocumentChunk, GetCareRecordRequest, GetCareRecordResponse,
+    GetDocumentRequest, SourceEvent,
+};
 use futures::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -114,6 +117,7 @@ pub fn acceptable_request_id(id: &str) -> bool {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<CareRecordEvent, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<DocumentChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CareRecordService for CareRecordApi {
@@ -127,6 +131,15 @@ impl CareRecordService for CareRecordApi {
             Ok(answer) => Ok(Response::new(response(answer))),
             Err(e) => Err(status_of(&e, &request_id)),
         }
+    }
+
+    type GetDocumentStream = ChunkStream;
+
+    async fn get_document(
+        &self,
+        request: Request<GetDocumentRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        self.document(request).await.map(Response::new)
     }
 
     type StreamCareRecordStream = EventStream;
@@ -151,6 +164,70 @@ impl CareRecordService for CareRecordApi {
             Err(e) => Err(status_of(&e, &request_id)),
         }));
         Ok(Response::new(stream))
+    }
+}
+
+impl CareRecordApi {
+    /// `GetDocument`: the document's patient is looked up for this requester (the same access
+    /// decision and audit as `GetCareRecord`), then the content is streamed through.
+    async fn document(&self, request: Request<GetDocumentRequest>) -> Result<ChunkStream, Status> {
+        let caller = self.identify(&request);
+        let caller_timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let request_id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| acceptable_request_id(id))
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.broker.new_request_id());
+        let inner = request.into_inner();
+        let refuse = |e: LookupError| {
+            tracing::info!(request_id = %request_id, reason = e.reason(), error = %e, "document refused");
+            status_of(&e, &request_id)
+        };
+        let doc = self
+            .broker
+            .open_document(&inner.document_id)
+            .ok_or_else(|| refuse(LookupError::DocumentNotFound))?;
+        let lookup = GetCareRecordRequest {
+            nhs_number: doc.nhs_number.as_digits(),
+            requester: inner.requester,
+            sections: Vec::new(),
+            cache: carerecord_proto::CacheDirective::AllowCached as i32,
+            via_brokers: Vec::new(),
+        };
+        let checked =
+            validate::check(lookup, request_id.clone(), caller_timeout).map_err(&refuse)?;
+        let answer = self
+            .broker
+            .document(
+                checked,
+                &inner.document_id,
+                caller,
+                crate::documents::DEFAULT_MAX_DOCUMENT_BYTES,
+            )
+            .await
+            .map_err(&refuse)?;
+        let doc = answer.document;
+        let mut first = Some((doc.content_type, doc.length.unwrap_or(0)));
+        let chunks = doc.body.map(move |chunk| match chunk {
+            Ok(data) => {
+                let (content_type, length) = first.take().unwrap_or_default();
+                Ok(DocumentChunk {
+                    content_type,
+                    length,
+                    data: data.to_vec(),
+                })
+            }
+            Err(e) => Err(Status::unavailable(format!(
+                "the document was cut short by its organisation: {e}"
+            ))),
+        });
+        Ok(Box::pin(chunks))
     }
 }
 
@@ -197,7 +274,10 @@ fn code_of(e: &LookupError) -> Code {
         LookupError::Loop(_) => Code::FailedPrecondition,
         LookupError::Deadline(_) => Code::DeadlineExceeded,
         LookupError::Overloaded { .. } => Code::ResourceExhausted,
-        LookupError::ShuttingDown | LookupError::AuditUnavailable => Code::Unavailable,
+        LookupError::ShuttingDown
+        | LookupError::AuditUnavailable
+        | LookupError::DocumentUnavailable(_) => Code::Unavailable,
+        LookupError::DocumentNotFound => Code::NotFound,
     }
 }
 

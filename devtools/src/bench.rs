@@ -1925,6 +1925,14 @@ struct Echo {
 
 type EventStream =
     Pin<Box<dyn futures::Stream<Item = Result<CareRecordEvent, tonic::Status>> + Send>>;
+type ChunkStream = Pin<
+    Box<dyn futures::Stream<Item = Result<carerecord_proto::DocumentChunk, tonic::Status>> + Send>,
+>;
+
+/// The references serve lookups only.
+fn no_documents() -> tonic::Status {
+    tonic::Status::unimplemented("the bench references serve no documents")
+}
 
 #[tonic::async_trait]
 impl CareRecordService for Echo {
@@ -1935,6 +1943,15 @@ impl CareRecordService for Echo {
         let nhs = &request.get_ref().nhs_number;
         let response = self.responses.get(nhs).unwrap_or(&self.fallback).clone();
         Ok(tonic::Response::new(response))
+    }
+
+    type GetDocumentStream = ChunkStream;
+
+    async fn get_document(
+        &self,
+        _request: tonic::Request<carerecord_proto::GetDocumentRequest>,
+    ) -> Result<tonic::Response<ChunkStream>, tonic::Status> {
+        Err(no_documents())
     }
 
     type StreamCareRecordStream = EventStream;
@@ -2262,6 +2279,15 @@ impl CareRecordService for Minimal {
             complete,
             ..GetCareRecordResponse::default()
         }))
+    }
+
+    type GetDocumentStream = ChunkStream;
+
+    async fn get_document(
+        &self,
+        _request: tonic::Request<carerecord_proto::GetDocumentRequest>,
+    ) -> Result<tonic::Response<ChunkStream>, tonic::Status> {
+        Err(no_documents())
     }
 
     type StreamCareRecordStream = EventStream;

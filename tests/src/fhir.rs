@@ -136,6 +136,35 @@ impl FhirFace {
         read(request.send().await.expect("the face answers")).await
     }
 
+    /// `GET {path}` accepting anything: (status, headers, raw body).
+    pub async fn get_raw(
+        &self,
+        path: &str,
+        token: &str,
+    ) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the face answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("a body").to_vec();
+        (status, headers, body)
+    }
+
+    /// `GET {path}` accepting only FHIR JSON.
+    pub async fn get_fhir(&self, path: &str, token: &str) -> Answer {
+        let request = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header("accept", "application/fhir+json")
+            .bearer_auth(token);
+        read(request.send().await.expect("the face answers")).await
+    }
+
     /// `GET {path}` relative to the base.
     pub async fn get(&self, path: &str, token: Option<&str>) -> Answer {
         let mut request = self.client.get(format!("{}{path}", self.base));

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -60,6 +60,7 @@ pub fn router(face: Arc<Face>) -> Router {
     Router::new()
         .route("/metadata", get(metadata))
         .route("/Patient/$getstructuredrecord", post(structured_record))
+        .route("/Binary/{id}", get(binary))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(face)
@@ -393,6 +394,105 @@ async fn lookup(
     };
     let bundle = bundle::structured_record(&answer, &options);
     Ok(fhir_json(StatusCode::OK, &bundle, Some(request_id)))
+}
+
+/// `GET Binary/{id}`: a document of the record, streamed from the organisation that holds it
+/// through the broker, after the same access decision as the record (and audited). Raw content
+/// with its own media type; a FHIR `Binary` resource (base64) when the client accepts only
+/// `application/fhir+json`.
+async fn binary(
+    State(face): State<Arc<Face>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = face.request_id(&headers);
+    match document(&face, &peer, &headers, &id, &request_id).await {
+        Ok(response) => response,
+        Err(e) => {
+            let mut response = e.into_response();
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert("x-request-id", v);
+            }
+            response
+        }
+    }
+}
+
+async fn document(
+    face: &Face,
+    peer: &Peer,
+    headers: &HeaderMap,
+    id: &str,
+    request_id: &str,
+) -> Result<Response, FaceError> {
+    use futures::StreamExt;
+    let (caller, key) = face.identify(peer)?;
+    let requester = face.requester(headers, &caller, key)?;
+    let not_found = || FaceError::from(&crate::error::LookupError::DocumentNotFound);
+    let doc = face.broker.open_document(id).ok_or_else(not_found)?;
+    let request = GetCareRecordRequest {
+        nhs_number: doc.nhs_number.as_digits(),
+        requester: Some(requester),
+        sections: Vec::new(),
+        cache: CacheDirective::AllowCached as i32,
+        via_brokers: Vec::new(),
+    };
+    let checked =
+        validate::check(request, request_id.to_owned(), None).map_err(|e| FaceError::from(&e))?;
+    let max = face.settings.max_document_bytes;
+    let answer = face
+        .broker
+        .document(checked, id, CallingSystem::Identified(caller), max)
+        .await
+        .map_err(|e| FaceError::from(&e))?;
+    let doc = answer.document;
+    let wants_fhir = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/fhir+json") && !a.contains("*/*"));
+    if wants_fhir {
+        let mut content = Vec::new();
+        let mut body = doc.body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                FaceError::from(&crate::error::LookupError::DocumentUnavailable(
+                    e.to_string(),
+                ))
+            })?;
+            content.extend_from_slice(&chunk);
+        }
+        let binary = serde_json::json!({
+            "resourceType": "Binary",
+            "id": id,
+            "contentType": doc.content_type,
+            "data": token::base64_standard(&content),
+        });
+        return Ok(fhir_json(StatusCode::OK, &binary, Some(request_id)));
+    }
+    let body = axum::body::Body::from_stream(
+        doc.body
+            .map(|chunk| chunk.map_err(|e| std::io::Error::other(e.to_string()))),
+    );
+    let mut response = (StatusCode::OK, body).into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&doc.content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    if let Some(length) = doc.length
+        && let Ok(v) = HeaderValue::from_str(&length.to_string())
+    {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    Ok(response)
 }
 
 /// Every organisation asked answered "not known here", and none is missing: a 404, as GP

@@ -120,6 +120,8 @@ impl From<&LookupError> for FaceError {
             LookupError::ShuttingDown | LookupError::AuditUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "transient")
             }
+            LookupError::DocumentNotFound => (StatusCode::NOT_FOUND, "not-found"),
+            LookupError::DocumentUnavailable(_) => (StatusCode::BAD_GATEWAY, "transient"),
         };
         FaceError {
             status,

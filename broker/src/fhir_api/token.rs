@@ -412,10 +412,9 @@ pub fn public_pem(pkcs8: &[u8]) -> Result<String, SignError> {
     Ok(pem("PUBLIC KEY", &der))
 }
 
-/// PEM text with the standard alphabet, padded, 64 columns.
-pub fn pem(label: &str, der: &[u8]) -> String {
-    let url = base64url::encode(der);
-    let mut standard: String = url
+/// Standard base64 with padding (PEM, FHIR `base64Binary`).
+pub fn base64_standard(bytes: &[u8]) -> String {
+    let mut standard: String = base64url::encode(bytes)
         .chars()
         .map(|c| match c {
             '-' => '+',
@@ -426,6 +425,12 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     while !standard.len().is_multiple_of(4) {
         standard.push('=');
     }
+    standard
+}
+
+/// PEM text with the standard alphabet, padded, 64 columns.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    let standard = base64_standard(der);
     let mut out = format!("-----BEGIN {label}-----\n");
     for line in standard.as_bytes().chunks(64) {
         out.push_str(&String::from_utf8_lossy(line));

@@ -18,7 +18,7 @@ use crate::merge::MergedRecord;
 use crate::validate::LookupRequest;
 
 /// A merged record as one requester may see it.
-struct Visible {
+pub(super) struct Visible {
     record: CareRecord,
     withheld: bool,
     sources: Vec<carerecord_proto::SourceStatus>,
@@ -181,7 +181,7 @@ impl Broker {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn audit_event(
+    pub(super) fn audit_event(
         &self,
         request: &LookupRequest,
         caller: &Caller,

@@ -16,6 +16,7 @@
 mod admission;
 mod answer;
 mod disclose;
+mod document;
 mod stream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,7 @@ use tracing::Instrument;
 
 pub use admission::{DEFAULT_MAX_LOOKUPS_IN_FLIGHT, LoadLimits, Slot};
 pub use answer::{LookupAnswer, SourceUpdate, StreamEvent};
+pub use document::DocumentAnswer;
 pub use stream::LookupStream;
 
 use crate::access::{Caller, Denial, Policy};

@@ -238,3 +238,248 @@ async fn the_capability_statement_describes_the_face() {
     assert_eq!(unknown.body["resourceType"], "OperationOutcome");
     assert_eq!(AUDIENCE, "https://carerecord.test/fhir");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Documents through the broker
+
+const LETTER_URL: &str = "https://hospital.internal/fhir/Binary/discharge-1";
+const LETTER: &str = "Discharge summary: admitted with chest pain, troponin negative.";
+const SENSITIVE_URL: &str = "https://hospital.internal/fhir/Binary/gum-1";
+
+/// A hospital holding two documents for the shared patient: a discharge summary, and a sexual
+/// health clinic letter coded with a sensitive SNOMED CT concept.
+fn hospital_with_documents() -> Arc<dyn Source> {
+    use carerecord_proto::{CareRecord, Coding, DocumentDetail, Entry, Patient, entry::Detail};
+    let document = |code: &str, display: &str, url: &str| Entry {
+        concept: Some(Coding {
+            system: SNOMED.into(),
+            code: code.into(),
+            display: display.into(),
+        }),
+        summary: display.into(),
+        effective: "2026-10-01".into(),
+        detail: Some(Detail::Document(DocumentDetail {
+            document_type: display.into(),
+            url: url.into(),
+            content_type: "text/plain".into(),
+            author: "Riverside Hospital".into(),
+        })),
+        ..Entry::default()
+    };
+    Arc::new(
+        carerecord_adapters::memory::InMemorySource::new("hospital", "RXX", "Riverside Hospital")
+            .with_patient(
+                shared_patient(),
+                CareRecord {
+                    patient: Some(Patient {
+                        family_name: "Smith".into(),
+                        birth_date: "1957-03-02".into(),
+                        ..Patient::default()
+                    }),
+                    documents: vec![
+                        document("373942005", "Discharge summary", LETTER_URL),
+                        // 86406008: HIV infection (a built-in sensitive code).
+                        document("86406008", "Sexual health clinic letter", SENSITIVE_URL),
+                    ],
+                    ..CareRecord::default()
+                },
+            )
+            .with_document(LETTER_URL, "text/plain", LETTER)
+            .with_document(SENSITIVE_URL, "text/plain", "sensitive content"),
+    )
+}
+
+/// The broker-relative URLs of the Bundle's DocumentReferences, by type text.
+fn document_urls(bundle: &Value) -> Vec<(String, String)> {
+    bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "DocumentReference")
+        .filter_map(|r| {
+            let url = r["content"][0]["attachment"]["url"].as_str()?;
+            Some((
+                r["type"]["text"].as_str().unwrap_or("").to_owned(),
+                url.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_document_is_fetched_through_the_broker_and_its_retrieval_audited() {
+    let audit_file = temp_path("fhir-documents.jsonl");
+    let (_broker, face) = face_over(
+        vec![Arc::new(gp_source()), hospital_with_documents()],
+        Settings {
+            audit_file: audit_file.clone(),
+            access: AccessConfig {
+                trust_unverified_assertions: true,
+                sensitive_roles: vec!["R8000".into()],
+                ..AccessConfig::default()
+            },
+            ..Settings::default()
+        },
+    )
+    .await;
+    let token = face.token(&clinician_claims());
+    let nhs = shared_patient().as_digits();
+    let bundle = face
+        .structured_record(&parameters(&nhs, vec![]), Some(&token))
+        .await;
+    assert_eq!(bundle.status, 200, "{}", bundle.body);
+    let text = bundle.body.to_string();
+    assert!(
+        !text.contains("hospital.internal"),
+        "no source URL leaves the broker"
+    );
+    let urls = document_urls(&bundle.body);
+    assert_eq!(urls.len(), 2, "{urls:?}");
+    let letter = urls
+        .iter()
+        .find(|(t, _)| t.contains("Discharge"))
+        .map(|(_, u)| u.clone())
+        .expect("the discharge summary");
+    assert!(letter.starts_with("Binary/"), "{letter}");
+
+    // Raw content, its own media type, not cached anywhere.
+    let raw = face.get_raw(&letter, &token).await;
+    assert_eq!(raw.0, 200);
+    assert_eq!(
+        raw.1.get("content-type").map(|v| v.to_str().unwrap_or("")),
+        Some("text/plain")
+    );
+    assert_eq!(raw.1["cache-control"], "no-store");
+    assert_eq!(raw.2, LETTER.as_bytes());
+    // As a FHIR Binary resource for a client that accepts only FHIR.
+    let binary = face.get_fhir(&letter, &token).await;
+    assert_eq!(binary.status, 200);
+    assert_eq!(binary.body["resourceType"], "Binary");
+    assert_eq!(binary.body["contentType"], "text/plain");
+    assert!(binary.body["data"].as_str().is_some_and(|d| !d.is_empty()));
+
+    // Audited: a "document" event by this user, naming the source.
+    let trail = std::fs::read_to_string(&audit_file).expect("audit trail");
+    let events: Vec<Value> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|l| l["event"].clone())
+        .collect();
+    let retrievals: Vec<&Value> = events.iter().filter(|e| e["kind"] == "document").collect();
+    assert_eq!(retrievals.len(), 2, "one per retrieval: {events:?}");
+    assert!(
+        retrievals
+            .iter()
+            .all(|e| e["user_id"] == "dr-test" && e["sources"][0] == "hospital")
+    );
+}
+
+#[tokio::test]
+async fn a_withheld_document_cannot_be_fetched_even_with_its_id_and_the_refusal_is_audited() {
+    let audit_file = temp_path("fhir-documents-withheld.jsonl");
+    let (_broker, face) = face_over(
+        vec![Arc::new(gp_source()), hospital_with_documents()],
+        Settings {
+            audit_file: audit_file.clone(),
+            access: AccessConfig {
+                trust_unverified_assertions: true,
+                sensitive_roles: vec!["R8000".into()],
+                ..AccessConfig::default()
+            },
+            ..Settings::default()
+        },
+    )
+    .await;
+    let nhs = shared_patient().as_digits();
+    // A permitted colleague's view lists the sensitive letter...
+    let permitted = face.token(&clinician_claims());
+    let bundle = face
+        .structured_record(&parameters(&nhs, vec![]), Some(&permitted))
+        .await;
+    let sensitive = document_urls(&bundle.body)
+        .into_iter()
+        .find(|(t, _)| t.contains("Sexual health"))
+        .map(|(_, u)| u)
+        .expect("listed for the permitted role");
+    // ...an ordinary role does not see it, and its id gets them nothing.
+    let ordinary = face.token_with(|c| c["role"] = json!("R8001"));
+    let theirs = face
+        .structured_record(&parameters(&nhs, vec![]), Some(&ordinary))
+        .await;
+    assert!(
+        document_urls(&theirs.body)
+            .iter()
+            .all(|(t, _)| !t.contains("Sexual health")),
+        "withheld from the ordinary role"
+    );
+    let refused = face.get(&sensitive, Some(&ordinary)).await;
+    assert_eq!(refused.status, 404, "{}", refused.body);
+    assert_eq!(refused.reason(), "DOCUMENT_NOT_FOUND");
+    // A forged id, and no token at all.
+    let forged = face.get("Binary/bm90LWEtcmVhbC1pZA", Some(&ordinary)).await;
+    assert_eq!(forged.reason(), "DOCUMENT_NOT_FOUND");
+    let anonymous = face.get(&sensitive, None).await;
+    assert_eq!(anonymous.status, 401);
+
+    let trail = std::fs::read_to_string(&audit_file).expect("audit trail");
+    assert!(
+        trail.lines().any(
+            |l| l.contains("document not in the record this requester may see")
+                && l.contains("R8001")
+        ),
+        "the refused retrieval is on the record"
+    );
+}
+
+#[tokio::test]
+async fn grpc_get_document_streams_the_same_content_and_refuses_unknown_ids() {
+    use carerecord_proto::{GetDocumentRequest, entry::Detail};
+    let (broker, _face) = face_over(
+        vec![Arc::new(gp_source()), hospital_with_documents()],
+        Settings::default(),
+    )
+    .await;
+    let record = broker
+        .lookup(request(&shared_patient().as_digits(), LONG))
+        .await
+        .record
+        .expect("a record");
+    let letter = record
+        .documents
+        .iter()
+        .find_map(|e| match &e.detail {
+            Some(Detail::Document(d)) if e.summary.contains("Discharge") => Some(d.url.clone()),
+            _ => None,
+        })
+        .expect("the discharge summary");
+    assert!(letter.starts_with("Binary/") && !letter.contains("hospital.internal"));
+    let mut client = broker.client().await;
+    let mut stream = client
+        .get_document(GetDocumentRequest {
+            document_id: letter.clone(),
+            requester: Some(clinician()),
+        })
+        .await
+        .expect("the document")
+        .into_inner();
+    let mut content = Vec::new();
+    let mut first = None;
+    while let Some(chunk) = stream.message().await.expect("a chunk") {
+        if first.is_none() {
+            first = Some((chunk.content_type.clone(), chunk.length));
+        }
+        content.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(first, Some(("text/plain".to_owned(), LETTER.len() as u64)));
+    assert_eq!(content, LETTER.as_bytes());
+
+    let status = client
+        .get_document(GetDocumentRequest {
+            document_id: "Binary/not-ours".into(),
+            requester: Some(clinician()),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+}
