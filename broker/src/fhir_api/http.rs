@@ -218,7 +218,12 @@ pub fn read_parameters(body: &[u8]) -> Result<Asked, FaceError> {
     let parameters = value["parameter"]
         .as_array()
         .ok_or_else(|| bad("no parameter array"))?;
-    let mut asked = Asked::default();
+    // Without includeAllergies every section comes whole; with it, GP Connect's
+    // includeResolvedAllergies decides (absent: current allergies only).
+    let mut asked = Asked {
+        include_resolved_allergies: true,
+        ..Asked::default()
+    };
     let mut nhs = None;
     let add = |s: Section, asked: &mut Asked| {
         if !asked.sections.contains(&s) {
@@ -249,6 +254,7 @@ pub fn read_parameters(body: &[u8]) -> Result<Asked, FaceError> {
             }
             Some("includeAllergies") => {
                 add(Section::Allergies, &mut asked);
+                asked.include_resolved_allergies = false;
                 if let Some(q) = part("includeResolvedAllergies") {
                     asked.include_resolved_allergies = q["valueBoolean"]
                         .as_bool()
@@ -548,6 +554,7 @@ mod tests {
             all.sections.is_empty(),
             "no include parameter: every section"
         );
+        assert!(all.include_resolved_allergies, "and every allergy");
     }
 
     #[test]

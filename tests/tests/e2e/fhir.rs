@@ -483,3 +483,180 @@ async fn grpc_get_document_streams_the_same_content_and_refuses_unknown_ids() {
         .expect_err("refused");
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The mock region: several organisations, one hung, one failing; gRPC and FHIR agree
+
+/// The resources a List names, resolved in the Bundle.
+fn list_items<'a>(bundle: &'a Value, title: &str) -> (Option<&'a Value>, Vec<&'a Value>) {
+    let entries: Vec<&Value> = bundle["entry"].as_array().into_iter().flatten().collect();
+    let list = entries
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["resourceType"] == "List" && r["title"] == title);
+    let items = list
+        .and_then(|l| l["entry"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["item"]["reference"].as_str())
+        .filter_map(|reference| {
+            entries.iter().map(|e| &e["resource"]).find(|r| {
+                format!(
+                    "{}/{}",
+                    r["resourceType"].as_str().unwrap_or(""),
+                    r["id"].as_str().unwrap_or("")
+                ) == reference
+            })
+        })
+        .collect();
+    (list, items)
+}
+
+/// Every coding code of a FHIR resource's main concept, whatever its type.
+fn codes_of(resource: &Value) -> std::collections::BTreeSet<String> {
+    let concept = [
+        "code",
+        "medicationCodeableConcept",
+        "type",
+        "category",
+        "appointmentType",
+    ]
+    .iter()
+    .map(|k| &resource[*k])
+    .find(|c| c.is_object() || c.is_array())
+    .cloned()
+    .unwrap_or(Value::Null);
+    let concept = if concept.is_array() {
+        concept[0].clone()
+    } else {
+        concept
+    };
+    concept["coding"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["code"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn over_the_region_the_bundle_carries_the_same_facts_as_grpc_with_a_hung_and_a_failing_organisation()
+ {
+    use carerecord_e2e::region::*;
+    use carerecord_mock_sources::{Fault, FhirMode};
+    use carerecord_proto::{CacheDirective, Section, SourceOutcome};
+
+    let server = start_region(&small_region(11, 100)).await;
+    let patient = server
+        .region()
+        .patients_known_to_at_least(4)
+        .next()
+        .expect("a patient known to four organisations");
+    let hung = patient.organisations[1].clone();
+    let failing = patient.organisations[2].clone();
+    server
+        .faults()
+        .set_fault(&hung, Fault::Hang)
+        .expect("known");
+    server
+        .faults()
+        .set_fault(&failing, Fault::Http500)
+        .expect("known");
+    let config = region_config(&server, FhirMode::Search, Duration::from_millis(600));
+    let broker = start_region_broker(&config).await;
+    let face = start_fhir(broker.broker.clone()).await;
+
+    let token = face.token(&clinician_claims());
+    let nhs = patient.nhs_number.as_digits();
+    let fhir = face
+        .structured_record(&parameters(&nhs, vec![]), Some(&token))
+        .await;
+    assert_eq!(fhir.status, 200, "partial success is a 200: {}", fhir.body);
+    // The same lookup on gRPC, served from the record the FHIR call merged.
+    let mut request = fresh_request(&patient.nhs_number, Duration::from_secs(3));
+    request.get_mut().cache = CacheDirective::AllowCached as i32;
+    let grpc = broker.lookup(request).await;
+    assert!(grpc.from_cache, "the same merged record");
+    assert!(!grpc.complete);
+    let outcome = |code: &str| {
+        grpc.sources
+            .iter()
+            .find(|s| s.organisation_code == code)
+            .map(|s| s.outcome)
+    };
+    assert_eq!(outcome(&hung), Some(SourceOutcome::Timeout as i32));
+    assert_eq!(outcome(&failing), Some(SourceOutcome::Error as i32));
+
+    let bundle = &fhir.body;
+    let resources: Vec<&Value> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    // The patient.
+    let record = grpc.record.clone().expect("a record");
+    let p = record.patient.clone().expect("demographics");
+    let fhir_patient = resources
+        .iter()
+        .find(|r| r["resourceType"] == "Patient")
+        .expect("a Patient");
+    assert_eq!(fhir_patient["identifier"][0]["value"], nhs.as_str());
+    assert_eq!(fhir_patient["birthDate"], p.birth_date.as_str());
+    // One issue per organisation that did not answer, naming it.
+    let outcome_issues = resources
+        .iter()
+        .find(|r| r["resourceType"] == "OperationOutcome")
+        .map(|r| r["issue"].to_string())
+        .expect("an OperationOutcome");
+    for (code, word) in [(&hung, "TIMEOUT"), (&failing, "ERROR")] {
+        assert!(
+            outcome_issues.contains(code.as_str()) && outcome_issues.contains(word),
+            "{code} {word}: {outcome_issues}"
+        );
+    }
+    // Every section: the same number of entries, the same codes; and an empty section says why.
+    for section in Section::ALL {
+        let entries = record.section(section);
+        let (list, items) = list_items(bundle, section.title());
+        let list = list.unwrap_or_else(|| panic!("a List for {}", section.title()));
+        assert_eq!(items.len(), entries.len(), "{}", section.title());
+        let grpc_codes: std::collections::BTreeSet<String> = entries
+            .iter()
+            .filter_map(|e| e.concept.as_ref().map(|c| c.code.clone()))
+            .collect();
+        let fhir_codes: std::collections::BTreeSet<String> =
+            items.iter().flat_map(|r| codes_of(r)).collect();
+        assert!(
+            grpc_codes.is_subset(&fhir_codes),
+            "{}: gRPC {grpc_codes:?} FHIR {fhir_codes:?}",
+            section.title()
+        );
+        if entries.is_empty() {
+            // Two organisations did not answer: never "nothing recorded".
+            assert_eq!(
+                list["emptyReason"]["coding"][0]["code"],
+                "unavailable",
+                "{}: {list}",
+                section.title()
+            );
+        }
+    }
+    // Every clinical resource says who reported it.
+    for r in &resources {
+        let t = r["resourceType"].as_str().unwrap_or("");
+        if [
+            "Condition",
+            "AllergyIntolerance",
+            "MedicationStatement",
+            "Observation",
+        ]
+        .contains(&t)
+        {
+            assert!(
+                r["meta"]["source"].is_string(),
+                "{t} without meta.source: {r}"
+            );
+        }
+    }
+}
