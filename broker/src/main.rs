@@ -41,6 +41,9 @@ enum Command {
     /// Read the audit trail: verify it, or list who looked at a patient's record.
     #[command(subcommand)]
     Audit(cli::audit::AuditCommand),
+    /// Make a token key and sign requester tokens for the FHIR face (setup and testing).
+    #[command(subcommand)]
+    Token(cli::token::TokenCommand),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             Command::CheckConfig { file } => cli::serve::check(&file),
             Command::Lookup(args) => cli::lookup::run(args).await,
             Command::Audit(command) => cli::audit::run(command),
+            Command::Token(command) => cli::token::run(command),
         }
     });
     match result {

@@ -5,3 +5,4 @@
 pub mod audit;
 pub mod lookup;
 pub mod serve;
+pub mod token;
