@@ -21,7 +21,8 @@ pub struct AuditEvent {
     /// RFC 3339 UTC.
     pub time: String,
     pub request_id: String,
-    /// `access` (allowed), `break_glass` (allowed as emergency access), or `denied`.
+    /// `access` (allowed), `break_glass` (allowed as emergency access), `document` (a document
+    /// retrieved through the broker), or `denied`.
     pub kind: String,
     /// The calling system, as identified by its client certificate (or `unverified` when the
     /// broker runs without mutual TLS).
