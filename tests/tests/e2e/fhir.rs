@@ -660,3 +660,126 @@ async fn over_the_region_the_bundle_carries_the_same_facts_as_grpc_with_a_hung_a
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mutual TLS: the calling system by its certificate, the person by the token it signed
+
+#[tokio::test]
+async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_the_token() {
+    use carerecord_broker::config::{SystemConfig, TlsConfig};
+    use carerecord_broker::fhir_api::token::{self, TokenKey};
+    use carerecord_broker::fhir_api::{Face, FaceListener, FaceSettings, listen};
+    use carerecord_e2e::pki::TestCa;
+
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let broker = start_broker(
+        vec![(Arc::new(gp_source()) as Arc<dyn Source>, LONG)],
+        Settings::default(),
+    )
+    .await;
+    let ca = TestCa::new("carerecord FHIR test CA");
+    let server = ca.server();
+    let dir = temp_path("fhir-mtls");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let tls = TlsConfig {
+        cert: write("server.pem", &server.cert_pem),
+        key: write("server.key", &server.key_pem),
+        client_ca: Some(write("ca.pem", &ca.cert_pem())),
+        systems: Vec::new(),
+    };
+    let private = token::generate("ed25519").expect("key");
+    let public = TokenKey::from_pem(&token::public_pem(&private).expect("pem")).expect("parses");
+    let system = SystemConfig {
+        id: "rj122-epr".into(),
+        dns_name: "epr.rj122.test".into(),
+        trusted_assertions: true,
+        token_key: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let base = format!("https://localhost:{port}/");
+    let settings = FaceSettings {
+        base_url: base.clone(),
+        audience: AUDIENCE.to_owned(),
+        max_token_lifetime: Duration::from_secs(300),
+        systems: Some(vec![system]),
+        keys: [("rj122-epr".to_owned(), public)].into(),
+        unverified_key: None,
+        max_document_bytes: 1024,
+    };
+    let listener = FaceListener::new(
+        listener,
+        Some(listen::tls_config(&tls).expect("TLS config")),
+    )
+    .expect("listener");
+    let face = Arc::new(Face {
+        broker: broker.broker.clone(),
+        settings,
+    });
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(carerecord_broker::fhir_api::serve(listener, face, async {
+        let _ = stopped.await;
+    }));
+
+    let client_for = |leaf: Option<&carerecord_e2e::pki::Leaf>| {
+        let mut builder = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("ca")])
+            .timeout(LONG);
+        if let Some(leaf) = leaf {
+            builder = builder.identity(
+                reqwest::Identity::from_pem(
+                    format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes(),
+                )
+                .expect("identity"),
+            );
+        }
+        builder.build().expect("client")
+    };
+    let ask = |client: reqwest::Client, token: String| {
+        let url = format!("{base}Patient/$getstructuredrecord");
+        let body = parameters(&shared_patient().as_digits(), vec![]).to_string();
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/fhir+json")
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+        }
+    };
+    let mut claims = clinician_claims();
+    claims["iss"] = json!("rj122-epr");
+    claims["organisation"] = json!("RJ122");
+    let signed = token::sign(&private, &claims).expect("signed");
+
+    let epr = client_for(Some(&ca.client("epr.rj122.test")));
+    let ok = ask(epr.clone(), signed.clone()).await.expect("answered");
+    assert_eq!(ok.status(), 200);
+    let bundle: Value = ok.json().await.expect("JSON");
+    assert_eq!(bundle["resourceType"], "Bundle");
+
+    // The same token from a certificate for another system: that system is not configured.
+    let stranger = client_for(Some(&ca.client("stranger.example")));
+    let refused = ask(stranger, signed.clone()).await.expect("answered");
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.expect("JSON");
+    assert_eq!(
+        body["issue"][0]["details"]["coding"][0]["code"],
+        "UNKNOWN_CALLING_SYSTEM"
+    );
+    // A token naming another issuer than the certificate's system.
+    claims["iss"] = json!("unverified");
+    let wrong_issuer = token::sign(&private, &claims).expect("signed");
+    let refused = ask(epr, wrong_issuer).await.expect("answered");
+    assert_eq!(refused.status(), 401);
+    // No client certificate: no connection at all.
+    assert!(ask(client_for(None), signed).await.is_err());
+}
