@@ -148,16 +148,33 @@ impl RecordCache {
     }
 }
 
-/// How much memory a decoded record takes per encoded byte: measured with 100,000 cached
-/// records (BENCHMARKS.md: 63 KB of RSS per 18.2 KB encoded), so `max_bytes` bounds RSS.
-const DECODED_PER_ENCODED: usize = 4;
+/// Heap bytes a decoded record takes per encoded byte, and a fixed part per cached record:
+/// measured with a counting allocator on the mock region's realistic records
+/// (`broker/tests/cache_weight.rs` checks the weight never under-counts): prost holds a heap
+/// `String` per field, a `Vec` per list and provenance per entry, ~5.5 × the encoded size, plus
+/// a few KB of structure per record.
+const DECODED_PER_ENCODED: usize = 6;
+const FIXED_PER_RECORD: usize = 8 * 1024;
 
-/// The weight of a record: an estimate of the memory it holds, from its encoded size.
-fn weight(record: &MergedRecord) -> u32 {
+/// The weight of a cached record: an estimate of the heap it holds — the merged record, the
+/// statuses and warnings, and the sources' answers it keeps (a patient's objection is answered
+/// from them) — so `cache.max_bytes` bounds memory.
+pub fn weight(record: &MergedRecord) -> u32 {
     let statuses: usize = record.sources.iter().map(|s| s.encoded_len()).sum();
     let warnings: usize = record.warnings.iter().map(|w| w.encoded_len()).sum();
-    let encoded = record.record.encoded_len() + statuses + warnings;
-    (encoded * DECODED_PER_ENCODED + 1024)
+    let sections: usize = record
+        .section_statuses
+        .iter()
+        .map(|s| s.encoded_len())
+        .sum();
+    let answers: usize = record
+        .answers
+        .iter()
+        .filter_map(|a| a.record.as_ref())
+        .map(|r| r.record.encoded_len() + r.warnings.iter().map(String::len).sum::<usize>())
+        .sum();
+    let encoded = record.record.encoded_len() + statuses + warnings + sections + answers;
+    (encoded * DECODED_PER_ENCODED + FIXED_PER_RECORD)
         .try_into()
         .unwrap_or(u32::MAX)
 }
