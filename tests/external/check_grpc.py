@@ -118,8 +118,8 @@ def check_reflection_v1alpha(c: Ctx):
     svc = pool.FindServiceByName(SERVICE)
     methods = sorted(m.name for m in svc.methods)
     R.check(
-        "reflection v1alpha: service descriptor has both RPCs",
-        methods == ["GetCareRecord", "StreamCareRecord"],
+        "reflection v1alpha: service descriptor has its three RPCs (GetCareRecord, GetDocument, StreamCareRecord)",
+        methods == ["GetCareRecord", "GetDocument", "StreamCareRecord"],
         f"methods {methods}",
     )
     fd = pool.FindFileContainingSymbol(SERVICE)

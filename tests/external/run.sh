@@ -14,8 +14,12 @@
 #   validate_fhir.py  every FHIR resource and Bundle the mock region serves, against
 #                     fhir.resources (R4B models) plus the UK Core shapes the broker relies on
 #   check_tls.py      a second broker with mutual TLS (certificates made with `cryptography`)
+#   check_fhir_face.py the broker's FHIR R4 face (`[fhir]` on another loopback port; its
+#                     `unverified_token_key` made with `carerecord token new-key`) as an outside
+#                     FHIR client: tokens signed in Python, read with fhir.resources and fhirclient
 # and prints `N passed, M failed`. Exits non-zero on any failure. Everything started is stopped
-# on exit. Set EXT_KEEP_TMP=1 to keep the temp dir (configs, logs, audit trail).
+# on exit. Set EXT_KEEP_TMP=1 to keep the temp dir (configs, logs, audit trail); EXT_ONLY="a.py b.py"
+# runs only those scripts.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -124,6 +128,20 @@ done
 [[ -n "$ADMIN_URL" ]] || die "mock-sources admin did not answer within 30 s"
 log "mock region up; admin $ADMIN_URL"
 
+# ---- the FHIR face: [fhir] on its own loopback port; `unverified` callers' tokens verified with
+# a key made by the product's CLI (check_fhir_face.py signs with its private half, in Python) ----
+mkdir -p "$TMP/fhir"
+"$BIN_DIR/carerecord" token new-key --out "$TMP/fhir/token-key.der" >"$TMP/fhir/token-key.pub.pem" ||
+  die "carerecord token new-key failed"
+FHIR_PORT="$(free_port)"
+cat >>"$TMP/broker.toml" <<EOF
+
+# Added by run.sh: the FHIR R4 face, plaintext on loopback (base URL and audience by default).
+[fhir]
+listen = "127.0.0.1:$FHIR_PORT"
+unverified_token_key = "$TMP/fhir/token-key.pub.pem"
+EOF
+
 # ---- the broker (plaintext, CWD=$TMP so the default audit file lands there) ---------------
 wait_serving() { # addr pid log -> 0 when the health check says SERVING
   "$PY" - "$1" "$2" <<'EOF'
@@ -163,24 +181,28 @@ for attempt in 1 2 3; do
   if grep -q "cannot listen" "$TMP/broker.log"; then
     # Lost the port race: take another and try again.
     BROKER_PORT="$(free_port)"
-    sed -i "s/^listen = .*/listen = \"127.0.0.1:$BROKER_PORT\"/" "$TMP/broker.toml"
-    log "broker port taken; retrying on $BROKER_PORT"
+    FHIR_PORT="$(free_port)"
+    sed -i -e "/^\[server\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$BROKER_PORT\"/" \
+      -e "/^\[fhir\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$FHIR_PORT\"/" "$TMP/broker.toml"
+    log "broker or FHIR port taken; retrying on $BROKER_PORT and $FHIR_PORT"
     continue
   fi
   die "broker did not become SERVING (attempt $attempt): $(tail -n 5 "$TMP/broker.log")"
 done
 [[ -n "$BROKER_ADDR" ]] || die "broker could not get a port"
-log "broker SERVING on $BROKER_ADDR"
+log "broker SERVING on $BROKER_ADDR; FHIR face on http://127.0.0.1:$FHIR_PORT/"
 
 # ---- the checks -------------------------------------------------------------------------
 export EXT_ROOT="$ROOT" EXT_BIN_DIR="$BIN_DIR" EXT_TMP="$TMP" EXT_RESULTS="$RESULTS"
 export EXT_BROKER_ADDR="$BROKER_ADDR" EXT_BROKER_CONFIG="$TMP/broker.toml"
 export EXT_ADMIN_URL="$ADMIN_URL" EXT_PATIENTS="$PATIENTS" EXT_ORGS="$ORGS"
 export EXT_PIDS_FILE="$PIDS_FILE" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export EXT_FHIR_BASE="http://127.0.0.1:$FHIR_PORT/" EXT_FHIR_TOKEN_KEY="$TMP/fhir/token-key.der"
 # gRPC core's own log lines (e.g. the TLS handshake failures the TLS checks provoke) are noise.
 export GRPC_VERBOSITY="${GRPC_VERBOSITY:-NONE}"
 
-SCRIPTS=(check_grpc.py validate_fhir.py check_tls.py)
+# EXT_ONLY="check_fhir_face.py ..." runs just those (while working on one of them).
+read -r -a SCRIPTS <<<"${EXT_ONLY:-check_grpc.py validate_fhir.py check_tls.py check_fhir_face.py}"
 for script in "${SCRIPTS[@]}"; do
   echo "==== $script"
   before="$(wc -l <"$RESULTS")"
