@@ -149,6 +149,68 @@ impl Source for BrokerSource {
         };
         Ok(reply_from(&self.info, response, request.sections))
     }
+
+    /// A document the remote broker listed (`Binary/{its id}`): fetched with its `GetDocument`,
+    /// so the remote makes its own access decision and audits it too.
+    async fn fetch_document(
+        &self,
+        request: &crate::DocumentRequest,
+    ) -> Result<crate::Document, SourceError> {
+        use futures::StreamExt;
+        let remaining = request
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Err(SourceError::Timeout);
+        }
+        let id = request.url.strip_prefix("Binary/").unwrap_or(&request.url);
+        let mut call = tonic::Request::new(carerecord_proto::GetDocumentRequest {
+            document_id: id.to_owned(),
+            requester: Some(request.requester.clone()),
+        });
+        call.set_timeout(remaining);
+        if let Ok(rid) = request.request_id.parse() {
+            call.metadata_mut().insert("x-request-id", rid);
+        }
+        let mut client = self.client.clone();
+        let mut chunks = client
+            .get_document(call)
+            .await
+            .map_err(|status| status_error(&status))?
+            .into_inner();
+        let first = chunks
+            .message()
+            .await
+            .map_err(|status| status_error(&status))?;
+        let (content_type, length, head) = match first {
+            Some(c) => (c.content_type, (c.length > 0).then_some(c.length), c.data),
+            None => (String::new(), Some(0), Vec::new()),
+        };
+        let max = request.max_bytes;
+        let cap = usize::try_from(max).unwrap_or(usize::MAX);
+        if length.is_some_and(|n| n > max) || head.len() as u64 > max {
+            return Err(SourceError::TooLarge(cap));
+        }
+        let mut sent = head.len() as u64;
+        let rest = chunks.map(move |chunk| {
+            let chunk = chunk.map_err(|status| status_error(&status))?;
+            sent += chunk.data.len() as u64;
+            if sent > max {
+                return Err(SourceError::TooLarge(cap));
+            }
+            Ok(bytes::Bytes::from(chunk.data))
+        });
+        let body = futures::stream::once(async move { Ok(bytes::Bytes::from(head)) }).chain(rest);
+        Ok(crate::Document {
+            content_type: if content_type.is_empty() {
+                "application/octet-stream".to_owned()
+            } else {
+                content_type
+            },
+            length,
+            body: Box::pin(body),
+        })
+    }
 }
 
 /// The remote broker's answer as this source's reply: provenance qualified with our id, and —

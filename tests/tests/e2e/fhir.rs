@@ -783,3 +783,51 @@ async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_th
     // No client certificate: no connection at all.
     assert!(ask(client_for(None), signed).await.is_err());
 }
+
+/// A document held behind a remote broker: the central broker's id opens to the remote's,
+/// fetched with the remote's `GetDocument` (which makes its own access decision).
+#[tokio::test]
+async fn a_document_behind_a_federated_broker_is_fetched_through_both() {
+    use carerecord_proto::{GetDocumentRequest, entry::Detail};
+    let remote = start_broker(
+        vec![(hospital_with_documents(), LONG)],
+        Settings {
+            broker_id: "north".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let central = start_broker(
+        vec![(remote_broker("north", &remote.url), LONG)],
+        Settings::default(),
+    )
+    .await;
+    let record = central
+        .lookup(request(&shared_patient().as_digits(), LONG))
+        .await
+        .record
+        .expect("a record");
+    let letter = record
+        .documents
+        .iter()
+        .find_map(|e| match &e.detail {
+            Some(Detail::Document(d)) if e.summary.contains("Discharge") => Some(d.url.clone()),
+            _ => None,
+        })
+        .expect("the discharge summary, via the remote");
+    let mut stream = central
+        .client()
+        .await
+        .get_document(GetDocumentRequest {
+            document_id: letter,
+            requester: Some(clinician()),
+        })
+        .await
+        .expect("the document")
+        .into_inner();
+    let mut content = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("a chunk") {
+        content.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(content, LETTER.as_bytes());
+}
