@@ -669,7 +669,13 @@ def check_partial(c: Ctx):
         detail=(naming[0].get("details") or {}).get("text", "") if naming else "",
     )
     answered = {(r.get("meta") or {}).get("source") for r in bundle_resources(a.body) if r.get("resourceType") in CLINICAL}
-    R.check(f"{where}: the other organisations' data is still there", len(answered) >= 1, f"sources {answered}", detail=f"{len(answered)} sources")
+    want = len(c.patient.orgs) - 1
+    R.check(
+        f"{where}: the other {want} organisations' data is still there",
+        len(answered) >= want,
+        f"sources {answered}",
+        detail=f"{len(answered)} sources",
+    )
 
 
 def main() -> int:
