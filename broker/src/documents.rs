@@ -2,21 +2,22 @@
 //! (`Binary/{id}`), never a source's internal URL, so retrieving a document goes through the
 //! broker's access decision and audit like any lookup (in the manner of IHE XCA Retrieve).
 //!
-//! The id is the source, the patient and the source's URL, sealed (ChaCha20-Poly1305, `ring`)
-//! under a key the broker holds: nobody can forge one, read the URL or the NHS number out of
-//! it, or point it at another patient's record. The nonce is derived from the content (HMAC),
-//! so the same document always gets the same id and a cached record's ids stay valid. The key
-//! is made at startup: ids last as long as the process (a region of several brokers behind a
-//! load balancer routes a patient to one broker; see OPERATIONS.md).
+//! The id is a keyed hash (HMAC-SHA-256 under a key made at startup) of the source, the patient
+//! and the source's URL: unforgeable, and nothing can be read out of it. It is 40 hex digits, a
+//! valid FHIR id. The broker remembers what each id stands for while it is in use (an hour since
+//! last use, up to 200,000 documents) — far longer than a record is cached, so a record's ids stay
+//! valid; after a restart (or a long pause) the client fetches the record again. The same
+//! document always gets the same id. A region of several brokers routes a patient to one broker
+//! (see OPERATIONS.md).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use carerecord_adapters::NhsNumber;
 use carerecord_proto::CareRecord;
 use carerecord_proto::entry::Detail;
-use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
-
-use crate::fhir_api::token::base64url_encode;
+use ring::rand::SystemRandom;
 
 /// The largest document streamed through the broker unless configured otherwise.
 pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = 20 * 1024 * 1024;
@@ -24,10 +25,14 @@ pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = 20 * 1024 * 1024;
 /// The prefix of a broker-relative document reference.
 pub const PREFIX: &str = "Binary/";
 
-/// Seals and opens document ids.
+/// How long an id is remembered since it was last used, and how many are.
+const REMEMBERED_FOR: Duration = Duration::from_secs(3600);
+const REMEMBERED: u64 = 200_000;
+
+/// Issues and resolves document ids.
 pub struct DocumentIds {
-    key: LessSafeKey,
-    nonces: hmac::Key,
+    key: hmac::Key,
+    issued: moka::sync::Cache<String, Arc<DocumentRef>>,
 }
 
 /// What a document id stands for.
@@ -40,76 +45,46 @@ pub struct DocumentRef {
 }
 
 impl DocumentIds {
-    /// Fresh keys from the system's random source.
+    /// A fresh key from the system's random source.
     pub fn new() -> DocumentIds {
         let rng = SystemRandom::new();
-        let mut key = [0u8; 32];
-        let mut mac = [0u8; 32];
         // The system RNG failing is not something to carry on from.
-        if rng.fill(&mut key).is_err() || rng.fill(&mut mac).is_err() {
-            panic!("the system random number generator failed");
-        }
-        DocumentIds::from_keys(key, mac)
-    }
-
-    fn from_keys(key: [u8; 32], mac: [u8; 32]) -> DocumentIds {
-        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &key);
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .unwrap_or_else(|_| panic!("the system random number generator failed"));
         DocumentIds {
-            key: LessSafeKey::new(unbound.unwrap_or_else(|_| unreachable!("32-byte key"))),
-            nonces: hmac::Key::new(hmac::HMAC_SHA256, &mac),
+            key,
+            issued: moka::sync::Cache::builder()
+                .max_capacity(REMEMBERED)
+                .time_to_idle(REMEMBERED_FOR)
+                .build(),
         }
     }
 
-    /// The id for a document.
+    /// The id for a document, remembered from now on.
     pub fn seal(&self, source_id: &str, nhs_number: NhsNumber, url: &str) -> String {
         let plain = format!("{source_id}\n{}\n{url}", nhs_number.as_digits());
-        let tag = hmac::sign(&self.nonces, plain.as_bytes());
-        let mut nonce = [0u8; 12];
-        nonce.copy_from_slice(&tag.as_ref()[..12]);
-        let mut sealed = plain.into_bytes();
-        if self
-            .key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::empty(),
-                &mut sealed,
-            )
-            .is_err()
-        {
-            // Only for inputs of ~256 GiB.
-            return String::new();
-        }
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
-        base64url_encode(&out)
+        let tag = hmac::sign(&self.key, plain.as_bytes());
+        let id: String = tag.as_ref()[..20]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.issued.insert(
+            id.clone(),
+            Arc::new(DocumentRef {
+                source_id: source_id.to_owned(),
+                nhs_number,
+                url: url.to_owned(),
+            }),
+        );
+        id
     }
 
-    /// What an id stands for; `None` for anything not sealed by this broker.
+    /// What an id stands for; `None` for anything this broker did not issue (or has forgotten).
     pub fn open(&self, id: &str) -> Option<DocumentRef> {
-        if id.len() > 4096 {
+        if id.len() != 40 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        let bytes = crate::fhir_api::token::base64url_decode(id)?;
-        if bytes.len() < 12 + aead::MAX_TAG_LEN {
-            return None;
-        }
-        let (nonce, sealed) = bytes.split_at(12);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let mut sealed = sealed.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::empty(), &mut sealed)
-            .ok()?;
-        let text = std::str::from_utf8(plain).ok()?;
-        let mut parts = text.splitn(3, '\n');
-        let source_id = parts.next()?.to_owned();
-        let nhs_number = NhsNumber::parse(parts.next()?).ok()?;
-        let url = parts.next()?.to_owned();
-        Some(DocumentRef {
-            source_id,
-            nhs_number,
-            url,
-        })
+        self.issued.get(id).map(|r| (*r).clone())
     }
 
     /// Replaces every document URL in one source's record by its broker-relative reference.
@@ -170,7 +145,7 @@ mod tests {
         let id = ids.seal("hospital", nhs(), "Binary/1");
         let mut altered = id.clone().into_bytes();
         let last = altered.len() - 1;
-        altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+        altered[last] = if altered[last] == b'a' { b'b' } else { b'a' };
         assert_eq!(ids.open(&String::from_utf8(altered).expect("ascii")), None);
         assert_eq!(DocumentIds::new().open(&id), None, "another broker's key");
         assert_eq!(ids.open("letter-1"), None);
