@@ -65,12 +65,9 @@ impl CareRecordApi {
         })
     }
 
-    /// The checked request and who is calling, or the status refusing it.
-    fn accept(
-        &self,
-        request: Request<GetCareRecordRequest>,
-    ) -> Result<(LookupRequest, CallingSystem), Status> {
-        let caller = self.identify(&request);
+    /// Who is calling, the caller's `grpc-timeout`, and the request id (the caller's
+    /// `x-request-id` when it is plain, else a new one).
+    fn context<T>(&self, request: &Request<T>) -> (CallingSystem, Option<Duration>, String) {
         let caller_timeout = request
             .metadata()
             .get("grpc-timeout")
@@ -83,6 +80,15 @@ impl CareRecordApi {
             .filter(|id| acceptable_request_id(id))
             .map(str::to_owned)
             .unwrap_or_else(|| self.broker.new_request_id());
+        (self.identify(request), caller_timeout, request_id)
+    }
+
+    /// The checked request and who is calling, or the status refusing it.
+    fn accept(
+        &self,
+        request: Request<GetCareRecordRequest>,
+    ) -> Result<(LookupRequest, CallingSystem), Status> {
+        let (caller, caller_timeout, request_id) = self.context(&request);
         let checked = validate::check(request.into_inner(), request_id.clone(), caller_timeout)
             .map_err(|e| {
                 tracing::info!(request_id = %request_id, reason = e.reason(), error = %e, "lookup refused");
@@ -171,19 +177,7 @@ impl CareRecordApi {
     /// `GetDocument`: the document's patient is looked up for this requester (the same access
     /// decision and audit as `GetCareRecord`), then the content is streamed through.
     async fn document(&self, request: Request<GetDocumentRequest>) -> Result<ChunkStream, Status> {
-        let caller = self.identify(&request);
-        let caller_timeout = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        let request_id = request
-            .metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|id| acceptable_request_id(id))
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.broker.new_request_id());
+        let (caller, caller_timeout, request_id) = self.context(&request);
         let inner = request.into_inner();
         let refuse = |e: LookupError| {
             tracing::info!(request_id = %request_id, reason = e.reason(), error = %e, "document refused");

@@ -307,13 +307,12 @@ fn document_urls(bundle: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_document_is_fetched_through_the_broker_and_its_retrieval_audited() {
-    let audit_file = temp_path("fhir-documents.jsonl");
-    let (_broker, face) = face_over(
+/// The GP and the hospital with documents; R8000 may see sensitive entries, R8001 may not.
+async fn documents_face(audit_file: &std::path::Path) -> (TestBroker, FhirFace) {
+    face_over(
         vec![Arc::new(gp_source()), hospital_with_documents()],
         Settings {
-            audit_file: audit_file.clone(),
+            audit_file: audit_file.to_owned(),
             access: AccessConfig {
                 trust_unverified_assertions: true,
                 sensitive_roles: vec!["R8000".into()],
@@ -322,7 +321,13 @@ async fn a_document_is_fetched_through_the_broker_and_its_retrieval_audited() {
             ..Settings::default()
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_document_is_fetched_through_the_broker_and_its_retrieval_audited() {
+    let audit_file = temp_path("fhir-documents.jsonl");
+    let (_broker, face) = documents_face(&audit_file).await;
     let token = face.token(&clinician_claims());
     let nhs = shared_patient().as_digits();
     let bundle = face
@@ -378,19 +383,7 @@ async fn a_document_is_fetched_through_the_broker_and_its_retrieval_audited() {
 #[tokio::test]
 async fn a_withheld_document_cannot_be_fetched_even_with_its_id_and_the_refusal_is_audited() {
     let audit_file = temp_path("fhir-documents-withheld.jsonl");
-    let (_broker, face) = face_over(
-        vec![Arc::new(gp_source()), hospital_with_documents()],
-        Settings {
-            audit_file: audit_file.clone(),
-            access: AccessConfig {
-                trust_unverified_assertions: true,
-                sensitive_roles: vec!["R8000".into()],
-                ..AccessConfig::default()
-            },
-            ..Settings::default()
-        },
-    )
-    .await;
+    let (_broker, face) = documents_face(&audit_file).await;
     let nhs = shared_patient().as_digits();
     // A permitted colleague's view lists the sensitive letter...
     let permitted = face.token(&clinician_claims());
