@@ -51,5 +51,8 @@ fn the_demo_reads_the_region_in_every_fhir_mode_and_refuses_an_unknown_one() {
         .output()
         .expect("run carerecord-dev");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expected search, everything or batch"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("expected search, everything, batch or chained")
+    );
 }
