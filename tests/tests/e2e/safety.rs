@@ -204,6 +204,12 @@ fn normalised(record: &CareRecord) -> CareRecord {
             e.conflicts.sort_by(|a, b| a.field.cmp(&b.field));
             e.security_labels
                 .sort_by(|a, b| (&a.system, &a.code).cmp(&(&b.system, &b.code)));
+            // Document ids are each broker's own (keyed by a per-process secret).
+            if let Some(entry::Detail::Document(d)) = e.detail.as_mut()
+                && d.url.starts_with("Binary/")
+            {
+                d.url = "Binary/{id}".into();
+            }
         }
     }
     r
