@@ -149,6 +149,30 @@ impl Face {
         ))
     }
 
+    /// Records the refusal of a client certificate no configured system matches, as gRPC does:
+    /// the core audits it under the requester the (unverifiable) token names, for `nhs_number`.
+    async fn audit_unknown_system(
+        &self,
+        headers: &HeaderMap,
+        nhs_number: String,
+        request_id: &str,
+    ) {
+        let requester = bearer(headers).and_then(token::unverified_requester);
+        let request = GetCareRecordRequest {
+            nhs_number,
+            requester,
+            sections: Vec::new(),
+            cache: CacheDirective::AllowCached as i32,
+            via_brokers: Vec::new(),
+        };
+        if let Ok(checked) = validate::check(request, request_id.to_owned(), None) {
+            let _ = self
+                .broker
+                .lookup(checked, CallingSystem::Unrecognised)
+                .await;
+        }
+    }
+
     /// The requester the bearer token speaks for.
     fn requester(
         &self,
@@ -156,16 +180,7 @@ impl Face {
         caller: &Caller,
         key: &TokenKey,
     ) -> Result<Requester, FaceError> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| FaceError::from(&token::TokenError::Missing))?;
+        let token = bearer(headers).ok_or_else(|| FaceError::from(&token::TokenError::Missing))?;
         token::verify(
             token,
             key,
@@ -190,6 +205,19 @@ impl Face {
             .map(str::to_owned)
             .unwrap_or_else(|| self.broker.new_request_id())
     }
+}
+
+/// The bearer token of a request, if it carries one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// What `$getstructuredrecord`'s Parameters ask for.
@@ -356,7 +384,18 @@ async fn lookup(
             "send the Parameters as application/fhir+json",
         ));
     }
-    let (caller, key) = face.identify(peer)?;
+    let (caller, key) = match face.identify(peer) {
+        Ok(found) => found,
+        Err(e) => {
+            if e.reason == "UNKNOWN_CALLING_SYSTEM"
+                && let Ok(asked) = read_parameters(body)
+            {
+                face.audit_unknown_system(headers, asked.nhs_number, request_id)
+                    .await;
+            }
+            return Err(e);
+        }
+    };
     let requester = face.requester(headers, &caller, key)?;
     let asked = read_parameters(body)?;
     let no_cache = headers
@@ -433,7 +472,18 @@ async fn document(
     request_id: &str,
 ) -> Result<Response, FaceError> {
     use futures::StreamExt;
-    let (caller, key) = face.identify(peer)?;
+    let (caller, key) = match face.identify(peer) {
+        Ok(found) => found,
+        Err(e) => {
+            if e.reason == "UNKNOWN_CALLING_SYSTEM"
+                && let Some(doc) = face.broker.open_document(id)
+            {
+                face.audit_unknown_system(headers, doc.nhs_number.as_digits(), request_id)
+                    .await;
+            }
+            return Err(e);
+        }
+    };
     let requester = face.requester(headers, &caller, key)?;
     let not_found = || FaceError::from(&crate::error::LookupError::DocumentNotFound);
     let doc = face.broker.open_document(id).ok_or_else(not_found)?;

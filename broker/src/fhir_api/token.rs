@@ -260,13 +260,17 @@ pub fn verify(
     if claims.iss.as_deref() != Some(expect.issuer) {
         return Err(TokenError::WrongIssuer);
     }
+    Ok(requester_of(claims))
+}
+
+fn requester_of(claims: Claims) -> Requester {
     let purpose = match claims.purpose.as_str() {
         "emergency_access" => Purpose::EmergencyAccess,
         // Unknown values are refused by the core's check below, as on gRPC.
         "" | "direct_care" => Purpose::DirectCare,
         _ => Purpose::Unspecified,
     };
-    Ok(Requester {
+    Requester {
         user_id: claims.sub,
         user_name: claims.name,
         role_code: claims.role,
@@ -274,7 +278,18 @@ pub fn verify(
         purpose: purpose as i32,
         emergency_reason: claims.emergency_reason,
         asserted_relationship: claims.relationship,
-    })
+    }
+}
+
+/// Who a token *says* is asking, without verifying it: only to describe a refused caller in
+/// the audit trail (as gRPC records an unrecognised system's request), never to decide anything.
+pub fn unverified_requester(token: &str) -> Option<Requester> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return None;
+    }
+    let payload = token.split('.').nth(1)?;
+    let claims: Claims = serde_json::from_slice(&base64url::decode(payload)?).ok()?;
+    Some(requester_of(claims))
 }
 
 /// base64 without a dependency: JWTs use the URL alphabet without padding, PEM the standard one.

@@ -665,9 +665,13 @@ async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_th
     use carerecord_e2e::pki::TestCa;
 
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let audit_file = temp_path("fhir-mtls-audit.jsonl");
     let broker = start_broker(
         vec![(Arc::new(gp_source()) as Arc<dyn Source>, LONG)],
-        Settings::default(),
+        Settings {
+            audit_file: audit_file.clone(),
+            ..Settings::default()
+        },
     )
     .await;
     let ca = TestCa::new("carerecord FHIR test CA");
@@ -768,6 +772,16 @@ async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_th
         body["issue"][0]["details"]["coding"][0]["code"],
         "UNKNOWN_CALLING_SYSTEM"
     );
+    // ...and the refusal is on the record, as on gRPC, under the user the token names.
+    let trail = std::fs::read_to_string(&audit_file).expect("audit trail");
+    let refusal = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|l| l["event"].clone())
+        .find(|e| e["kind"] == "denied" && e["system"] == "unknown")
+        .expect("the unknown system's refusal is audited");
+    assert_eq!(refusal["user_id"], "dr-test");
+    assert_eq!(refusal["patient"], shared_patient().as_digits());
     // A token naming another issuer than the certificate's system.
     claims["iss"] = json!("unverified");
     let wrong_issuer = token::sign(&private, &claims).expect("signed");
