@@ -425,27 +425,33 @@ async fn a_withheld_document_cannot_be_fetched_even_with_its_id_and_the_refusal_
     );
 }
 
-#[tokio::test]
-async fn grpc_get_document_streams_the_same_content_and_refuses_unknown_ids() {
-    use carerecord_proto::{GetDocumentRequest, entry::Detail};
-    let (broker, _face) = face_over(
-        vec![Arc::new(gp_source()), hospital_with_documents()],
-        Settings::default(),
-    )
-    .await;
+/// The discharge summary's document URL in the shared patient's record, over gRPC.
+async fn discharge_summary_url(broker: &TestBroker) -> String {
+    use carerecord_proto::entry::Detail;
     let record = broker
         .lookup(request(&shared_patient().as_digits(), LONG))
         .await
         .record
         .expect("a record");
-    let letter = record
+    record
         .documents
         .iter()
         .find_map(|e| match &e.detail {
             Some(Detail::Document(d)) if e.summary.contains("Discharge") => Some(d.url.clone()),
             _ => None,
         })
-        .expect("the discharge summary");
+        .expect("the discharge summary")
+}
+
+#[tokio::test]
+async fn grpc_get_document_streams_the_same_content_and_refuses_unknown_ids() {
+    use carerecord_proto::GetDocumentRequest;
+    let (broker, _face) = face_over(
+        vec![Arc::new(gp_source()), hospital_with_documents()],
+        Settings::default(),
+    )
+    .await;
+    let letter = discharge_summary_url(&broker).await;
     assert!(letter.starts_with("Binary/") && !letter.contains("hospital.internal"));
     let mut client = broker.client().await;
     let mut stream = client
@@ -795,7 +801,7 @@ async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_th
 /// fetched with the remote's `GetDocument` (which makes its own access decision).
 #[tokio::test]
 async fn a_document_behind_a_federated_broker_is_fetched_through_both() {
-    use carerecord_proto::{GetDocumentRequest, entry::Detail};
+    use carerecord_proto::GetDocumentRequest;
     let remote = start_broker(
         vec![(hospital_with_documents(), LONG)],
         Settings {
@@ -809,19 +815,7 @@ async fn a_document_behind_a_federated_broker_is_fetched_through_both() {
         Settings::default(),
     )
     .await;
-    let record = central
-        .lookup(request(&shared_patient().as_digits(), LONG))
-        .await
-        .record
-        .expect("a record");
-    let letter = record
-        .documents
-        .iter()
-        .find_map(|e| match &e.detail {
-            Some(Detail::Document(d)) if e.summary.contains("Discharge") => Some(d.url.clone()),
-            _ => None,
-        })
-        .expect("the discharge summary, via the remote");
+    let letter = discharge_summary_url(&central).await;
     let mut stream = central
         .client()
         .await
