@@ -457,6 +457,26 @@ impl Config {
             }
             _ => {}
         }
+        if let Some(fhir) = &self.fhir
+            && self.server.plaintext
+            && !fhir.listen.ip().is_loopback()
+            && !self.server.allow_plaintext_on_network
+        {
+            return Err(format!(
+                "fhir: the FHIR face would serve plaintext on {}, a non-loopback address (bearer tokens and records unencrypted): configure [server.tls], listen on a loopback address, or set server.allow_plaintext_on_network = true for an isolated test network",
+                fhir.listen
+            ));
+        }
+        if self
+            .fhir
+            .as_ref()
+            .is_some_and(|f| f.max_token_lifetime_secs == 0 || f.max_document_bytes == 0)
+        {
+            return Err(
+                "fhir: max_token_lifetime_secs and max_document_bytes must be greater than 0"
+                    .into(),
+            );
+        }
         if self.routing.mode == RoutingMode::Located
             && self.routing.locators.is_empty()
             && self.routing.always_ask.is_empty()
@@ -587,6 +607,17 @@ base_url = "http://127.0.0.1:8080/fhir"
         Config::parse(&allowed, Path::new("t.toml")).expect("explicitly allowed");
         let v6 = MINIMAL.replace("127.0.0.1:50051", "[::1]:50051");
         Config::parse(&v6, Path::new("t.toml")).expect("loopback");
+        // The FHIR face is held to the same rule.
+        let face = format!("{MINIMAL}\n[fhir]\nlisten = \"0.0.0.0:8080\"\n");
+        let msg = Config::parse(&face, Path::new("t.toml"))
+            .expect_err("a plaintext FHIR face on every interface")
+            .to_string();
+        assert!(
+            msg.contains("FHIR face") && msg.contains("non-loopback"),
+            "{msg}"
+        );
+        let local = format!("{MINIMAL}\n[fhir]\nlisten = \"127.0.0.1:8080\"\n");
+        Config::parse(&local, Path::new("t.toml")).expect("a loopback FHIR face");
     }
 
     #[test]

@@ -1302,6 +1302,9 @@ fn empty_reason(
             .any(|o| o.state() == SourceSectionState::NoneRecorded)
     });
     let (code, display) = match state {
+        // Something was held back from this requester (another organisation's data under a
+        // patient's objection, sensitive entries): never "nil known".
+        _ if withheld => ("withheld", "Information Withheld"),
         SectionState::NoneRecorded if everyone_said_none => ("nilknown", "Nil Known"),
         // Entries exist but the caller's own filters left them out: the notes say so.
         SectionState::Recorded if filtered > 0 => return None,
@@ -2469,6 +2472,23 @@ mod tests {
         let l = list(&b, "Allergies");
         assert_eq!(l["emptyReason"]["coding"][0]["code"], "nilknown");
         assert_eq!(l["emptyReason"]["coding"][0]["system"], LIST_EMPTY_REASON);
+        // The same answer with something held back from this requester (e.g. another
+        // organisation's data under a patient's objection) is never "nil known".
+        let held_back = LookupAnswer {
+            withheld: true,
+            ..a.clone()
+        };
+        let hb = structured_record(
+            &held_back,
+            &BundleOptions {
+                sections: vec![Section::Allergies],
+                ..options()
+            },
+        );
+        assert_eq!(
+            list(&hb, "Allergies")["emptyReason"]["coding"][0]["code"],
+            "withheld"
+        );
         assert!(l.get("entry").is_none());
         assert_eq!(l["code"]["coding"][0]["code"], "886921000000105");
         assert_eq!(l["extension"][0]["url"], EXT_SECTION_STATE);

@@ -545,6 +545,15 @@ async fn document(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
+    // A source's HTML or SVG must not run as the broker's origin.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'"),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment"),
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
     }
@@ -556,6 +565,8 @@ async fn document(
 fn nobody_knows(answer: &LookupAnswer) -> bool {
     answer.record.patient.is_none()
         && answer.complete
+        // Under a patient's objection only the requester's own organisation is in view.
+        && !answer.withheld
         && !answer.sources.is_empty()
         && answer
             .sources

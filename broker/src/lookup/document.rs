@@ -14,6 +14,34 @@ use crate::documents::{DocumentRef, PREFIX};
 use crate::error::LookupError;
 use crate::validate::LookupRequest;
 
+/// A source that sends nothing for this long ends the document (cut short).
+const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// No document streams for longer than this, however it trickles.
+const STREAM_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+type Body =
+    futures::stream::BoxStream<'static, Result<bytes::Bytes, carerecord_adapters::SourceError>>;
+
+/// The content, cut short (with a timeout error) when a chunk takes longer than `IDLE_LIMIT`
+/// or the whole passes `until`: a slow source or a stalled transfer never holds a connection
+/// for ever.
+fn bounded(body: Body, until: Instant) -> Body {
+    use futures::StreamExt;
+    Box::pin(futures::stream::unfold(
+        Some(body),
+        move |state| async move {
+            let mut body = state?;
+            let limit = (Instant::now() + IDLE_LIMIT).min(until);
+            match tokio::time::timeout_at(limit, body.next()).await {
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
+                Ok(Some(Err(e))) => Some((Err(e), None)),
+                Ok(None) => None,
+                Err(_) => Some((Err(carerecord_adapters::SourceError::Timeout), None)),
+            }
+        },
+    ))
+}
+
 /// A document on its way.
 #[derive(Debug)]
 pub struct DocumentAnswer {
@@ -112,10 +140,39 @@ impl Broker {
                 LookupError::DocumentUnavailable(e.to_string())
             })?;
         tracing::info!(parent: &span, source = %doc.source_id, content_type = %document.content_type, "document retrieved");
+        let document = Document {
+            body: bounded(document.body, Instant::now() + STREAM_LIMIT),
+            ..document
+        };
         Ok(DocumentAnswer {
             request_id: request.request_id,
             source_id: doc.source_id,
             document,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_document_that_stops_arriving_is_cut_short_not_waited_on_for_ever() {
+        let stalled: Body = Box::pin(
+            futures::stream::iter([Ok(bytes::Bytes::from_static(b"first part"))])
+                .chain(futures::stream::pending()),
+        );
+        let mut body = bounded(stalled, Instant::now() + STREAM_LIMIT);
+        assert_eq!(
+            body.next().await.and_then(Result::ok),
+            Some(bytes::Bytes::from_static(b"first part"))
+        );
+        assert!(matches!(
+            body.next().await,
+            Some(Err(carerecord_adapters::SourceError::Timeout))
+        ));
+        assert!(body.next().await.is_none(), "and it ends there");
     }
 }
