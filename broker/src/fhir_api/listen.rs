@@ -22,6 +22,10 @@ use crate::config::TlsConfig;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections handshaken but not yet taken by the server.
 const BACKLOG: usize = 128;
+/// TLS handshakes in progress at once: beyond this, new connections are closed at once, so a
+/// flood of clients that connect and say nothing cannot use up the process's file descriptors
+/// (shared with gRPC and the connections to the sources).
+const MAX_HANDSHAKES: usize = 256;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -101,6 +105,7 @@ impl FaceListener {
         let local = listener.local_addr()?;
         let (tx, accepted) = mpsc::channel::<(Pin<Box<dyn Connection>>, Peer)>(BACKLOG);
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (tcp, addr) = match listener.accept().await {
@@ -125,8 +130,13 @@ impl FaceListener {
                         }
                     }
                     Some(acceptor) => {
+                        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                            tracing::debug!(%addr, "FHIR face: too many TLS handshakes in progress; connection closed");
+                            continue;
+                        };
                         let acceptor = acceptor.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             let stream = match tokio::time::timeout(
                                 HANDSHAKE_TIMEOUT,
                                 acceptor.accept(tcp),
