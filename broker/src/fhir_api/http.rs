@@ -149,6 +149,32 @@ impl Face {
         ))
     }
 
+    /// Who is asking: the calling system (its client certificate) and the person (the token it
+    /// signed). An unrecognised system is refused and, as on gRPC, the refusal audited for the
+    /// patient `patient` names (read only then).
+    async fn who(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        patient: impl FnOnce() -> Option<String>,
+        request_id: &str,
+    ) -> Result<(Caller, Requester), FaceError> {
+        let (caller, key) = match self.identify(peer) {
+            Ok(found) => found,
+            Err(e) => {
+                if e.reason == "UNKNOWN_CALLING_SYSTEM"
+                    && let Some(nhs_number) = patient()
+                {
+                    self.audit_unknown_system(headers, nhs_number, request_id)
+                        .await;
+                }
+                return Err(e);
+            }
+        };
+        let requester = self.requester(headers, &caller, key)?;
+        Ok((caller, requester))
+    }
+
     /// Records the refusal of a client certificate no configured system matches, as gRPC does:
     /// the core audits it under the requester the (unverifiable) token names, for `nhs_number`.
     async fn audit_unknown_system(
@@ -353,16 +379,21 @@ async fn structured_record(
     body: Bytes,
 ) -> Response {
     let request_id = face.request_id(&headers);
-    match lookup(&face, &peer, &headers, &body, &request_id).await {
-        Ok(response) => response,
-        Err(e) => {
-            let mut response = e.into_response();
-            if let Ok(id) = HeaderValue::from_str(&request_id) {
-                response.headers_mut().insert("x-request-id", id);
-            }
-            response
+    tagged(
+        lookup(&face, &peer, &headers, &body, &request_id).await,
+        &request_id,
+    )
+}
+
+/// The response, or the refusal carrying the request id as answers do.
+fn tagged(result: Result<Response, FaceError>, request_id: &str) -> Response {
+    result.unwrap_or_else(|e| {
+        let mut response = e.into_response();
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            response.headers_mut().insert("x-request-id", id);
         }
-    }
+        response
+    })
 }
 
 async fn lookup(
@@ -384,19 +415,8 @@ async fn lookup(
             "send the Parameters as application/fhir+json",
         ));
     }
-    let (caller, key) = match face.identify(peer) {
-        Ok(found) => found,
-        Err(e) => {
-            if e.reason == "UNKNOWN_CALLING_SYSTEM"
-                && let Ok(asked) = read_parameters(body)
-            {
-                face.audit_unknown_system(headers, asked.nhs_number, request_id)
-                    .await;
-            }
-            return Err(e);
-        }
-    };
-    let requester = face.requester(headers, &caller, key)?;
+    let patient = || read_parameters(body).ok().map(|asked| asked.nhs_number);
+    let (caller, requester) = face.who(peer, headers, patient, request_id).await?;
     let asked = read_parameters(body)?;
     let no_cache = headers
         .get(header::CACHE_CONTROL)
@@ -452,16 +472,10 @@ async fn binary(
     headers: HeaderMap,
 ) -> Response {
     let request_id = face.request_id(&headers);
-    match document(&face, &peer, &headers, &id, &request_id).await {
-        Ok(response) => response,
-        Err(e) => {
-            let mut response = e.into_response();
-            if let Ok(v) = HeaderValue::from_str(&request_id) {
-                response.headers_mut().insert("x-request-id", v);
-            }
-            response
-        }
-    }
+    tagged(
+        document(&face, &peer, &headers, &id, &request_id).await,
+        &request_id,
+    )
 }
 
 async fn document(
@@ -472,19 +486,12 @@ async fn document(
     request_id: &str,
 ) -> Result<Response, FaceError> {
     use futures::StreamExt;
-    let (caller, key) = match face.identify(peer) {
-        Ok(found) => found,
-        Err(e) => {
-            if e.reason == "UNKNOWN_CALLING_SYSTEM"
-                && let Some(doc) = face.broker.open_document(id)
-            {
-                face.audit_unknown_system(headers, doc.nhs_number.as_digits(), request_id)
-                    .await;
-            }
-            return Err(e);
-        }
+    let patient = || {
+        face.broker
+            .open_document(id)
+            .map(|d| d.nhs_number.as_digits())
     };
-    let requester = face.requester(headers, &caller, key)?;
+    let (caller, requester) = face.who(peer, headers, patient, request_id).await?;
     let not_found = || FaceError::from(&crate::error::LookupError::DocumentNotFound);
     let doc = face.broker.open_document(id).ok_or_else(not_found)?;
     let request = GetCareRecordRequest {
