@@ -1186,6 +1186,33 @@ fn demographics_with_another_nhs_number_are_ignored_and_its_entries_disputed() {
 
 // ---- demographics ----------------------------------------------------------------------------
 
+/// Source `s` answers `records[s]`; configuration position `p` holds source `order[p]`.
+fn merged_in_order(records: &[CareRecord], order: &[usize]) -> MergedRecord {
+    let answers: Vec<Arc<Answer>> = order
+        .iter()
+        .enumerate()
+        .map(|(p, &s)| {
+            let mut a = answer(s, records[s].clone()).clone_for_test();
+            a.index = p;
+            Arc::new(a)
+        })
+        .collect();
+    let asked: Vec<Asked> = order
+        .iter()
+        .map(|&s| Asked {
+            info: info(s),
+            selected_by: "all".into(),
+        })
+        .collect();
+    merge(MergeInput::new(
+        nhs(),
+        &asked,
+        &answers,
+        today(),
+        Instant::now(),
+    ))
+}
+
 #[test]
 fn demographics_are_never_borrowed_from_a_disagreeing_source() {
     // s0 and s2 agree; s1 is someone else (other date of birth) and names another GP.
@@ -1204,29 +1231,7 @@ fn demographics_are_never_borrowed_from_a_disagreeing_source() {
         ..CareRecord::default()
     };
     for order in [[0, 1, 2], [1, 0, 2]] {
-        let records = [r0.clone(), r1.clone(), r2.clone()];
-        let answers: Vec<Arc<Answer>> = (0..3)
-            .map(|p| {
-                let s = order[p];
-                let mut a = answer(s, records[s].clone()).clone_for_test();
-                a.index = p;
-                Arc::new(a)
-            })
-            .collect();
-        let asked: Vec<Asked> = order
-            .iter()
-            .map(|&s| Asked {
-                info: info(s),
-                selected_by: "all".into(),
-            })
-            .collect();
-        let merged = merge(MergeInput::new(
-            nhs(),
-            &asked,
-            &answers,
-            today(),
-            Instant::now(),
-        ));
+        let merged = merged_in_order(&[r0.clone(), r1.clone(), r2.clone()], &order);
         let p = merged.record.patient.as_ref().expect("patient");
         assert_eq!(p.birth_date, "1970-01-01", "the better-supported identity");
         assert!(p.registered_gp_code.is_empty(), "not borrowed: {p:?}");
@@ -1257,28 +1262,7 @@ fn an_even_split_over_who_the_patient_is_marks_nobody_whatever_the_order() {
     ];
     let mut births = Vec::new();
     for order in [[0, 1], [1, 0]] {
-        let answers: Vec<Arc<Answer>> = (0..2)
-            .map(|p| {
-                let s = order[p];
-                let mut a = answer(s, records[s].clone()).clone_for_test();
-                a.index = p;
-                Arc::new(a)
-            })
-            .collect();
-        let asked: Vec<Asked> = order
-            .iter()
-            .map(|&s| Asked {
-                info: info(s),
-                selected_by: "all".into(),
-            })
-            .collect();
-        let merged = merge(MergeInput::new(
-            nhs(),
-            &asked,
-            &answers,
-            today(),
-            Instant::now(),
-        ));
+        let merged = merged_in_order(&records, &order);
         assert!(
             merged
                 .record
