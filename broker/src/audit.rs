@@ -8,6 +8,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +124,9 @@ pub struct AuditLog {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     /// Joined on drop, so the file (and its lock) is closed when the log is gone.
     writer: Option<std::thread::JoinHandle<()>>,
+    /// When the last write failed, cleared by the next one that succeeds: the readiness probe
+    /// turns traffic away from a broker that cannot record who looked.
+    failed_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl AuditLog {
@@ -166,8 +171,10 @@ impl AuditLog {
         } else {
             (0, GENESIS.to_owned())
         };
+        let failed_at = Arc::new(Mutex::new(None));
         let head = Head {
             path: path.to_owned(),
+            failed_at: failed_at.clone(),
             file,
             seq,
             hash,
@@ -183,6 +190,7 @@ impl AuditLog {
             path: path.to_owned(),
             jobs: Some(jobs),
             writer: Some(writer),
+            failed_at,
         })
     }
 
@@ -209,6 +217,11 @@ impl AuditLog {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// When the last write failed, if the trail has not been written since.
+    pub fn failing_since(&self) -> Option<Instant> {
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Drop for AuditLog {
@@ -226,6 +239,7 @@ impl Drop for AuditLog {
 /// The writer thread's state: the end of the chain and the file it extends.
 struct Head {
     path: PathBuf,
+    failed_at: Arc<Mutex<Option<Instant>>>,
     file: File,
     seq: u64,
     hash: String,
@@ -272,7 +286,10 @@ impl Head {
         if written.is_empty() {
             return;
         }
-        match self.append(&bytes) {
+        let result = self.append(&bytes);
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            result.is_err().then(Instant::now);
+        match result {
             Ok(()) => {
                 self.seq = seq;
                 self.hash = hash;

@@ -27,7 +27,7 @@ pub struct Config {
     /// Breakers, bulkheads, shedding and draining.
     #[serde(default)]
     pub resilience: ResilienceConfig,
-    /// The Prometheus endpoint.
+    /// The ops listener: probes and Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// Which sources to ask per patient (large regions).
@@ -129,7 +129,8 @@ pub struct DirectoryConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Where to serve Prometheus metrics (`GET /metrics`); unset means no endpoint.
+    /// Where the ops listener serves `GET /livez`, `/readyz` and `/metrics` (Prometheus); unset
+    /// means no probes and no metrics.
     pub listen: Option<SocketAddr>,
 }
 

@@ -19,6 +19,7 @@ pub mod flight;
 pub mod lookup;
 pub mod merge;
 pub mod metrics;
+pub mod ops;
 pub mod registry;
 pub mod resilience;
 pub mod routing;

@@ -68,13 +68,22 @@ async fn wait_serving(url: &str) {
     panic!("broker never became SERVING at {url}");
 }
 
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .expect("send");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("read");
-    body
+/// `GET path` on the ops listener: the status code and the whole response.
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("ops port");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (status, response)
 }
 
 fn lookup(nhs: &str, org: &str) -> tonic::Request<GetCareRecordRequest> {
@@ -94,7 +103,7 @@ fn lookup(nhs: &str, org: &str) -> tonic::Request<GetCareRecordRequest> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_exposes_metrics_reloads_on_hangup_and_drains_on_sigterm() {
+async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigterm() {
     let region = Arc::new(Region::generate(&RegionSpec {
         patients: 200,
         organisations: 5,
@@ -148,7 +157,13 @@ async fn serve_exposes_metrics_reloads_on_hangup_and_drains_on_sigterm() {
         .expect("lookup")
         .into_inner();
     assert_eq!(r.sources.len(), 5);
-    let metrics = scrape(metrics_port);
+    assert_eq!(get(metrics_port, "/livez").0, 200);
+    let (status, ready) = get(metrics_port, "/readyz");
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(get(metrics_port, "/metricz").0, 404);
+    assert_eq!(get(metrics_port, "/").0, 404);
+    let (status, metrics) = get(metrics_port, "/metrics");
+    assert_eq!(status, 200);
     for name in [
         "carerecord_lookups_total",
         "carerecord_source_requests_total",
@@ -190,7 +205,7 @@ async fn serve_exposes_metrics_reloads_on_hangup_and_drains_on_sigterm() {
 
     // SIGTERM during a slow lookup: it still completes, then the process exits cleanly.
     mock.faults()
-        .set_latency_all(LatencyProfile::Fixed { ms: 400 });
+        .set_latency_all(LatencyProfile::Fixed { ms: 800 });
     let mut slow_client = client.clone();
     let slow_nhs = nhs.clone();
     let gp = patient.gp.clone();
@@ -198,6 +213,22 @@ async fn serve_exposes_metrics_reloads_on_hangup_and_drains_on_sigterm() {
         tokio::spawn(async move { slow_client.get_care_record(lookup(&slow_nhs, &gp)).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     signal(&broker.0, "TERM");
+    // Out of rotation at once, while the in-flight lookup is still being answered.
+    let mut readiness = (0, String::new());
+    for _ in 0..40 {
+        readiness = get(metrics_port, "/readyz");
+        if readiness.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(readiness.0, 503, "{}", readiness.1);
+    assert!(readiness.1.contains("draining"), "{}", readiness.1);
+    assert_eq!(get(metrics_port, "/livez").0, 200, "alive while draining");
+    assert!(
+        !in_flight.is_finished(),
+        "the drain was observed mid-lookup"
+    );
     let r = in_flight
         .await
         .expect("task")
@@ -214,4 +245,72 @@ async fn serve_exposes_metrics_reloads_on_hangup_and_drains_on_sigterm() {
     }
     let status = exited.expect("broker exited after draining");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_while_the_audit_trail_cannot_be_written() {
+    if !std::path::Path::new("/dev/full").exists() {
+        eprintln!("SKIPPED: no /dev/full on this machine to make audit writes fail");
+        return;
+    }
+    let region = Arc::new(Region::generate(&RegionSpec {
+        patients: 20,
+        organisations: 2,
+        ..RegionSpec::default()
+    }));
+    let mock = RegionServer::start_with(
+        region.clone(),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ServerOptions {
+            latency: Some(LatencyProfile::ZERO),
+            ..ServerOptions::default()
+        },
+    )
+    .await
+    .expect("mock region");
+    let patient = region
+        .patients_known_to_at_least(1)
+        .next()
+        .expect("a known patient");
+    let grpc_port = free_port();
+    let ops_port = free_port();
+    let base = mock.broker_config_toml(&format!("127.0.0.1:{grpc_port}"));
+    // Every write to /dev/full fails with ENOSPC: a full disk under the trail.
+    let extra =
+        format!("\n[metrics]\nlisten = \"127.0.0.1:{ops_port}\"\n[audit]\nfile = \"/dev/full\"\n");
+    let split = base.find("[[sources]]").expect("sources in config");
+    let config_path = temp("full-disk.toml");
+    std::fs::write(
+        &config_path,
+        format!("{}{}\n{}", &base[..split], extra, &base[split..]),
+    )
+    .expect("write config");
+    let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
+        .args(["serve", "--config", config_path.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start broker");
+    let _broker = Broker(child);
+    let url = format!("http://127.0.0.1:{grpc_port}");
+    wait_serving(&url).await;
+    let (status, body) = get(ops_port, "/readyz");
+    assert_eq!(status, 200, "ready until a write fails: {body}");
+
+    let mut client = CareRecordServiceClient::connect(url)
+        .await
+        .expect("connect");
+    let refused = client
+        .get_care_record(lookup(&patient.nhs_number.as_digits(), &patient.gp))
+        .await
+        .expect_err("nothing is disclosed without an audit record");
+    assert_ne!(refused.code(), tonic::Code::Ok);
+    let (status, body) = get(ops_port, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("audit trail unwritable"), "{body}");
+    assert_eq!(
+        get(ops_port, "/livez").0,
+        200,
+        "alive: restarting would not help"
+    );
 }
