@@ -21,6 +21,7 @@ pub mod merge;
 pub mod metrics;
 pub mod ops;
 pub mod registry;
+pub mod reload;
 pub mod resilience;
 pub mod routing;
 pub mod server;

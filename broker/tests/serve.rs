@@ -130,7 +130,7 @@ async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigter
     let config_path = temp("broker.toml");
     let base = mock.broker_config_toml(&format!("127.0.0.1:{grpc_port}"));
     let extra = format!(
-        "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[audit]\nfile = \"{}\"\n[resilience]\ndrain_ms = 5000\n",
+        "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[audit]\nfile = \"{}\"\n[resilience]\ndrain_ms = 5000\n[cache]\nttl_secs = 60\n",
         temp("audit.jsonl").display()
     );
     // The sections must precede the [[sources]] array, so insert them before it.
@@ -138,10 +138,12 @@ async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigter
     let config = format!("{}{}\n{}", &base[..split], extra, &base[split..]);
     std::fs::write(&config_path, &config).expect("write config");
 
+    let log_path = temp("broker.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
     let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
         .args(["serve", "--config", config_path.to_str().expect("utf8")])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start broker");
     let mut broker = Broker(child);
@@ -174,9 +176,11 @@ async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigter
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
 
-    // SIGHUP with one source fewer: new lookups see four.
+    // SIGHUP with one source fewer: new lookups see four. The cache TTL edited alongside cannot
+    // be applied by a reload, and the log says so.
     let last = config.rfind("[[sources]]").expect("last source");
-    std::fs::write(&config_path, &config[..last]).expect("rewrite");
+    let edited = config[..last].replace("ttl_secs = 60", "ttl_secs = 30");
+    std::fs::write(&config_path, &edited).expect("rewrite");
     signal(&broker.0, "HUP");
     let mut sources = 0;
     for _ in 0..100 {
@@ -245,6 +249,16 @@ async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigter
     }
     let status = exited.expect("broker exited after draining");
     assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    let restart = log
+        .lines()
+        .find(|l| l.contains("applied only by a restart"))
+        .unwrap_or_else(|| panic!("no restart warning in:\n{log}"));
+    assert!(restart.contains("cache.ttl_secs"), "{restart}");
+    assert!(
+        !restart.contains("sources"),
+        "sources are reloaded: {restart}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

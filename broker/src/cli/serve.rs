@@ -46,7 +46,12 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         let _ = stop.send(true);
     });
-    tokio::spawn(reload_on_hangup(broker.clone(), path.to_owned()));
+    let started_with = std::fs::read_to_string(path).unwrap_or_default();
+    tokio::spawn(reload_on_hangup(
+        broker.clone(),
+        path.to_owned(),
+        started_with,
+    ));
 
     if let (Some(face), Some(fhir)) = (assembly.fhir, &config.fhir) {
         let listener = tokio::net::TcpListener::bind(fhir.listen)
@@ -119,7 +124,8 @@ async fn wait_for(mut flag: tokio::sync::watch::Receiver<bool>) {
 }
 
 /// SIGHUP re-reads the sources; an invalid file is rejected and the running sources stay.
-async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
+/// Edited keys a reload cannot apply are named, compared with the file the broker started with.
+async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf, started_with: String) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -127,6 +133,14 @@ async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
             return;
         };
         while hangups.recv().await.is_some() {
+            let edited = std::fs::read_to_string(&path).unwrap_or_default();
+            let pending = crate::reload::keys_needing_restart(&started_with, &edited);
+            if !pending.is_empty() {
+                tracing::warn!(
+                    keys = %pending.join(", "),
+                    "changed in the file but applied only by a restart"
+                );
+            }
             match registry::reload(&broker, &path) {
                 Ok(n) => tracing::info!(
                     sources = n,
@@ -141,7 +155,7 @@ async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
     }
     #[cfg(not(unix))]
     {
-        let _ = (broker, path);
+        let _ = (broker, path, started_with);
     }
 }
 
