@@ -65,6 +65,17 @@ pub struct BrokerSource {
 impl BrokerSource {
     /// Prepares a lazily connected client: nothing is dialled until the first lookup.
     pub fn new(info: SourceInfo, config: &BrokerSourceConfig) -> Result<Self, BrokerSourceError> {
+        Ok(BrokerSource {
+            info,
+            client: CareRecordServiceClient::new(config.endpoint()?.connect_lazy()),
+        })
+    }
+}
+
+impl BrokerSourceConfig {
+    /// The gRPC endpoint with TLS as configured (also how `carerecord lookup` reaches a broker).
+    pub fn endpoint(&self) -> Result<Endpoint, BrokerSourceError> {
+        let config = self;
         let mut endpoint = Endpoint::from_shared(config.url.clone())
             .map_err(|e| BrokerSourceError::Url(config.url.clone(), e.to_string()))?
             .tcp_nodelay(true)
@@ -93,10 +104,7 @@ impl BrokerSource {
                 .tls_config(tls)
                 .map_err(|e| BrokerSourceError::Tls(e.to_string()))?;
         }
-        Ok(BrokerSource {
-            info,
-            client: CareRecordServiceClient::new(endpoint.connect_lazy()),
-        })
+        Ok(endpoint)
     }
 }
 

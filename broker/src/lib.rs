@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod affinity;
 pub mod assemble;
 pub mod audit;
 pub mod budget;
