@@ -1,106 +1,16 @@
 //! `carerecord serve` as a process, as ops run it: health, metrics over HTTP, SIGHUP reload and
 //! SIGTERM draining in-flight lookups — against mock organisations over real HTTP.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use carerecord_mock_sources::{LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions};
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
-use carerecord_proto::{CacheDirective, GetCareRecordRequest, Requester};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("carerecord-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
-}
-
-/// Kills the broker if a test fails before it exits by itself.
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-async fn wait_serving(url: &str) {
-    for _ in 0..200 {
-        if let Ok(channel) = tonic::transport::Channel::from_shared(url.to_owned())
-            .expect("url")
-            .connect()
-            .await
-        {
-            let mut health = HealthClient::new(channel);
-            if let Ok(r) = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: "carerecord.v1.CareRecordService".into(),
-                })
-                .await
-                && r.into_inner().status == ServingStatus::Serving as i32
-            {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("broker never became SERVING at {url}");
-}
-
-/// `GET path` on the ops listener: the status code and the whole response.
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("ops port");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    (status, response)
-}
-
-fn lookup(nhs: &str, org: &str) -> tonic::Request<GetCareRecordRequest> {
-    let mut r = tonic::Request::new(GetCareRecordRequest {
-        nhs_number: nhs.to_owned(),
-        requester: Some(Requester {
-            user_id: "ops-test".into(),
-            role_code: "R8000".into(),
-            organisation_code: org.into(),
-            ..Requester::default()
-        }),
-        cache: CacheDirective::RequireFresh as i32,
-        ..GetCareRecordRequest::default()
-    });
-    r.set_timeout(Duration::from_secs(5));
-    r
-}
+use common::{Broker, free_port, get, lookup, signal, temp, wait_serving, with_tables};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigterm() {
@@ -133,9 +43,7 @@ async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigter
         "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[audit]\nfile = \"{}\"\n[resilience]\ndrain_ms = 5000\n[cache]\nttl_secs = 60\n",
         temp("audit.jsonl").display()
     );
-    // The sections must precede the [[sources]] array, so insert them before it.
-    let split = base.find("[[sources]]").expect("sources in config");
-    let config = format!("{}{}\n{}", &base[..split], extra, &base[split..]);
+    let config = with_tables(&base, &extra);
     std::fs::write(&config_path, &config).expect("write config");
 
     let log_path = temp("broker.log");
@@ -292,13 +200,8 @@ async fn readiness_fails_while_the_audit_trail_cannot_be_written() {
     // Every write to /dev/full fails with ENOSPC: a full disk under the trail.
     let extra =
         format!("\n[metrics]\nlisten = \"127.0.0.1:{ops_port}\"\n[audit]\nfile = \"/dev/full\"\n");
-    let split = base.find("[[sources]]").expect("sources in config");
     let config_path = temp("full-disk.toml");
-    std::fs::write(
-        &config_path,
-        format!("{}{}\n{}", &base[..split], extra, &base[split..]),
-    )
-    .expect("write config");
+    std::fs::write(&config_path, with_tables(&base, &extra)).expect("write config");
     let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
         .args(["serve", "--config", config_path.to_str().expect("utf8")])
         .stdout(Stdio::null())
