@@ -147,6 +147,9 @@ impl Source for BrokerSource {
             return Err(SourceError::Timeout);
         }
         call.set_timeout(remote_budget);
+        if let Some(tp) = crate::trace::traceparent().and_then(|tp| tp.parse().ok()) {
+            call.metadata_mut().insert(crate::trace::HEADER, tp);
+        }
         if let Ok(id) = request.request_id.parse() {
             call.metadata_mut().insert("x-request-id", id);
         }
@@ -177,6 +180,9 @@ impl Source for BrokerSource {
             requester: Some(request.requester.clone()),
         });
         call.set_timeout(remaining);
+        if let Some(tp) = crate::trace::traceparent().and_then(|tp| tp.parse().ok()) {
+            call.metadata_mut().insert(crate::trace::HEADER, tp);
+        }
         if let Ok(rid) = request.request_id.parse() {
             call.metadata_mut().insert("x-request-id", rid);
         }

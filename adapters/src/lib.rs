@@ -14,6 +14,7 @@ mod nhs;
 mod sections;
 mod source;
 pub mod testkit;
+pub mod trace;
 
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use sections::{SectionSet, UnknownSection};

@@ -30,6 +30,9 @@ pub struct Config {
     /// The ops listener: probes and Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// OpenTelemetry trace export.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// Which sources to ask per patient (large regions).
     #[serde(default)]
     pub routing: RoutingConfig,

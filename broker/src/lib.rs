@@ -27,6 +27,7 @@ pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod validate;
 
 /// The circuit breaker, where it has always been found.

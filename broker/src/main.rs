@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use carerecord_broker::cli;
+use carerecord_broker::telemetry::Telemetry;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -52,7 +53,6 @@ fn main() -> ExitCode {
         Command::Serve { .. } => "info",
         _ => "warn",
     };
-    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -60,6 +60,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Traces are exported only by `serve`, and only when its configuration asks; a file that
+    // does not load is reported by `serve` itself, just after.
+    let telemetry = match &cli.command {
+        Command::Serve { config } => carerecord_broker::config::Config::load(config)
+            .ok()
+            .map(|c| Telemetry::start(&c.telemetry, runtime.handle().clone())),
+        _ => None,
+    };
+    let (telemetry, tracer) = match telemetry {
+        Some(Ok(Some((telemetry, tracer)))) => (Some(telemetry), Some(tracer)),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        _ => (None, None),
+    };
+    init_logging(cli.log_format, default_level, tracer);
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => cli::serve::run(&config).await,
@@ -69,6 +86,11 @@ fn main() -> ExitCode {
             Command::Token(command) => cli::token::run(command),
         }
     });
+    if let Some(telemetry) = telemetry {
+        // The batch exporter calls back into the runtime: flush before it is dropped.
+        let _ = runtime
+            .block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await });
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -78,15 +100,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, default_level: &str) {
+fn init_logging(
+    format: LogFormat,
+    default_level: &str,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    type Filtered = tracing_subscriber::layer::Layered<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let mut layers: Vec<Box<dyn tracing_subscriber::Layer<Filtered> + Send + Sync>> =
+        vec![match format {
+            LogFormat::Text => fmt.boxed(),
+            LogFormat::Json => fmt.json().boxed(),
+        }];
+    if let Some(tracer) = tracer {
+        layers.push(tracing_opentelemetry::layer().with_tracer(tracer).boxed());
     }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .init();
 }
