@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use carerecord_broker::{affinity, audit};
-use carerecord_mock_sources::{LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions};
+use carerecord_mock_sources::{LatencyProfile, RegionServer};
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::{CacheDirective, GetCareRecordRequest, Requester};
-use common::{Broker, free_port, get, temp, wait_serving, with_tables};
+use common::{Broker, free_port, get, spawn_serve, temp, wait_serving, with_tables};
 use tonic::transport::Channel;
 
 const SECRET: &[u8] = b"loopback region affinity secret";
@@ -136,14 +136,7 @@ async fn start_member(mock: &RegionServer, name: &str) -> (Member, u16) {
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start broker");
-    let process = Broker(child);
+    let process = spawn_serve(&config, None);
     wait_serving(&format!("http://127.0.0.1:{grpc}")).await;
     (
         Member {
@@ -304,21 +297,7 @@ async fn brokers_behind_nginx_keep_a_patient_on_one_broker_and_lose_nothing_when
         );
         return;
     };
-    let region = Arc::new(Region::generate(&RegionSpec {
-        patients: 300,
-        organisations: 4,
-        ..RegionSpec::default()
-    }));
-    let mock = RegionServer::start_with(
-        region.clone(),
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        ServerOptions {
-            latency: Some(LatencyProfile::ZERO),
-            ..ServerOptions::default()
-        },
-    )
-    .await
-    .expect("mock region");
+    let (region, mock) = common::mock_region(300, 4).await;
     let patients: Vec<Patient> = region
         .patients_known_to_at_least(2)
         .take(24)

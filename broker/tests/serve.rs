@@ -3,32 +3,15 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use carerecord_mock_sources::{LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions};
+use carerecord_mock_sources::LatencyProfile;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
-use common::{Broker, free_port, get, lookup, signal, temp, wait_serving, with_tables};
+use common::{free_port, get, lookup, signal, spawn_serve, temp, wait_serving, with_tables};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigterm() {
-    let region = Arc::new(Region::generate(&RegionSpec {
-        patients: 200,
-        organisations: 5,
-        ..RegionSpec::default()
-    }));
-    let mock = RegionServer::start_with(
-        region.clone(),
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        ServerOptions {
-            latency: Some(LatencyProfile::ZERO),
-            ..ServerOptions::default()
-        },
-    )
-    .await
-    .expect("mock region");
+    let (region, mock) = common::mock_region(200, 5).await;
     let patient = region
         .patients_known_to_at_least(2)
         .next()
@@ -47,14 +30,7 @@ async fn serve_exposes_probes_and_metrics_reloads_on_hangup_and_drains_on_sigter
     std::fs::write(&config_path, &config).expect("write config");
 
     let log_path = temp("broker.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
-        .args(["serve", "--config", config_path.to_str().expect("utf8")])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start broker");
-    let mut broker = Broker(child);
+    let mut broker = spawn_serve(&config_path, Some(&log_path));
     let url = format!("http://127.0.0.1:{grpc_port}");
     wait_serving(&url).await;
 
@@ -175,21 +151,7 @@ async fn readiness_fails_while_the_audit_trail_cannot_be_written() {
         eprintln!("SKIPPED: no /dev/full on this machine to make audit writes fail");
         return;
     }
-    let region = Arc::new(Region::generate(&RegionSpec {
-        patients: 20,
-        organisations: 2,
-        ..RegionSpec::default()
-    }));
-    let mock = RegionServer::start_with(
-        region.clone(),
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        ServerOptions {
-            latency: Some(LatencyProfile::ZERO),
-            ..ServerOptions::default()
-        },
-    )
-    .await
-    .expect("mock region");
+    let (region, mock) = common::mock_region(20, 2).await;
     let patient = region
         .patients_known_to_at_least(1)
         .next()
@@ -202,13 +164,7 @@ async fn readiness_fails_while_the_audit_trail_cannot_be_written() {
         format!("\n[metrics]\nlisten = \"127.0.0.1:{ops_port}\"\n[audit]\nfile = \"/dev/full\"\n");
     let config_path = temp("full-disk.toml");
     std::fs::write(&config_path, with_tables(&base, &extra)).expect("write config");
-    let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
-        .args(["serve", "--config", config_path.to_str().expect("utf8")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start broker");
-    let _broker = Broker(child);
+    let _broker = spawn_serve(&config_path, None);
     let url = format!("http://127.0.0.1:{grpc_port}");
     wait_serving(&url).await;
     let (status, body) = get(ops_port, "/readyz");

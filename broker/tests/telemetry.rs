@@ -4,15 +4,12 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use carerecord_mock_sources::{LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions};
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
-use common::{Broker, free_port, lookup, signal, temp, wait_serving, with_tables};
+use common::{free_port, lookup, signal, spawn_serve, temp, wait_serving, with_tables};
 use serde_json::Value;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -91,21 +88,7 @@ async fn spans_for_the_lookup_each_source_and_the_merge_join_the_callers_trace_a
     let traceparents: Seen = Arc::default();
     let collector = otlp_receiver(bodies.clone()).await;
     let recorder = recording_fhir_server(traceparents.clone()).await;
-    let region = Arc::new(Region::generate(&RegionSpec {
-        patients: 50,
-        organisations: 2,
-        ..RegionSpec::default()
-    }));
-    let mock = RegionServer::start_with(
-        region.clone(),
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        ServerOptions {
-            latency: Some(LatencyProfile::ZERO),
-            ..ServerOptions::default()
-        },
-    )
-    .await
-    .expect("mock region");
+    let (region, mock) = common::mock_region(50, 2).await;
     let patient = region
         .patients_known_to_at_least(2)
         .next()
@@ -128,14 +111,7 @@ async fn spans_for_the_lookup_each_source_and_the_merge_join_the_callers_trace_a
     let config_path = temp("telemetry.toml");
     std::fs::write(&config_path, config).expect("config");
     let log_path = temp("telemetry.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).expect("log"))
-        .spawn()
-        .expect("start broker");
-    let mut broker = Broker(child);
+    let mut broker = spawn_serve(&config_path, Some(&log_path));
     let url = format!("http://127.0.0.1:{grpc_port}");
     wait_serving(&url).await;
 

@@ -3,14 +3,56 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
+
+use carerecord_mock_sources::{LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions};
 
 use carerecord_proto::{CacheDirective, GetCareRecordRequest, Requester};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+/// A synthetic region of `patients` and `organisations`, served over real HTTP on loopback with
+/// no added latency.
+pub async fn mock_region(patients: usize, organisations: usize) -> (Arc<Region>, RegionServer) {
+    let region = Arc::new(Region::generate(&RegionSpec {
+        patients,
+        organisations,
+        ..RegionSpec::default()
+    }));
+    let server = RegionServer::start_with(
+        region.clone(),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ServerOptions {
+            latency: Some(LatencyProfile::ZERO),
+            ..ServerOptions::default()
+        },
+    )
+    .await
+    .expect("mock region");
+    (region, server)
+}
+
+/// `carerecord serve --config config`, its stderr (the logs) to `log` when given.
+pub fn spawn_serve(config: &Path, log: Option<&Path>) -> Broker {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+        None => Stdio::null(),
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_carerecord"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start broker");
+    Broker(child)
+}
 
 /// Inserts `extra` tables into a mock region's broker config (they must precede `[[sources]]`).
 pub fn with_tables(base: &str, extra: &str) -> String {
