@@ -32,3 +32,4 @@ pub use resilience::breaker;
 pub use error::LookupError;
 pub use lookup::{Broker, CallingSystem, LookupAnswer, LookupStream, StreamEvent};
 pub mod render;
+pub mod audit_instance;
