@@ -271,7 +271,7 @@ fn trail_files(args: &ShipArgs) -> anyhow::Result<Vec<PathBuf>> {
 /// One pass, or (with --follow) a pass every interval until told to stop.
 async fn ship_trails(args: ShipArgs) -> anyhow::Result<()> {
     let mut store: Option<AuditStore> = None;
-    let mut stop = std::pin::pin!(shutdown());
+    let mut stop = std::pin::pin!(shutdown()?);
     let mut last_pass = false;
     loop {
         let result = ship_pass(&args, &mut store).await;
@@ -335,25 +335,25 @@ async fn ship_pass(args: &ShipArgs, store: &mut Option<AuditStore>) -> anyhow::R
     Ok(())
 }
 
-/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
-async fn shutdown() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C. The handlers are installed
+/// before the first pass, so a signal during it ends the follower after that pass instead of
+/// killing it.
+#[cfg(unix)]
+fn shutdown() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
