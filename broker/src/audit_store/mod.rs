@@ -22,7 +22,7 @@ use crate::audit::AuditEvent;
 /// Why the store could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("audit database: {0}")]
+    #[error("audit database: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("audit database address: {0}")]
     Address(String),
@@ -96,6 +96,14 @@ impl AuditStore {
 
     pub(crate) fn client_mut(&mut self) -> &mut tokio_postgres::Client {
         &mut self.client
+    }
+}
+
+/// The server's own message (tokio-postgres says only "db error" and keeps it in the source).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 

@@ -74,9 +74,24 @@ pub(super) const EVENT_COLUMNS: &str = "instance, seq, prev, hash, time, request
      user_id, user_name, role, organisation, patient, purpose, emergency_reason, decision, \
      sources, returned, withheld, from_cache";
 
-/// Creates whatever is missing. Shippers starting together take turns (an advisory lock), since
-/// concurrent `CREATE ... IF NOT EXISTS` can still collide in PostgreSQL's catalogue.
+/// Creates the schema when it is missing. A schema already there (perhaps created ahead by a
+/// DBA from `carerecord audit schema`) is left alone, so the shipper's role needs no more than
+/// `INSERT` and `SELECT` on `event` and `SELECT, INSERT, UPDATE` on `trail`. Shippers starting
+/// together take turns (an advisory lock), since concurrent `CREATE ... IF NOT EXISTS` can
+/// still collide in PostgreSQL's catalogue.
 pub async fn create(store: &mut AuditStore) -> Result<(), StoreError> {
+    let present: bool = store
+        .client()
+        .query_one(
+            "SELECT to_regclass('carerecord_audit.trail') IS NOT NULL \
+             AND to_regclass('carerecord_audit.event') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if present {
+        return Ok(());
+    }
     let tx = store.client_mut().transaction().await?;
     tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('carerecord_audit.schema'))")
         .await?;

@@ -54,6 +54,9 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Print the store's schema (what `ship` creates when missing), for a DBA to create it
+    /// ahead and grant the shipper only what it needs.
+    Schema,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -161,6 +164,10 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::Ship(args) => ship_trails(args).await,
+        AuditCommand::Schema => {
+            print!("{}", schema::SCHEMA.trim_start());
+            Ok(())
+        }
         AuditCommand::Report {
             database,
             from,
