@@ -141,10 +141,15 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
-    /// The append-only, hash-chained JSON Lines file.
+    /// The append-only, hash-chained JSON Lines file. `{instance}` in it is replaced by the
+    /// instance name, so one configuration gives every broker its own trail.
     pub file: PathBuf,
     /// `fsync` every event: durable across power loss, at some cost per lookup.
     pub fsync: bool,
+    /// This broker instance's name, written into every line of its trail: one chain per
+    /// instance when trails are gathered (`carerecord audit ship`). Default: the host name (the
+    /// pod name in Kubernetes). Letters, digits, `.`, `_` and `-`.
+    pub instance: Option<String>,
 }
 
 impl Default for AuditConfig {
@@ -152,6 +157,7 @@ impl Default for AuditConfig {
         AuditConfig {
             file: PathBuf::from("carerecord-audit.jsonl"),
             fsync: false,
+            instance: None,
         }
     }
 }
@@ -418,13 +424,19 @@ impl Config {
 
     /// Parses and validates configuration text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: describe_toml_error(text, &e),
         })?;
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
+        })?;
+        crate::audit_instance::resolve(&mut config.audit).map_err(|message| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            }
         })?;
         Ok(config)
     }

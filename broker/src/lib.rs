@@ -35,4 +35,6 @@ pub use resilience::breaker;
 
 pub use error::LookupError;
 pub use lookup::{Broker, CallingSystem, LookupAnswer, LookupStream, StreamEvent};
+pub mod audit_instance;
+pub mod audit_store;
 pub mod render;

@@ -39,7 +39,8 @@ enum Command {
     },
     /// Look a patient up through a running broker and print the record.
     Lookup(cli::lookup::LookupArgs),
-    /// Read the audit trail: verify it, or list who looked at a patient's record.
+    /// Read the audit trail: verify it, list who looked at a patient's record; ship trails to
+    /// the region's store and report usage from it.
     #[command(subcommand)]
     Audit(cli::audit::AuditCommand),
     /// Make a token key and sign requester tokens for the FHIR face (setup and testing).
@@ -82,7 +83,7 @@ fn main() -> ExitCode {
             Command::Serve { config } => cli::serve::run(&config).await,
             Command::CheckConfig { file } => cli::serve::check(&file),
             Command::Lookup(args) => cli::lookup::run(args).await,
-            Command::Audit(command) => cli::audit::run(command),
+            Command::Audit(command) => cli::audit::run(command).await,
             Command::Token(command) => cli::token::run(command),
         }
     });
