@@ -45,6 +45,10 @@ fn the_configmap_holds_a_valid_broker_configuration() {
     assert!(!config.server.plaintext, "TLS in production");
     assert!(config.server.tls.is_some());
     assert!(config.audit.fsync, "a durable trail in production");
+    assert!(
+        toml.contains(r#"file = "/var/lib/carerecord/audit/audit-{instance}.jsonl""#),
+        "one trail per pod, named by the pod"
+    );
     assert_eq!(
         config.metrics.listen.map(|a| a.port()),
         Some(9090),
@@ -73,6 +77,13 @@ fn the_deployment_probes_and_drain_match_the_configuration() {
     for probe in ["path: /readyz", "path: /livez"] {
         assert!(deployment.contains(probe), "{probe}");
     }
+    // The shipper sidecar reads the broker's own configuration, so it ships that broker's trail.
+    assert!(
+        deployment.contains(
+            r#"args: ["audit", "ship", "--config", "/etc/carerecord/broker.toml", "--follow""#
+        ),
+        "the audit shipper sidecar"
+    );
     let grace = number_after(&deployment, "terminationGracePeriodSeconds:");
     let pause = number_after(&deployment, "command: [\"/bin/sleep\", \"");
     let drain = config.resilience.drain_ms.div_ceil(1000);
