@@ -1,6 +1,8 @@
 //! Sources of care record data for the carerecord broker.
 //!
 //! - [`Source`]: the trait every adapter implements (see `ADAPTERS.md`).
+//! - [`grpc::GrpcSource`]: any organisation's server speaking the source protocol
+//!   (`carerecord.source.v1`), in any language.
 //! - [`memory::InMemorySource`]: fixed data with configurable delay and failure.
 //! - [`NhsNumber`] and [`SectionSet`]: the request vocabulary sources receive.
 #![forbid(unsafe_code)]
@@ -8,9 +10,11 @@
 pub mod calendar;
 pub mod federation;
 pub mod fhir;
+pub mod grpc;
 pub mod locator;
 pub mod memory;
 mod nhs;
+pub mod protocol_server;
 mod sections;
 mod source;
 pub mod testkit;
