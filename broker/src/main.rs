@@ -44,6 +44,9 @@ enum Command {
     /// Make a token key and sign requester tokens for the FHIR face (setup and testing).
     #[command(subcommand)]
     Token(cli::token::TokenCommand),
+    /// Check a live source before go-live: a source-protocol server (--grpc) or a FHIR R4
+    /// server (--fhir), through the adapter conformance kit. Exits non-zero on any failure.
+    Conformance(cli::conformance::ConformanceArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             Command::Lookup(args) => cli::lookup::run(args).await,
             Command::Audit(command) => cli::audit::run(command),
             Command::Token(command) => cli::token::run(command),
+            Command::Conformance(args) => cli::conformance::run(args).await,
         }
     });
     match result {
