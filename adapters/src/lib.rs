@@ -4,6 +4,8 @@
 //! - [`grpc::GrpcSource`]: any organisation's server speaking the source protocol
 //!   (`carerecord.source.v1`), in any language.
 //! - [`memory::InMemorySource`]: fixed data with configurable delay and failure.
+//! - [`http::client_builder`]: an HTTP client for adapters that needs no process-wide rustls
+//!   provider (a plain `reqwest::Client::new()` panics without one).
 //! - [`NhsNumber`] and [`SectionSet`]: the request vocabulary sources receive.
 #![forbid(unsafe_code)]
 
@@ -11,6 +13,7 @@ pub mod calendar;
 pub mod federation;
 pub mod fhir;
 pub mod grpc;
+pub mod http;
 pub mod locator;
 pub mod memory;
 mod nhs;

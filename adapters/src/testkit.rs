@@ -1340,10 +1340,38 @@ pub enum Garbage {
     Empty,
     /// A well-formed but [`Garbage::HUGE_BYTES`]-byte body: only a size cap stops it.
     Huge,
+    /// Well-formed JSON of an unexpected shape (an object with none of the fields an API sends).
+    JsonWrongShape,
+    /// The JSON literal `null`.
+    JsonNull,
+    /// CSV whose header names none of the columns an export has.
+    CsvWrongColumns,
+    /// CSV with a quote opened and never closed.
+    CsvUnterminatedQuote,
+    /// CSV with invalid UTF-8 and NUL bytes in it.
+    CsvNotUtf8,
+    /// Bytes with no structure at all (noise, as from a wrong file or a corrupted transfer).
+    BinaryNoise,
+    /// A binary document cut off after its header (a PDF that stops mid-stream).
+    BinaryTruncated,
+}
+
+/// What an adapter reads from its upstream, for choosing the garbage it must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// FHIR JSON ([`Garbage::ALL`]).
+    Fhir,
+    /// Any other JSON API.
+    Json,
+    /// A CSV export or API.
+    Csv,
+    /// Binary files or bodies (documents, proprietary exports).
+    Binary,
 }
 
 impl Garbage {
-    /// Every kind.
+    /// The kinds a FHIR adapter must survive ([`Format::Fhir`]; see [`Garbage::for_format`]
+    /// for JSON, CSV and binary inputs).
     pub const ALL: [Garbage; 6] = [
         Garbage::TruncatedJson,
         Garbage::WrongResourceType,
@@ -1352,6 +1380,39 @@ impl Garbage {
         Garbage::Empty,
         Garbage::Huge,
     ];
+
+    /// The garbage an adapter reading `format` must survive: what a broken upstream of that kind
+    /// sends, plus what any HTTP upstream can send (an HTML error page, an empty or a huge body).
+    pub fn for_format(format: Format) -> &'static [Garbage] {
+        match format {
+            Format::Fhir => &Self::ALL,
+            Format::Json => &[
+                Garbage::TruncatedJson,
+                Garbage::JsonWrongShape,
+                Garbage::JsonNull,
+                Garbage::NotJson,
+                Garbage::NotUtf8,
+                Garbage::Empty,
+                Garbage::Huge,
+            ],
+            Format::Csv => &[
+                Garbage::CsvWrongColumns,
+                Garbage::CsvUnterminatedQuote,
+                Garbage::CsvNotUtf8,
+                Garbage::BinaryNoise,
+                Garbage::NotJson,
+                Garbage::Empty,
+                Garbage::Huge,
+            ],
+            Format::Binary => &[
+                Garbage::BinaryNoise,
+                Garbage::BinaryTruncated,
+                Garbage::NotJson,
+                Garbage::Empty,
+                Garbage::Huge,
+            ],
+        }
+    }
 
     /// Size of the [`Garbage::Huge`] body: above any sensible response cap.
     pub const HUGE_BYTES: usize = 16 * 1024 * 1024;
@@ -1368,6 +1429,13 @@ impl Garbage {
             Garbage::NotUtf8 => "survives garbage: invalid UTF-8",
             Garbage::Empty => "survives garbage: an empty body",
             Garbage::Huge => "survives garbage: a huge body",
+            Garbage::JsonWrongShape => "survives garbage: JSON of the wrong shape",
+            Garbage::JsonNull => "survives garbage: JSON null",
+            Garbage::CsvWrongColumns => "survives garbage: CSV with the wrong columns",
+            Garbage::CsvUnterminatedQuote => "survives garbage: CSV with an unterminated quote",
+            Garbage::CsvNotUtf8 => "survives garbage: CSV with invalid UTF-8",
+            Garbage::BinaryNoise => "survives garbage: binary noise",
+            Garbage::BinaryTruncated => "survives garbage: a truncated binary document",
         }
     }
 
@@ -1375,6 +1443,12 @@ impl Garbage {
     pub fn content_type(self) -> &'static str {
         match self {
             Garbage::NotJson => "text/html; charset=utf-8",
+            Garbage::JsonWrongShape | Garbage::JsonNull => "application/json",
+            Garbage::CsvWrongColumns | Garbage::CsvUnterminatedQuote | Garbage::CsvNotUtf8 => {
+                "text/csv; charset=utf-8"
+            }
+            Garbage::BinaryTruncated => "application/pdf",
+            Garbage::BinaryNoise => "application/octet-stream",
             _ => "application/fhir+json",
         }
     }
@@ -1406,6 +1480,41 @@ impl Garbage {
                 body
             }
             Garbage::Empty => Vec::new(),
+            Garbage::JsonWrongShape => {
+                format!(r#"{{"unexpected":[{{"{marker}":true}}],"note":"{marker}"}}"#).into_bytes()
+            }
+            Garbage::JsonNull => b"null".to_vec(),
+            Garbage::CsvWrongColumns => {
+                format!("{marker},colour,shoe_size\r\nred,{marker},9\r\nblue,x,7\r\n").into_bytes()
+            }
+            Garbage::CsvUnterminatedQuote => {
+                format!("\"{marker},kind,code\r\nallergy,\"91936005,{marker}\r\n").into_bytes()
+            }
+            Garbage::CsvNotUtf8 => {
+                let mut body = format!("{marker},kind\n").into_bytes();
+                body.extend_from_slice(&[0xff, 0xfe, 0x00, 0x00, b',', 0xc3, 0x28, b'\n']);
+                body
+            }
+            Garbage::BinaryNoise => {
+                // Deterministic noise (a 64-bit LCG), with the marker in the middle.
+                let mut state: u64 = 0x5dc1_5dc1_5dc1_5dc1;
+                let mut body: Vec<u8> = (0..4096)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1_442_695_040_888_963_407);
+                        (state >> 56) as u8
+                    })
+                    .collect();
+                body.splice(2048..2048, marker.bytes());
+                body
+            }
+            Garbage::BinaryTruncated => {
+                let mut body = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Title (".to_vec();
+                body.extend_from_slice(marker.as_bytes());
+                body.extend_from_slice(b") /Length 9999 >>\nstream\nx\x9c\x03\x00");
+                body
+            }
             Garbage::Huge => {
                 let open = br#"{"resourceType":"Bundle","type":"searchset","entry":[],"padding":""#;
                 let close = br#""}"#;
@@ -1463,14 +1572,25 @@ pub async fn survives_garbage(source: &dyn Source, patient: NhsNumber, garbage: 
     Check::must(name, passed, scrub(&detail, &[patient]))
 }
 
-/// Runs [`survives_garbage`] for every kind of [`Garbage`], each against a fresh
-/// [`GarbageServer`]: `make` builds the source for a server's base URL (append your API's path).
+/// Runs [`survives_garbage`] for every kind of FHIR [`Garbage`] ([`Garbage::ALL`]), each against
+/// a fresh [`GarbageServer`]: `make` builds the source for a server's base URL (append your
+/// API's path). For other inputs, [`garbage_over_http_as`].
 pub async fn garbage_over_http(
+    patient: NhsNumber,
+    make: impl FnMut(&str) -> Box<dyn Source>,
+) -> Report {
+    garbage_over_http_as(Format::Fhir, patient, make).await
+}
+
+/// [`garbage_over_http`] with the garbage for `format` ([`Garbage::for_format`]): a JSON API, a
+/// CSV endpoint, binary bodies.
+pub async fn garbage_over_http_as(
+    format: Format,
     patient: NhsNumber,
     mut make: impl FnMut(&str) -> Box<dyn Source>,
 ) -> Report {
     let mut report = Report::default();
-    for garbage in Garbage::ALL {
+    for &garbage in Garbage::for_format(format) {
         let check = match GarbageServer::start(garbage).await {
             Ok(server) => {
                 let source = make(server.url());
@@ -1628,6 +1748,35 @@ mod tests {
             assert!(
                 serde_json::from_slice::<serde_json::Value>(&body).is_err(),
                 "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_format_has_garbage_that_carries_the_marker_or_is_trivially_empty() {
+        for format in [Format::Fhir, Format::Json, Format::Csv, Format::Binary] {
+            let kinds = Garbage::for_format(format);
+            assert!(kinds.len() >= 5, "{format:?}");
+            for &garbage in kinds {
+                let body = garbage.body();
+                let carries_marker = body
+                    .windows(Garbage::MARKER.len())
+                    .any(|w| w == Garbage::MARKER.as_bytes());
+                assert!(
+                    carries_marker
+                        || matches!(garbage, Garbage::Empty | Garbage::Huge | Garbage::JsonNull),
+                    "{format:?} {garbage:?}"
+                );
+            }
+        }
+        for garbage in [
+            Garbage::CsvNotUtf8,
+            Garbage::BinaryNoise,
+            Garbage::BinaryTruncated,
+        ] {
+            assert!(
+                std::str::from_utf8(&garbage.body()).is_err(),
+                "{garbage:?} is not text"
             );
         }
     }

@@ -56,6 +56,10 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
+    // One process-wide rustls provider (ring), before any source is built: an adapter that
+    // builds an HTTP client without `carerecord_adapters::http::client_builder` would panic
+    // without it.
+    carerecord_adapters::http::install_default_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
