@@ -25,9 +25,10 @@
 //! warning: the broker copes, but the record is poorer). Every fetch runs under a time limit and
 //! with panics caught, so a hanging or panicking source fails checks instead of the test run.
 //!
-//! Garbage from upstream is adapter-specific: [`Garbage`] gives the bodies, [`GarbageServer`]
-//! serves one over HTTP, [`survives_garbage`] judges the source's answer, and
-//! [`garbage_over_http`] does all three for every kind.
+//! Garbage from upstream is adapter-specific: [`Garbage`] gives the bodies ([`Garbage::for_format`]:
+//! FHIR, other JSON, CSV, binary), [`GarbageServer`] serves one over HTTP, [`survives_garbage`]
+//! judges the source's answer, and [`garbage_over_http`] / [`garbage_over_http_as`] do all three
+//! for every kind. [`StubServer`] is a loopback test double of an organisation's HTTP API.
 //!
 //! Run the kit on real (not paused) tokio time: it measures how long the source takes.
 
@@ -1611,41 +1612,103 @@ pub async fn garbage_over_http_as(
 /// A loopback HTTP/1.1 server answering every request with one [`Garbage`] body and status 200.
 /// Stops when dropped.
 pub struct GarbageServer {
+    /// The stub it runs on.
+    stub: StubServer,
+}
+
+impl GarbageServer {
+    /// Binds `127.0.0.1:0` and starts answering.
+    pub async fn start(garbage: Garbage) -> std::io::Result<GarbageServer> {
+        let body = bytes::Bytes::from(garbage.body());
+        let content_type = garbage.content_type();
+        let stub = StubServer::start(move |_path| StubResponse {
+            status: 200,
+            content_type,
+            body: body.clone(),
+        })
+        .await?;
+        Ok(GarbageServer { stub })
+    }
+
+    /// The server's base URL, `http://127.0.0.1:PORT` (any path answers).
+    pub fn url(&self) -> &str {
+        self.stub.url()
+    }
+}
+
+/// One answer of a [`StubServer`].
+#[derive(Debug, Clone)]
+pub struct StubResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The `content-type` header.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+impl StubResponse {
+    /// A 200 with a JSON body.
+    pub fn json(body: impl Into<bytes::Bytes>) -> StubResponse {
+        StubResponse {
+            status: 200,
+            content_type: "application/json",
+            body: body.into(),
+        }
+    }
+
+    /// An empty answer with this status (404 for "no such patient", 500, ...).
+    pub fn status(status: u16) -> StubResponse {
+        StubResponse {
+            status,
+            content_type: "text/plain",
+            body: bytes::Bytes::new(),
+        }
+    }
+}
+
+/// A loopback HTTP/1.1 test double of an organisation's API: every request is answered by a
+/// function of its path (and query), one request per connection. For adapter authors' tests of
+/// their source against something that speaks real HTTP. Stops when dropped.
+pub struct StubServer {
     /// `http://127.0.0.1:PORT`, for the source's base URL.
     url: String,
     /// The accept loop, aborted on drop.
     task: tokio::task::JoinHandle<()>,
 }
 
-impl GarbageServer {
-    /// Binds `127.0.0.1:0` and starts answering.
-    pub async fn start(garbage: Garbage) -> std::io::Result<GarbageServer> {
+type Responder = Arc<dyn Fn(&str) -> StubResponse + Send + Sync>;
+
+impl StubServer {
+    /// Binds `127.0.0.1:0` and answers each request with `answer(path_and_query)`.
+    pub async fn start(
+        answer: impl Fn(&str) -> StubResponse + Send + Sync + 'static,
+    ) -> std::io::Result<StubServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let body: Arc<[u8]> = garbage.body().into();
-        let content_type = garbage.content_type();
+        let answer: Responder = Arc::new(answer);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(answer_with(stream, body.clone(), content_type));
+                tokio::spawn(answer_with(stream, answer.clone()));
             }
         });
-        Ok(GarbageServer { url, task })
+        Ok(StubServer { url, task })
     }
 
-    /// The server's base URL, `http://127.0.0.1:PORT` (any path answers).
+    /// The server's base URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
         &self.url
     }
 }
 
-impl Drop for GarbageServer {
+impl Drop for StubServer {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-/// Answers one connection's first request with `body`, then closes it.
-async fn answer_with(mut stream: TcpStream, body: Arc<[u8]>, content_type: &'static str) {
+/// Answers one connection's first request, then closes it.
+async fn answer_with(mut stream: TcpStream, answer: Responder) {
     // Read the whole request first: closing a socket with unread input resets the connection,
     // and the client could see the reset instead of the answer.
     let mut input = Vec::new();
@@ -1662,10 +1725,17 @@ async fn answer_with(mut stream: TcpStream, body: Arc<[u8]>, content_type: &'sta
             Ok(n) => input.extend_from_slice(&chunk[..n]),
         }
     };
-    let head = String::from_utf8_lossy(&input[..head_end]).to_ascii_lowercase();
-    let content_length: usize = head
+    let head = String::from_utf8_lossy(&input[..head_end]).into_owned();
+    let path = head
         .lines()
-        .find_map(|line| line.strip_prefix("content-length:"))
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .unwrap_or("/")
+        .to_owned();
+    let content_length: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:").map(str::to_owned))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     let mut have = input.len() - head_end;
@@ -1675,13 +1745,18 @@ async fn answer_with(mut stream: TcpStream, body: Arc<[u8]>, content_type: &'sta
             Ok(n) => have += n,
         }
     }
+    let response = answer(&path);
     let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+        "HTTP/1.1 {} STUB\r\ncontent-type: {}\r\ncontent-length: {}\r\n\
          connection: close\r\n\r\n",
-        body.len()
+        response.status,
+        response.content_type,
+        response.body.len()
     );
     // The client may hang up early (e.g. at its size cap): nothing to do about it.
-    if stream.write_all(head.as_bytes()).await.is_ok() && stream.write_all(&body).await.is_ok() {
+    if stream.write_all(head.as_bytes()).await.is_ok()
+        && stream.write_all(&response.body).await.is_ok()
+    {
         let _ = stream.shutdown().await;
     }
 }
