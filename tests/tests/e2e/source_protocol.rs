@@ -219,3 +219,79 @@ async fn hospital_source_record() -> CareRecord {
         })
         .expect("the fixture knows the shared patient")
 }
+
+/// `source` served over the protocol with TLS, requiring client certificates from `ca`.
+async fn serve_mutual_tls(
+    source: InMemorySource,
+    ca: &pki::TestCa,
+) -> (String, oneshot::Sender<()>) {
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    let server_leaf = ca.server();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            &server_leaf.cert_pem,
+            &server_leaf.key_pem,
+        ))
+        .client_ca_root(Certificate::from_pem(ca.cert_pem()));
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        Some((l.accept().await.map(|(s, _)| s), l))
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = Server::builder()
+        .tls_config(tls)
+        .expect("server TLS")
+        .add_service(SourceServer::new(Arc::new(source)).into_service());
+    tokio::spawn(server.serve_with_incoming_shutdown(incoming, async {
+        let _ = stopped.await;
+    }));
+    (url, stop)
+}
+
+#[tokio::test]
+async fn a_protocol_source_behind_mutual_tls_answers_only_a_broker_with_a_client_certificate() {
+    let ca = pki::TestCa::new("hospice CA");
+    let (url, _stop) = serve_mutual_tls(hospital_source(), &ca).await;
+    let ca_file = temp_path("hospice-ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).expect("write");
+    let broker_leaf = ca.client("broker.example");
+    let cert_file = temp_path("broker.pem");
+    let key_file = temp_path("broker.key");
+    std::fs::write(&cert_file, &broker_leaf.cert_pem).expect("write");
+    std::fs::write(&key_file, &broker_leaf.key_pem).expect("write");
+
+    let with_identity = format!(
+        "ca_cert = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+        ca_file.display(),
+        cert_file.display(),
+        key_file.display()
+    );
+    let broker_ok = broker(&config(&url, 2_000, &with_identity)).await;
+    let r = broker_ok
+        .lookup(request(&shared_patient().as_digits(), LONG))
+        .await;
+    assert_eq!(
+        hospital_status(&r).outcome,
+        SourceOutcome::Ok as i32,
+        "{:?}",
+        r.sources
+    );
+
+    let without_identity = format!("ca_cert = \"{}\"", ca_file.display());
+    let broker_anonymous = broker(&config(&url, 2_000, &without_identity)).await;
+    let r = broker_anonymous
+        .lookup(request(&shared_patient().as_digits(), LONG))
+        .await;
+    assert_eq!(
+        hospital_status(&r).outcome,
+        SourceOutcome::Error as i32,
+        "no client certificate, no answer: {:?}",
+        r.sources
+    );
+}
