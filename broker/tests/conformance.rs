@@ -29,7 +29,7 @@ fn args(known: &str) -> ConformanceArgs {
         fhir: None,
         known: known.into(),
         unknown: "9999999999".into(),
-        organisation_code: "UNDER-TEST".into(),
+        organisation_code: None,
         ca_cert: None,
         client_cert: None,
         client_key: None,
@@ -254,6 +254,26 @@ async fn a_good_source_protocol_server_passes() {
             .contains(&format!("PASS  {DESCRIBES_ITSELF}")),
         "{live}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_describing_another_organisation_is_a_warning_not_a_failure() {
+    let (url, _stop) = serve(hospice()).await;
+    let live = check(&ConformanceArgs {
+        organisation_code: Some("RX1".into()),
+        ..grpc(&url)
+    })
+    .await
+    .expect("ran");
+    let describe = live.report.check(DESCRIBES_ITSELF).expect("ran");
+    assert!(describe.warned(), "{live}");
+    assert!(
+        describe
+            .detail
+            .contains("serves UNDER-TEST but --organisation-code is RX1"),
+        "{live}"
+    );
+    assert!(live.passed(), "a warning does not fail the run:\n{live}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

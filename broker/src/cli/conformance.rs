@@ -36,9 +36,10 @@ pub struct ConformanceArgs {
     /// NHS number of a patient the endpoint does not hold.
     #[arg(long, default_value = UNLIKELY_PATIENT)]
     pub unknown: String,
-    /// ODS code of the organisation, as the broker's configuration will give it.
-    #[arg(long, default_value = "UNDER-TEST")]
-    pub organisation_code: String,
+    /// ODS code of the organisation, as the broker's configuration will give it; checked against
+    /// what a source-protocol server's Describe says.
+    #[arg(long)]
+    pub organisation_code: Option<String>,
     /// PEM CA certificate to trust for the endpoint (private PKI).
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
@@ -103,7 +104,10 @@ pub async fn check(args: &ConformanceArgs) -> anyhow::Result<LiveReport> {
     anyhow::ensure!(known != unknown, "--known and --unknown must differ");
     let info = SourceInfo {
         id: "under-test".into(),
-        organisation_code: args.organisation_code.clone(),
+        organisation_code: args
+            .organisation_code
+            .clone()
+            .unwrap_or_else(|| "UNDER-TEST".into()),
         organisation_name: "Organisation under test".into(),
     };
     let patience = Duration::from_millis(args.patience_ms.max(1));
@@ -117,7 +121,7 @@ pub async fn check(args: &ConformanceArgs) -> anyhow::Result<LiveReport> {
             config.tls_domain.clone_from(&args.tls_domain);
             let source = GrpcSource::new(info, &config)
                 .with_context(|| format!("cannot set up a client for {url}"))?;
-            let first = describe(&source, &args.organisation_code, patience).await;
+            let first = describe(&source, args.organisation_code.as_deref(), patience).await;
             (
                 "source-protocol server",
                 url.clone(),
@@ -156,7 +160,11 @@ pub const DESCRIBES_ITSELF: &str = "the server describes itself (Describe)";
 /// The check of the endpoint itself for FHIR.
 pub const CAPABILITY_STATEMENT: &str = "the server is FHIR R4 (CapabilityStatement at /metadata)";
 
-async fn describe(source: &GrpcSource, organisation_code: &str, patience: Duration) -> Check {
+async fn describe(
+    source: &GrpcSource,
+    organisation_code: Option<&str>,
+    patience: Duration,
+) -> Check {
     let check = |level, passed, detail: String| Check {
         name: DESCRIBES_ITSELF,
         level,
@@ -186,15 +194,17 @@ async fn describe(source: &GrpcSource, organisation_code: &str, patience: Durati
                 .into(),
         ),
         Ok(Some(d))
-            if !d.organisation_code.is_empty()
-                && !d.organisation_code.eq_ignore_ascii_case(organisation_code) =>
+            if organisation_code.is_some_and(|code| {
+                !d.organisation_code.is_empty() && !d.organisation_code.eq_ignore_ascii_case(code)
+            }) =>
         {
             check(
                 Level::Should,
                 false,
                 format!(
-                    "the server serves {} but --organisation-code is {organisation_code}",
-                    d.organisation_code
+                    "the server serves {} but --organisation-code is {}",
+                    d.organisation_code,
+                    organisation_code.unwrap_or_default()
                 ),
             )
         }
