@@ -471,6 +471,28 @@ mod tests {
     }
 
     #[test]
+    fn grpc_statuses_map_to_the_outcomes_the_protocol_documents() {
+        use carerecord_proto::SourceOutcome as O;
+        for (status, outcome) in [
+            (tonic::Status::deadline_exceeded("late"), O::Timeout),
+            (tonic::Status::cancelled("gone"), O::Timeout),
+            (tonic::Status::unavailable("down"), O::Error),
+            (tonic::Status::resource_exhausted("busy"), O::Unavailable),
+            (tonic::Status::permission_denied("no"), O::Refused),
+            (tonic::Status::unauthenticated("who"), O::Refused),
+            (tonic::Status::unimplemented("what"), O::Error),
+            (
+                tonic::Status::internal("failed to decode Protobuf message"),
+                O::Error,
+            ),
+            (tonic::Status::unknown("?"), O::Error),
+        ] {
+            let code = status.code();
+            assert_eq!(status_error(&status).outcome(), outcome, "{code:?}");
+        }
+    }
+
+    #[test]
     fn a_shortfall_naming_no_section_covers_every_section_asked() {
         let mut response = found(entry());
         if let Some(Answer::Found(f)) = response.answer.as_mut() {
