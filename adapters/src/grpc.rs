@@ -282,20 +282,14 @@ fn entry_problem(entry: &Entry) -> Option<&'static str> {
     if entry.summary.trim().is_empty() && !coded {
         return Some("neither a summary nor a coded concept");
     }
-    for (field, value) in [
-        ("effective", &entry.effective),
-        ("ended", &entry.ended),
-        ("recorded", &entry.recorded),
-    ] {
-        if !value.is_empty() && !is_iso8601(value) {
-            return Some(match field {
-                "effective" => "effective is not ISO 8601",
-                "ended" => "ended is not ISO 8601",
-                _ => "recorded is not ISO 8601",
-            });
-        }
-    }
-    None
+    [
+        ("effective is not ISO 8601", &entry.effective),
+        ("ended is not ISO 8601", &entry.ended),
+        ("recorded is not ISO 8601", &entry.recorded),
+    ]
+    .into_iter()
+    .find(|(_, value)| !value.is_empty() && !is_iso8601(value))
+    .map(|(problem, _)| problem)
 }
 
 /// Server-written text, made safe to show: control characters dropped, the patient's NHS number
