@@ -2,13 +2,25 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "carerecord/v1/carerecord.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["."])?;
+    // The broker's contract, and the source protocol organisations implement (it reuses the
+    // record types of the first).
+    let protos = [
+        "carerecord/v1/carerecord.proto",
+        "carerecord/source/v1/source.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    // The same descriptor set feeds server reflection.
+    // The broker's reflection describes the broker's own contract only (it does not serve the
+    // source protocol, it calls it).
+    let broker_only = protox::compile([protos[0]], ["."])?;
+    std::fs::write(
+        out.join("carerecord_descriptor.bin"),
+        broker_only.encode_to_vec(),
+    )?;
     let encoded = fds.encode_to_vec();
-    std::fs::write(out.join("carerecord_descriptor.bin"), &encoded)?;
     // Canonical proto3 JSON (camelCase names, enums by name) for `--json` output and logs.
     pbjson_build::Builder::new()
         .register_descriptors(&encoded)?

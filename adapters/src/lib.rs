@@ -1,16 +1,23 @@
 //! Sources of care record data for the carerecord broker.
 //!
 //! - [`Source`]: the trait every adapter implements (see `ADAPTERS.md`).
+//! - [`grpc::GrpcSource`]: any organisation's server speaking the source protocol
+//!   (`carerecord.source.v1`), in any language.
 //! - [`memory::InMemorySource`]: fixed data with configurable delay and failure.
+//! - [`http::client_builder`]: an HTTP client for adapters that needs no process-wide rustls
+//!   provider (a plain `reqwest::Client::new()` panics without one).
 //! - [`NhsNumber`] and [`SectionSet`]: the request vocabulary sources receive.
 #![forbid(unsafe_code)]
 
 pub mod calendar;
 pub mod federation;
 pub mod fhir;
+pub mod grpc;
+pub mod http;
 pub mod locator;
 pub mod memory;
 mod nhs;
+pub mod protocol_server;
 mod sections;
 mod source;
 pub mod testkit;

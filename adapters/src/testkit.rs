@@ -25,9 +25,10 @@
 //! warning: the broker copes, but the record is poorer). Every fetch runs under a time limit and
 //! with panics caught, so a hanging or panicking source fails checks instead of the test run.
 //!
-//! Garbage from upstream is adapter-specific: [`Garbage`] gives the bodies, [`GarbageServer`]
-//! serves one over HTTP, [`survives_garbage`] judges the source's answer, and
-//! [`garbage_over_http`] does all three for every kind.
+//! Garbage from upstream is adapter-specific: [`Garbage`] gives the bodies ([`Garbage::for_format`]:
+//! FHIR, other JSON, CSV, binary), [`GarbageServer`] serves one over HTTP, [`survives_garbage`]
+//! judges the source's answer, and [`garbage_over_http`] / [`garbage_over_http_as`] do all three
+//! for every kind. [`StubServer`] is a loopback test double of an organisation's HTTP API.
 //!
 //! Run the kit on real (not paused) tokio time: it measures how long the source takes.
 
@@ -1340,10 +1341,38 @@ pub enum Garbage {
     Empty,
     /// A well-formed but [`Garbage::HUGE_BYTES`]-byte body: only a size cap stops it.
     Huge,
+    /// Well-formed JSON of an unexpected shape (an object with none of the fields an API sends).
+    JsonWrongShape,
+    /// The JSON literal `null`.
+    JsonNull,
+    /// CSV whose header names none of the columns an export has.
+    CsvWrongColumns,
+    /// CSV with a quote opened and never closed.
+    CsvUnterminatedQuote,
+    /// CSV with invalid UTF-8 and NUL bytes in it.
+    CsvNotUtf8,
+    /// Bytes with no structure at all (noise, as from a wrong file or a corrupted transfer).
+    BinaryNoise,
+    /// A binary document cut off after its header (a PDF that stops mid-stream).
+    BinaryTruncated,
+}
+
+/// What an adapter reads from its upstream, for choosing the garbage it must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// FHIR JSON ([`Garbage::ALL`]).
+    Fhir,
+    /// Any other JSON API.
+    Json,
+    /// A CSV export or API.
+    Csv,
+    /// Binary files or bodies (documents, proprietary exports).
+    Binary,
 }
 
 impl Garbage {
-    /// Every kind.
+    /// The kinds a FHIR adapter must survive ([`Format::Fhir`]; see [`Garbage::for_format`]
+    /// for JSON, CSV and binary inputs).
     pub const ALL: [Garbage; 6] = [
         Garbage::TruncatedJson,
         Garbage::WrongResourceType,
@@ -1352,6 +1381,39 @@ impl Garbage {
         Garbage::Empty,
         Garbage::Huge,
     ];
+
+    /// The garbage an adapter reading `format` must survive: what a broken upstream of that kind
+    /// sends, plus what any HTTP upstream can send (an HTML error page, an empty or a huge body).
+    pub fn for_format(format: Format) -> &'static [Garbage] {
+        match format {
+            Format::Fhir => &Self::ALL,
+            Format::Json => &[
+                Garbage::TruncatedJson,
+                Garbage::JsonWrongShape,
+                Garbage::JsonNull,
+                Garbage::NotJson,
+                Garbage::NotUtf8,
+                Garbage::Empty,
+                Garbage::Huge,
+            ],
+            Format::Csv => &[
+                Garbage::CsvWrongColumns,
+                Garbage::CsvUnterminatedQuote,
+                Garbage::CsvNotUtf8,
+                Garbage::BinaryNoise,
+                Garbage::NotJson,
+                Garbage::Empty,
+                Garbage::Huge,
+            ],
+            Format::Binary => &[
+                Garbage::BinaryNoise,
+                Garbage::BinaryTruncated,
+                Garbage::NotJson,
+                Garbage::Empty,
+                Garbage::Huge,
+            ],
+        }
+    }
 
     /// Size of the [`Garbage::Huge`] body: above any sensible response cap.
     pub const HUGE_BYTES: usize = 16 * 1024 * 1024;
@@ -1368,6 +1430,13 @@ impl Garbage {
             Garbage::NotUtf8 => "survives garbage: invalid UTF-8",
             Garbage::Empty => "survives garbage: an empty body",
             Garbage::Huge => "survives garbage: a huge body",
+            Garbage::JsonWrongShape => "survives garbage: JSON of the wrong shape",
+            Garbage::JsonNull => "survives garbage: JSON null",
+            Garbage::CsvWrongColumns => "survives garbage: CSV with the wrong columns",
+            Garbage::CsvUnterminatedQuote => "survives garbage: CSV with an unterminated quote",
+            Garbage::CsvNotUtf8 => "survives garbage: CSV with invalid UTF-8",
+            Garbage::BinaryNoise => "survives garbage: binary noise",
+            Garbage::BinaryTruncated => "survives garbage: a truncated binary document",
         }
     }
 
@@ -1375,6 +1444,12 @@ impl Garbage {
     pub fn content_type(self) -> &'static str {
         match self {
             Garbage::NotJson => "text/html; charset=utf-8",
+            Garbage::JsonWrongShape | Garbage::JsonNull => "application/json",
+            Garbage::CsvWrongColumns | Garbage::CsvUnterminatedQuote | Garbage::CsvNotUtf8 => {
+                "text/csv; charset=utf-8"
+            }
+            Garbage::BinaryTruncated => "application/pdf",
+            Garbage::BinaryNoise => "application/octet-stream",
             _ => "application/fhir+json",
         }
     }
@@ -1406,6 +1481,41 @@ impl Garbage {
                 body
             }
             Garbage::Empty => Vec::new(),
+            Garbage::JsonWrongShape => {
+                format!(r#"{{"unexpected":[{{"{marker}":true}}],"note":"{marker}"}}"#).into_bytes()
+            }
+            Garbage::JsonNull => b"null".to_vec(),
+            Garbage::CsvWrongColumns => {
+                format!("{marker},colour,shoe_size\r\nred,{marker},9\r\nblue,x,7\r\n").into_bytes()
+            }
+            Garbage::CsvUnterminatedQuote => {
+                format!("\"{marker},kind,code\r\nallergy,\"91936005,{marker}\r\n").into_bytes()
+            }
+            Garbage::CsvNotUtf8 => {
+                let mut body = format!("{marker},kind\n").into_bytes();
+                body.extend_from_slice(&[0xff, 0xfe, 0x00, 0x00, b',', 0xc3, 0x28, b'\n']);
+                body
+            }
+            Garbage::BinaryNoise => {
+                // Deterministic noise (a 64-bit LCG), with the marker in the middle.
+                let mut state: u64 = 0x5dc1_5dc1_5dc1_5dc1;
+                let mut body: Vec<u8> = (0..4096)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1_442_695_040_888_963_407);
+                        (state >> 56) as u8
+                    })
+                    .collect();
+                body.splice(2048..2048, marker.bytes());
+                body
+            }
+            Garbage::BinaryTruncated => {
+                let mut body = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Title (".to_vec();
+                body.extend_from_slice(marker.as_bytes());
+                body.extend_from_slice(b") /Length 9999 >>\nstream\nx\x9c\x03\x00");
+                body
+            }
             Garbage::Huge => {
                 let open = br#"{"resourceType":"Bundle","type":"searchset","entry":[],"padding":""#;
                 let close = br#""}"#;
@@ -1463,14 +1573,25 @@ pub async fn survives_garbage(source: &dyn Source, patient: NhsNumber, garbage: 
     Check::must(name, passed, scrub(&detail, &[patient]))
 }
 
-/// Runs [`survives_garbage`] for every kind of [`Garbage`], each against a fresh
-/// [`GarbageServer`]: `make` builds the source for a server's base URL (append your API's path).
+/// Runs [`survives_garbage`] for every kind of FHIR [`Garbage`] ([`Garbage::ALL`]), each against
+/// a fresh [`GarbageServer`]: `make` builds the source for a server's base URL (append your
+/// API's path). For other inputs, [`garbage_over_http_as`].
 pub async fn garbage_over_http(
+    patient: NhsNumber,
+    make: impl FnMut(&str) -> Box<dyn Source>,
+) -> Report {
+    garbage_over_http_as(Format::Fhir, patient, make).await
+}
+
+/// [`garbage_over_http`] with the garbage for `format` ([`Garbage::for_format`]): a JSON API, a
+/// CSV endpoint, binary bodies.
+pub async fn garbage_over_http_as(
+    format: Format,
     patient: NhsNumber,
     mut make: impl FnMut(&str) -> Box<dyn Source>,
 ) -> Report {
     let mut report = Report::default();
-    for garbage in Garbage::ALL {
+    for &garbage in Garbage::for_format(format) {
         let check = match GarbageServer::start(garbage).await {
             Ok(server) => {
                 let source = make(server.url());
@@ -1491,41 +1612,103 @@ pub async fn garbage_over_http(
 /// A loopback HTTP/1.1 server answering every request with one [`Garbage`] body and status 200.
 /// Stops when dropped.
 pub struct GarbageServer {
+    /// The stub it runs on.
+    stub: StubServer,
+}
+
+impl GarbageServer {
+    /// Binds `127.0.0.1:0` and starts answering.
+    pub async fn start(garbage: Garbage) -> std::io::Result<GarbageServer> {
+        let body = bytes::Bytes::from(garbage.body());
+        let content_type = garbage.content_type();
+        let stub = StubServer::start(move |_path| StubResponse {
+            status: 200,
+            content_type,
+            body: body.clone(),
+        })
+        .await?;
+        Ok(GarbageServer { stub })
+    }
+
+    /// The server's base URL, `http://127.0.0.1:PORT` (any path answers).
+    pub fn url(&self) -> &str {
+        self.stub.url()
+    }
+}
+
+/// One answer of a [`StubServer`].
+#[derive(Debug, Clone)]
+pub struct StubResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The `content-type` header.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+impl StubResponse {
+    /// A 200 with a JSON body.
+    pub fn json(body: impl Into<bytes::Bytes>) -> StubResponse {
+        StubResponse {
+            status: 200,
+            content_type: "application/json",
+            body: body.into(),
+        }
+    }
+
+    /// An empty answer with this status (404 for "no such patient", 500, ...).
+    pub fn status(status: u16) -> StubResponse {
+        StubResponse {
+            status,
+            content_type: "text/plain",
+            body: bytes::Bytes::new(),
+        }
+    }
+}
+
+/// A loopback HTTP/1.1 test double of an organisation's API: every request is answered by a
+/// function of its path (and query), one request per connection. For adapter authors' tests of
+/// their source against something that speaks real HTTP. Stops when dropped.
+pub struct StubServer {
     /// `http://127.0.0.1:PORT`, for the source's base URL.
     url: String,
     /// The accept loop, aborted on drop.
     task: tokio::task::JoinHandle<()>,
 }
 
-impl GarbageServer {
-    /// Binds `127.0.0.1:0` and starts answering.
-    pub async fn start(garbage: Garbage) -> std::io::Result<GarbageServer> {
+type Responder = Arc<dyn Fn(&str) -> StubResponse + Send + Sync>;
+
+impl StubServer {
+    /// Binds `127.0.0.1:0` and answers each request with `answer(path_and_query)`.
+    pub async fn start(
+        answer: impl Fn(&str) -> StubResponse + Send + Sync + 'static,
+    ) -> std::io::Result<StubServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let body: Arc<[u8]> = garbage.body().into();
-        let content_type = garbage.content_type();
+        let answer: Responder = Arc::new(answer);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(answer_with(stream, body.clone(), content_type));
+                tokio::spawn(answer_with(stream, answer.clone()));
             }
         });
-        Ok(GarbageServer { url, task })
+        Ok(StubServer { url, task })
     }
 
-    /// The server's base URL, `http://127.0.0.1:PORT` (any path answers).
+    /// The server's base URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
         &self.url
     }
 }
 
-impl Drop for GarbageServer {
+impl Drop for StubServer {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-/// Answers one connection's first request with `body`, then closes it.
-async fn answer_with(mut stream: TcpStream, body: Arc<[u8]>, content_type: &'static str) {
+/// Answers one connection's first request, then closes it.
+async fn answer_with(mut stream: TcpStream, answer: Responder) {
     // Read the whole request first: closing a socket with unread input resets the connection,
     // and the client could see the reset instead of the answer.
     let mut input = Vec::new();
@@ -1542,10 +1725,17 @@ async fn answer_with(mut stream: TcpStream, body: Arc<[u8]>, content_type: &'sta
             Ok(n) => input.extend_from_slice(&chunk[..n]),
         }
     };
-    let head = String::from_utf8_lossy(&input[..head_end]).to_ascii_lowercase();
-    let content_length: usize = head
+    let head = String::from_utf8_lossy(&input[..head_end]).into_owned();
+    let path = head
         .lines()
-        .find_map(|line| line.strip_prefix("content-length:"))
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .unwrap_or("/")
+        .to_owned();
+    let content_length: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:").map(str::to_owned))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     let mut have = input.len() - head_end;
@@ -1555,13 +1745,18 @@ async fn answer_with(mut stream: TcpStream, body: Arc<[u8]>, content_type: &'sta
             Ok(n) => have += n,
         }
     }
+    let response = answer(&path);
     let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+        "HTTP/1.1 {} STUB\r\ncontent-type: {}\r\ncontent-length: {}\r\n\
          connection: close\r\n\r\n",
-        body.len()
+        response.status,
+        response.content_type,
+        response.body.len()
     );
     // The client may hang up early (e.g. at its size cap): nothing to do about it.
-    if stream.write_all(head.as_bytes()).await.is_ok() && stream.write_all(&body).await.is_ok() {
+    if stream.write_all(head.as_bytes()).await.is_ok()
+        && stream.write_all(&response.body).await.is_ok()
+    {
         let _ = stream.shutdown().await;
     }
 }
@@ -1628,6 +1823,35 @@ mod tests {
             assert!(
                 serde_json::from_slice::<serde_json::Value>(&body).is_err(),
                 "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_format_has_garbage_that_carries_the_marker_or_is_trivially_empty() {
+        for format in [Format::Fhir, Format::Json, Format::Csv, Format::Binary] {
+            let kinds = Garbage::for_format(format);
+            assert!(kinds.len() >= 5, "{format:?}");
+            for &garbage in kinds {
+                let body = garbage.body();
+                let carries_marker = body
+                    .windows(Garbage::MARKER.len())
+                    .any(|w| w == Garbage::MARKER.as_bytes());
+                assert!(
+                    carries_marker
+                        || matches!(garbage, Garbage::Empty | Garbage::Huge | Garbage::JsonNull),
+                    "{format:?} {garbage:?}"
+                );
+            }
+        }
+        for garbage in [
+            Garbage::CsvNotUtf8,
+            Garbage::BinaryNoise,
+            Garbage::BinaryTruncated,
+        ] {
+            assert!(
+                std::str::from_utf8(&garbage.body()).is_err(),
+                "{garbage:?} is not text"
             );
         }
     }

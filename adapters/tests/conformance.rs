@@ -17,7 +17,8 @@ use carerecord_adapters::fhir::{FhirConfig, FhirSource};
 use carerecord_adapters::memory::{Behaviour, InMemorySource};
 use carerecord_adapters::proto::{CareRecord, Coding, Entry, Patient, Provenance, Purpose};
 use carerecord_adapters::testkit::{
-    self, Conformance, Garbage, Report, checks, garbage_over_http, survives_garbage,
+    self, Conformance, Format, Garbage, Report, checks, garbage_over_http, garbage_over_http_as,
+    survives_garbage,
 };
 use carerecord_adapters::{
     NhsNumber, SectionSet, Source, SourceError, SourceInfo, SourceReply, SourceRequest,
@@ -273,6 +274,20 @@ async fn the_fhir_adapter_survives_garbage() {
     assert_eq!(report.checks.len(), Garbage::ALL.len());
 }
 
+#[tokio::test]
+async fn the_fhir_adapter_survives_json_and_binary_garbage_too() {
+    for format in [Format::Json, Format::Binary] {
+        let report = garbage_over_http_as(format, known(), |url| {
+            let mut config = FhirConfig::new(format!("{url}/fhir"));
+            config.max_response_bytes = 1024 * 1024;
+            Box::new(FhirSource::new(info("leeds-gp"), &config).expect("valid config"))
+        })
+        .await;
+        report.assert_all_passed();
+        assert_eq!(report.checks.len(), Garbage::for_format(format).len());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The worked example: the care home's CSV export
 // ---------------------------------------------------------------------------------------------
@@ -322,7 +337,10 @@ async fn the_care_home_example_conforms() {
 async fn the_care_home_example_survives_garbage() {
     let export = TempExport::new("garbage", b"");
     let source = care_home(&export);
-    for kind in Garbage::ALL {
+    let csv_and_binary = Garbage::for_format(Format::Csv)
+        .iter()
+        .chain(Garbage::for_format(Format::Binary));
+    for &kind in Garbage::ALL.iter().chain(csv_and_binary) {
         std::fs::write(&export.0, kind.body()).expect("write");
         let check = survives_garbage(&source, known(), kind).await;
         assert!(check.passed, "{}: {}", check.name, check.detail);

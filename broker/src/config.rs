@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use carerecord_adapters::federation::BrokerSourceConfig;
 use carerecord_adapters::fhir::FhirConfig;
+use carerecord_adapters::grpc::GrpcSourceConfig;
 use serde::Deserialize;
 
 use crate::access::AccessConfig;
@@ -304,8 +305,8 @@ impl CacheConfig {
     }
 }
 
-/// One `[[sources]]` entry; its kind (`[sources.fhir]` or `[sources.broker]`) says how to
-/// reach it.
+/// One `[[sources]]` entry; its kind (`[sources.fhir]`, `[sources.broker]` or `[sources.grpc]`)
+/// says how to reach it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(try_from = "SourceTable")]
 pub struct SourceConfig {
@@ -330,6 +331,8 @@ pub enum SourceKind {
     Fhir(FhirConfig),
     /// Another carerecord broker, for federation (`[sources.broker]`).
     Broker(BrokerSourceConfig),
+    /// A server speaking the source protocol, `carerecord.source.v1` (`[sources.grpc]`).
+    Grpc(GrpcSourceConfig),
 }
 
 impl SourceKind {
@@ -338,6 +341,7 @@ impl SourceKind {
         match self {
             SourceKind::Fhir(_) => "sources.fhir",
             SourceKind::Broker(_) => "sources.broker",
+            SourceKind::Grpc(_) => "sources.grpc",
         }
     }
 }
@@ -347,7 +351,7 @@ impl SourceConfig {
     pub fn fhir_mut(&mut self) -> Option<&mut FhirConfig> {
         match &mut self.kind {
             SourceKind::Fhir(fhir) => Some(fhir),
-            SourceKind::Broker(_) => None,
+            SourceKind::Broker(_) | SourceKind::Grpc(_) => None,
         }
     }
 }
@@ -364,18 +368,20 @@ struct SourceTable {
     max_in_flight: Option<usize>,
     fhir: Option<FhirConfig>,
     broker: Option<BrokerSourceConfig>,
+    grpc: Option<GrpcSourceConfig>,
 }
 
 impl TryFrom<SourceTable> for SourceConfig {
     type Error = String;
 
     fn try_from(t: SourceTable) -> Result<Self, Self::Error> {
-        let kind = match (t.fhir, t.broker) {
-            (Some(fhir), None) => SourceKind::Fhir(fhir),
-            (None, Some(broker)) => SourceKind::Broker(broker),
+        let kind = match (t.fhir, t.broker, t.grpc) {
+            (Some(fhir), None, None) => SourceKind::Fhir(fhir),
+            (None, Some(broker), None) => SourceKind::Broker(broker),
+            (None, None, Some(grpc)) => SourceKind::Grpc(grpc),
             _ => {
                 return Err(format!(
-                    "source {:?}: exactly one of [sources.fhir] or [sources.broker] must say how to reach it",
+                    "source {:?}: exactly one of [sources.fhir], [sources.broker] or [sources.grpc] must say how to reach it",
                     t.id
                 ));
             }
@@ -654,6 +660,29 @@ base_url = "http://127.0.0.1:8080/fhir"
             msg.contains("exactly one of") && msg.contains("line 6"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_source_protocol_server_is_a_kind_of_its_own() {
+        let text = MINIMAL.replace(
+            "[sources.fhir]\nbase_url = \"http://127.0.0.1:8080/fhir\"",
+            "[sources.grpc]\nurl = \"http://127.0.0.1:50061\"\nanswers_depend_on_requester = true",
+        );
+        let c = Config::parse(&text, Path::new("t.toml")).expect("valid");
+        let SourceKind::Grpc(grpc) = &c.sources[0].kind else {
+            panic!("a grpc source: {:?}", c.sources[0].kind);
+        };
+        assert_eq!(grpc.url, "http://127.0.0.1:50061");
+        assert!(grpc.answers_depend_on_requester);
+        assert_eq!(c.sources[0].kind.table(), "sources.grpc");
+        let typo = text.replace(
+            "answers_depend_on_requester",
+            "answers_depends_on_requester",
+        );
+        let msg = Config::parse(&typo, Path::new("t.toml"))
+            .expect_err("unknown key")
+            .to_string();
+        assert!(msg.contains("answers_depends_on_requester"), "{msg}");
     }
 
     #[test]

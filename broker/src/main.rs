@@ -46,6 +46,9 @@ enum Command {
     /// Make a token key and sign requester tokens for the FHIR face (setup and testing).
     #[command(subcommand)]
     Token(cli::token::TokenCommand),
+    /// Check a live source before go-live: a source-protocol server (--grpc) or a FHIR R4
+    /// server (--fhir), through the adapter conformance kit. Exits non-zero on any failure.
+    Conformance(cli::conformance::ConformanceArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +57,10 @@ fn main() -> ExitCode {
         Command::Serve { .. } => "info",
         _ => "warn",
     };
+    // One process-wide rustls provider (ring), before any source is built: an adapter that
+    // builds an HTTP client without `carerecord_adapters::http::client_builder` would panic
+    // without it.
+    carerecord_adapters::http::install_default_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -85,6 +92,7 @@ fn main() -> ExitCode {
             Command::Lookup(args) => cli::lookup::run(args).await,
             Command::Audit(command) => cli::audit::run(command).await,
             Command::Token(command) => cli::token::run(command),
+            Command::Conformance(args) => cli::conformance::run(args).await,
         }
     });
     if let Some(telemetry) = telemetry {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use carerecord_adapters::federation::BrokerSource;
 use carerecord_adapters::fhir::{FhirConfig, FhirLocator, FhirSource};
+use carerecord_adapters::grpc::GrpcSource;
 use carerecord_adapters::locator::Locator;
 use carerecord_adapters::{Source, SourceInfo};
 
@@ -41,6 +42,9 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
             }
             SourceKind::Broker(remote) => {
                 Arc::new(BrokerSource::new(info, remote).map_err(|e| failed(e.to_string()))?)
+            }
+            SourceKind::Grpc(server) => {
+                Arc::new(GrpcSource::new(info, server).map_err(|e| failed(e.to_string()))?)
             }
         };
         sources.push(configured(

@@ -61,18 +61,8 @@ impl Telemetry {
         let Some(endpoint) = &config.otlp_endpoint else {
             return Ok(None);
         };
-        // ring as the provider, named here: nothing depends on a process-wide default.
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?
-        .with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
+        // The adapters' builder: its own TLS (ring), never a process-wide provider.
+        let client = carerecord_adapters::http::client_builder()
             .timeout(Duration::from_millis(config.export_timeout_ms))
             .build()
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;

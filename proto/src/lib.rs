@@ -15,6 +15,21 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/carerecord_descriptor.bin"));
 }
 
+/// Generated code for package `carerecord.source.v1`: the source protocol an organisation's
+/// server implements in any language (`proto/carerecord/source/v1/source.proto`), and the client
+/// the broker's `[sources.grpc]` adapter uses.
+pub mod source {
+    /// `carerecord.source.v1`.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("carerecord.source.v1");
+        include!(concat!(env!("OUT_DIR"), "/carerecord.source.v1.serde.rs"));
+
+        /// The protocol name a server reports in `DescribeResponse.protocol`.
+        pub const PROTOCOL: &str = "carerecord.source.v1";
+    }
+}
+
 pub use v1::*;
 
 impl Section {

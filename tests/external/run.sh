@@ -17,6 +17,9 @@
 #   check_fhir_face.py the broker's FHIR R4 face (`[fhir]` on another loopback port; its
 #                     `unverified_token_key` made with `carerecord token new-key`) as an outside
 #                     FHIR client: tokens signed in Python, read with fhir.resources and fhirclient
+#   check_python_source.py the Python example source (examples/python-source) behind its own
+#                     broker over [sources.grpc]: served, not known, slow, failing, wrong
+#                     patient, garbage; and `carerecord conformance --grpc` against it
 # and prints `N passed, M failed`. Exits non-zero on any failure. Everything started is stopped
 # on exit. Set EXT_KEEP_TMP=1 to keep the temp dir (configs, logs, audit trail); EXT_ONLY="a.py b.py"
 # runs only those scripts.
@@ -202,7 +205,7 @@ export EXT_FHIR_BASE="http://127.0.0.1:$FHIR_PORT/" EXT_FHIR_TOKEN_KEY="$TMP/fhi
 export GRPC_VERBOSITY="${GRPC_VERBOSITY:-NONE}"
 
 # EXT_ONLY="check_fhir_face.py ..." runs just those (while working on one of them).
-read -r -a SCRIPTS <<<"${EXT_ONLY:-check_grpc.py validate_fhir.py check_tls.py check_fhir_face.py}"
+read -r -a SCRIPTS <<<"${EXT_ONLY:-check_grpc.py validate_fhir.py check_tls.py check_fhir_face.py check_python_source.py}"
 for script in "${SCRIPTS[@]}"; do
   echo "==== $script"
   before="$(wc -l <"$RESULTS")"

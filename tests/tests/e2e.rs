@@ -15,4 +15,5 @@ mod e2e {
     pub mod resilience;
     pub mod routing;
     pub mod safety;
+    pub mod source_protocol;
 }

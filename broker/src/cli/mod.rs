@@ -3,6 +3,7 @@
 //! (`carerecord-dev demo`) drive the same lookup client and serving path as the product.
 
 pub mod audit;
+pub mod conformance;
 pub mod lookup;
 pub mod serve;
 pub mod token;
