@@ -59,7 +59,7 @@ pub struct ChainedLine {
     pub seq: u64,
     /// The previous event's hash ([`GENESIS`] before the first).
     pub prev: String,
-    /// SHA-256 over `seq`, `prev`, `instance` and `event` (see [`link_hash`]).
+    /// SHA-256 over `seq`, `prev`, `instance` and `event` (checked by [`link_fault`]).
     pub hash: String,
     /// The broker instance whose trail this is. Absent in trails written before trails were
     /// named (and by [`AuditLog::open`]); absent fields are left out of the hash, so such
@@ -91,17 +91,6 @@ struct Hashed<'a> {
 
 /// The hash before a trail's first event.
 pub const GENESIS_HASH: &str = GENESIS;
-
-/// The hash that links event `seq` of `instance`'s trail to `prev`: what a line's `hash` must
-/// be, whether it is read from the file or rebuilt from a database row.
-pub fn link_hash(
-    seq: u64,
-    prev: &str,
-    instance: Option<&str>,
-    event: &AuditEvent,
-) -> Result<String, serde_json::Error> {
-    hash_of(seq, prev, instance, event)
-}
 
 fn hash_of(
     seq: u64,
@@ -521,30 +510,14 @@ fn verify_reader(reader: impl BufRead) -> Verified {
             Ok(p) => p,
             Err(e) => return broken(format!("not a complete audit record ({e})")),
         };
-        if parsed.seq != events + 1 {
-            return broken(format!(
-                "sequence {} where {} was expected: a record is missing or out of order",
-                parsed.seq,
-                events + 1
-            ));
-        }
-        if parsed.prev != prev {
-            return broken("does not link to the record before it".into());
-        }
-        if events > 0 && parsed.instance != instance {
-            return broken(format!(
-                "written by instance {:?} in a trail of instance {:?}: two instances' chains are mixed",
-                parsed.instance, instance
-            ));
-        }
-        match hash_of(
-            parsed.seq,
-            &parsed.prev,
-            parsed.instance.as_deref(),
-            &parsed.event,
-        ) {
-            Ok(h) if h == parsed.hash => {}
-            _ => return broken("contents do not match their hash: the record was altered".into()),
+        // The first line names the trail's instance; every other line must name the same.
+        let trail = if events == 0 {
+            parsed.instance.as_deref()
+        } else {
+            instance.as_deref()
+        };
+        if let Some(why) = link_fault(&parsed, events, &prev, trail) {
+            return broken(why);
         }
         prev = parsed.hash;
         instance = parsed.instance;
@@ -554,6 +527,36 @@ fn verify_reader(reader: impl BufRead) -> Verified {
         events,
         last_hash: prev,
         instance,
+    }
+}
+
+/// Why `line` is not the next link of `instance`'s chain standing at event `seq` with hash
+/// `prev` — `None` when it is. The one check of a link, for trail files and for the store alike.
+pub fn link_fault(
+    line: &ChainedLine,
+    seq: u64,
+    prev: &str,
+    instance: Option<&str>,
+) -> Option<String> {
+    if line.seq != seq + 1 {
+        return Some(format!(
+            "sequence {} where {} was expected: a record is missing or out of order",
+            line.seq,
+            seq + 1
+        ));
+    }
+    if line.prev != prev {
+        return Some("does not link to the record before it".into());
+    }
+    if line.instance.as_deref() != instance {
+        return Some(format!(
+            "written by instance {:?} in the trail of instance {instance:?}: two instances' chains are mixed",
+            line.instance
+        ));
+    }
+    match hash_of(line.seq, &line.prev, instance, &line.event) {
+        Ok(h) if h == line.hash => None,
+        _ => Some("contents do not match their hash: the record was altered".into()),
     }
 }
 

@@ -138,6 +138,23 @@ fn an_operator_ships_two_trails_then_asks_the_store_and_a_sidecar_follows_a_grow
         text(&out)
     );
 
+    // A file named on the command line wins over the store in the environment.
+    let out = carerecord(
+        &[
+            "audit",
+            "patient",
+            "9434765919",
+            "--file",
+            a.to_str().expect("utf8"),
+        ],
+        db,
+    );
+    assert!(
+        text(&out).contains("3 access events") && !text(&out).contains(" on broker-a"),
+        "{}",
+        text(&out)
+    );
+
     let out = carerecord(&["audit", "report", "--format", "json"], db);
     assert!(out.status.success(), "{}", text(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

@@ -50,7 +50,14 @@ impl Postgres {
         if root && !run(Command::new("id").arg("postgres"))?.status.success() {
             return Err("running as root and there is no `postgres` user to run the server".into());
         }
-        let dir = std::env::temp_dir().join(format!(
+        // The server's user must reach its directory: under root, a $TMPDIR in root's home
+        // would not do, /tmp does.
+        let base = if root {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!(
             "carerecord-pg-{name}-{}-{}",
             std::process::id(),
             free_port()?

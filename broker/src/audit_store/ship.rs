@@ -17,7 +17,7 @@ use futures::future::try_join_all;
 use tokio_postgres::Transaction;
 
 use super::{AuditStore, StoreError};
-use crate::audit::{ChainedLine, GENESIS_HASH, link_hash};
+use crate::audit::{ChainedLine, GENESIS_HASH, link_fault};
 
 /// Events inserted per round trip batch (pipelined on one connection).
 const INSERT_BATCH: usize = 500;
@@ -346,25 +346,9 @@ async fn insert_batch(
 fn check_line(bytes: &[u8], link: &Link, instance: &str) -> Result<ChainedLine, String> {
     let parsed: ChainedLine =
         serde_json::from_slice(bytes).map_err(|e| format!("not a complete audit record ({e})"))?;
-    if parsed.seq != link.seq + 1 {
-        return Err(format!(
-            "sequence {} where {} was expected: a record is missing or out of order",
-            parsed.seq,
-            link.seq + 1
-        ));
-    }
-    if parsed.prev != link.hash {
-        return Err("does not link to the record before it".into());
-    }
-    if parsed.instance.as_deref() != Some(instance) {
-        return Err(format!(
-            "written by instance {:?} in the trail of {instance:?}",
-            parsed.instance
-        ));
-    }
-    match link_hash(parsed.seq, &parsed.prev, Some(instance), &parsed.event) {
-        Ok(h) if h == parsed.hash => Ok(parsed),
-        _ => Err("contents do not match their hash: the record was altered".into()),
+    match link_fault(&parsed, link.seq, &link.hash, Some(instance)) {
+        None => Ok(parsed),
+        Some(why) => Err(why),
     }
 }
 

@@ -6,7 +6,7 @@ use futures::{StreamExt, pin_mut};
 
 use super::schema::{EVENT_COLUMNS, stored_link};
 use super::{AuditStore, StoreError};
-use crate::audit::{GENESIS_HASH, link_hash};
+use crate::audit::{ChainedLine, GENESIS_HASH, link_fault};
 
 /// One instance's chain in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,25 +56,18 @@ async fn verify_instance(
         if broken.is_some() {
             continue;
         }
-        let why = if stored.seq != seq + 1 {
-            Some(format!(
-                "sequence {} where {} was expected: an event is missing",
-                stored.seq,
-                seq + 1
-            ))
-        } else if row_prev != prev {
-            Some("does not link to the event before it".to_owned())
-        } else {
-            match link_hash(stored.seq, &row_prev, Some(&instance), &stored.event) {
-                Ok(h) if h == row_hash => None,
-                _ => Some("contents do not match their hash: the event was altered".to_owned()),
-            }
+        let line = ChainedLine {
+            seq: stored.seq,
+            prev: row_prev,
+            hash: row_hash,
+            instance: Some(stored.instance),
+            event: stored.event,
         };
-        match why {
-            Some(why) => broken = Some((stored.seq, why)),
+        match link_fault(&line, seq, &prev, Some(&instance)) {
+            Some(why) => broken = Some((line.seq, why)),
             None => {
-                seq = stored.seq;
-                prev = row_hash;
+                seq = line.seq;
+                prev = line.hash;
             }
         }
     }

@@ -28,9 +28,10 @@ pub enum AuditCommand {
     Patient {
         /// The patient's NHS number.
         nhs_number: String,
-        /// The audit trail (JSON Lines); ignored with --database.
-        #[arg(long, default_value = "carerecord-audit.jsonl")]
-        file: PathBuf,
+        /// The audit trail (JSON Lines). Without it: the store when --database (or
+        /// CARERECORD_AUDIT_DATABASE) is set, else carerecord-audit.jsonl.
+        #[arg(long)]
+        file: Option<PathBuf>,
         #[command(flatten)]
         database: DatabaseArgs,
         /// Print JSON Lines instead of a table.
@@ -127,7 +128,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             json,
         } => {
             let nhs = NhsNumber::parse(&nhs_number).context("nhs_number")?;
-            let events = if database.url.is_some() {
+            let events = if file.is_none() && database.url.is_some() {
                 let store = database.connect().await?;
                 store
                     .patient(&nhs.as_digits())
@@ -136,6 +137,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     .map(|s| (Some(s.instance), s.seq, s.event))
                     .collect()
             } else {
+                let file = file.unwrap_or_else(|| PathBuf::from("carerecord-audit.jsonl"));
                 audit::events_for_patient(&file, &nhs.as_digits())?
                     .into_iter()
                     .map(|e| (None, 0, e))
