@@ -21,6 +21,7 @@ pub mod protocol_server;
 mod sections;
 mod source;
 pub mod testkit;
+pub mod trace;
 
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use sections::{SectionSet, UnknownSection};

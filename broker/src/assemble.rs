@@ -100,7 +100,7 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
     // wrong (then only to report it alongside the other problems is it checked here). Both find
     // the same faults with the same messages.
     if (trail == Trail::Check || !problems.is_empty())
-        && let Err(e) = audit::check_usable(&config.audit.file)
+        && let Err(e) = audit::check_usable(&config.audit.file, config.audit.instance.as_deref())
     {
         problems.push(e.into());
     }
@@ -112,10 +112,7 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
     // Only a configuration with nothing else wrong opens (creates, locks) the trail, so a
     // refused start leaves no file behind and holds no lock.
     let audit = match trail {
-        Trail::Open => Some(
-            AuditLog::open(&config.audit.file, config.audit.fsync)
-                .map_err(|e| Problems(vec![e.into()]))?,
-        ),
+        Trail::Open => Some(open_trail(config).map_err(|e| Problems(vec![e.into()]))?),
         Trail::Check => None,
     };
     let source_count = sources.sources.len();
@@ -133,9 +130,17 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
 pub fn broker_with_sources(config: &Config, sources: SourceSet) -> Result<Broker, Problems> {
     let policy = Policy::new(&config.access).map_err(|e| Problems(vec![e.into()]))?;
     let router = registry::router(config).map_err(|e| Problems(vec![Problem::Routing(e)]))?;
-    let audit = AuditLog::open(&config.audit.file, config.audit.fsync)
-        .map_err(|e| Problems(vec![e.into()]))?;
+    let audit = open_trail(config).map_err(|e| Problems(vec![e.into()]))?;
     Ok(Broker::new(parts(config, policy, audit, router), sources))
+}
+
+/// The trail `[audit]` names: this instance's own (an unnamed one only for a configuration
+/// built in code without an instance).
+fn open_trail(config: &Config) -> Result<AuditLog, AuditError> {
+    match &config.audit.instance {
+        Some(instance) => AuditLog::open_named(&config.audit.file, config.audit.fsync, instance),
+        None => AuditLog::open(&config.audit.file, config.audit.fsync),
+    }
 }
 
 /// What the core is made of besides its sources, from the configuration file's sections.

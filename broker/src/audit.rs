@@ -4,10 +4,16 @@
 //!
 //! The broker fails closed: if an event cannot be written, the record is not disclosed.
 //! Audit holds no clinical content: who, which patient, when, why, which sources, and counts.
+//!
+//! Each broker instance writes its own trail, and each line names the instance (inside the
+//! hash), so a region's trails can be gathered in one store as one chain per instance
+//! (`carerecord audit ship`, [`crate::audit_store`]) without two chains ever being mixed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -45,13 +51,22 @@ pub struct AuditEvent {
     pub from_cache: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// One line of a trail: an event, its place in the chain and the instance that wrote it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ChainedLine {
-    seq: u64,
-    prev: String,
-    hash: String,
-    event: AuditEvent,
+pub struct ChainedLine {
+    /// 1 for the trail's first event, then one more per event.
+    pub seq: u64,
+    /// The previous event's hash ([`GENESIS`] before the first).
+    pub prev: String,
+    /// SHA-256 over `seq`, `prev`, `instance` and `event` (see [`link_hash`]).
+    pub hash: String,
+    /// The broker instance whose trail this is. Absent in trails written before trails were
+    /// named (and by [`AuditLog::open`]); absent fields are left out of the hash, so such
+    /// trails still verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    pub event: AuditEvent,
 }
 
 /// A [`ChainedLine`] as written, borrowing its parts (same fields, same order).
@@ -60,6 +75,8 @@ struct LineOut<'a> {
     seq: u64,
     prev: &'a str,
     hash: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<&'a str>,
     event: &'a AuditEvent,
 }
 
@@ -67,11 +84,37 @@ struct LineOut<'a> {
 struct Hashed<'a> {
     seq: u64,
     prev: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<&'a str>,
     event: &'a AuditEvent,
 }
 
-fn hash_of(seq: u64, prev: &str, event: &AuditEvent) -> Result<String, serde_json::Error> {
-    let bytes = serde_json::to_vec(&Hashed { seq, prev, event })?;
+/// The hash before a trail's first event.
+pub const GENESIS_HASH: &str = GENESIS;
+
+/// The hash that links event `seq` of `instance`'s trail to `prev`: what a line's `hash` must
+/// be, whether it is read from the file or rebuilt from a database row.
+pub fn link_hash(
+    seq: u64,
+    prev: &str,
+    instance: Option<&str>,
+    event: &AuditEvent,
+) -> Result<String, serde_json::Error> {
+    hash_of(seq, prev, instance, event)
+}
+
+fn hash_of(
+    seq: u64,
+    prev: &str,
+    instance: Option<&str>,
+    event: &AuditEvent,
+) -> Result<String, serde_json::Error> {
+    let bytes = serde_json::to_vec(&Hashed {
+        seq,
+        prev,
+        instance,
+        event,
+    })?;
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -93,9 +136,17 @@ pub enum AuditError {
     #[error("audit event could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
     #[error(
-        "audit file {path} is locked by another carerecord broker instance: two brokers appending to one trail would interleave their hash chains. Run one trail per instance: give each instance its own [audit] file (e.g. named by instance, /var/lib/carerecord/audit-<instance>.jsonl), or stop the other instance first"
+        "audit file {path} is locked by another carerecord broker instance: two brokers appending to one trail would interleave their hash chains. Run one trail per instance: give each instance its own [audit] file (e.g. named by instance, file = \"/var/lib/carerecord/audit-{{instance}}.jsonl\"), or stop the other instance first"
     )]
     Locked { path: PathBuf },
+    #[error(
+        "audit file {path} holds the trail of {found}, and this broker is {ours}: one trail holds one instance's chain. Give each instance its own [audit] file (e.g. file = \"/var/lib/carerecord/audit-{{instance}}.jsonl\"), or set [audit] instance to the trail's instance if this broker replaces it"
+    )]
+    OtherInstance {
+        path: PathBuf,
+        found: String,
+        ours: String,
+    },
     #[error("audit writer for {path} has stopped; the event was not recorded")]
     WriterStopped { path: PathBuf },
 }
@@ -122,13 +173,27 @@ pub struct AuditLog {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     /// Joined on drop, so the file (and its lock) is closed when the log is gone.
     writer: Option<std::thread::JoinHandle<()>>,
+    /// When the last write failed, cleared by the next one that succeeds: the readiness probe
+    /// turns traffic away from a broker that cannot record who looked.
+    failed_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl AuditLog {
-    /// Opens (or creates) the trail, locks it and continues its chain. A damaged trail refuses
-    /// to open: appending to it would hide the damage. A trail another instance holds refuses to
-    /// open with [`AuditError::Locked`].
+    /// Opens (or creates) an unnamed trail: its lines name no instance. For embedders and tests;
+    /// `carerecord serve` opens a named trail ([`AuditLog::open_named`]).
     pub fn open(path: &Path, sync: bool) -> Result<AuditLog, AuditError> {
+        AuditLog::open_as(path, sync, None)
+    }
+
+    /// Opens (or creates) `instance`'s trail, locks it and continues its chain; every line
+    /// written names `instance`. A damaged trail refuses to open: appending to it would hide
+    /// the damage. A trail another process holds refuses to open with [`AuditError::Locked`],
+    /// and one written by another instance (or unnamed) with [`AuditError::OtherInstance`].
+    pub fn open_named(path: &Path, sync: bool, instance: &str) -> Result<AuditLog, AuditError> {
+        AuditLog::open_as(path, sync, Some(instance))
+    }
+
+    fn open_as(path: &Path, sync: bool, instance: Option<&str>) -> Result<AuditLog, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_owned(),
             source,
@@ -154,7 +219,14 @@ impl AuditLog {
         let (seq, hash) = if regular {
             let reader = File::open(path).map_err(io)?;
             match verify_reader(BufReader::new(reader)) {
-                Verified::Intact { events, last_hash } => (events, last_hash),
+                Verified::Intact {
+                    events,
+                    last_hash,
+                    instance: found,
+                } => {
+                    same_instance(path, events, found.as_deref(), instance)?;
+                    (events, last_hash)
+                }
                 Verified::Broken { line, why } => {
                     return Err(AuditError::Damaged {
                         path: path.to_owned(),
@@ -166,8 +238,11 @@ impl AuditLog {
         } else {
             (0, GENESIS.to_owned())
         };
+        let failed_at = Arc::new(Mutex::new(None));
         let head = Head {
             path: path.to_owned(),
+            failed_at: failed_at.clone(),
+            instance: instance.map(str::to_owned),
             file,
             seq,
             hash,
@@ -183,6 +258,7 @@ impl AuditLog {
             path: path.to_owned(),
             jobs: Some(jobs),
             writer: Some(writer),
+            failed_at,
         })
     }
 
@@ -209,6 +285,11 @@ impl AuditLog {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// When the last write failed, if the trail has not been written since.
+    pub fn failing_since(&self) -> Option<Instant> {
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Drop for AuditLog {
@@ -226,6 +307,9 @@ impl Drop for AuditLog {
 /// The writer thread's state: the end of the chain and the file it extends.
 struct Head {
     path: PathBuf,
+    failed_at: Arc<Mutex<Option<Instant>>>,
+    /// Written into every line (and its hash).
+    instance: Option<String>,
     file: File,
     seq: u64,
     hash: String,
@@ -256,7 +340,7 @@ impl Head {
         let (mut seq, mut hash) = (self.seq, self.hash.clone());
         let mut written = Vec::with_capacity(batch.len());
         for job in batch {
-            match chained_line(seq + 1, &hash, &job.event) {
+            match chained_line(seq + 1, &hash, self.instance.as_deref(), &job.event) {
                 Ok((line, next)) => {
                     bytes.extend_from_slice(&line);
                     seq += 1;
@@ -272,7 +356,10 @@ impl Head {
         if written.is_empty() {
             return;
         }
-        match self.append(&bytes) {
+        let result = self.append(&bytes);
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            result.is_err().then(Instant::now);
+        match result {
             Ok(()) => {
                 self.seq = seq;
                 self.hash = hash;
@@ -314,23 +401,50 @@ impl Head {
 }
 
 /// One JSON line (with its newline) for event number `seq` after `prev`, and its hash.
-fn chained_line(seq: u64, prev: &str, event: &AuditEvent) -> Result<(Vec<u8>, String), AuditError> {
-    let hash = hash_of(seq, prev, event)?;
+fn chained_line(
+    seq: u64,
+    prev: &str,
+    instance: Option<&str>,
+    event: &AuditEvent,
+) -> Result<(Vec<u8>, String), AuditError> {
+    let hash = hash_of(seq, prev, instance, event)?;
     let mut bytes = serde_json::to_vec(&LineOut {
         seq,
         prev,
         hash: &hash,
+        instance,
         event,
     })?;
     bytes.push(b'\n');
     Ok((bytes, hash))
 }
 
+/// A trail with events continues only under the instance that wrote them.
+fn same_instance(
+    path: &Path,
+    events: u64,
+    found: Option<&str>,
+    ours: Option<&str>,
+) -> Result<(), AuditError> {
+    if events == 0 || found == ours {
+        return Ok(());
+    }
+    let name = |i: Option<&str>| match i {
+        Some(i) => format!("instance {i:?}"),
+        None => "no named instance (an unnamed trail)".to_owned(),
+    };
+    Err(AuditError::OtherInstance {
+        path: path.to_owned(),
+        found: name(found),
+        ours: name(ours),
+    })
+}
+
 /// What `carerecord check-config` checks of the trail, the way `serve` would find it, without
-/// holding it: an existing trail must be intact and open for appending, a new one must be
-/// creatable. The lock is deliberately not taken, so checking a running broker's configuration
-/// does not fail because that broker holds its trail.
-pub fn check_usable(path: &Path) -> Result<(), AuditError> {
+/// holding it: an existing trail must be intact, written by `instance` and open for appending,
+/// a new one must be creatable. The lock is deliberately not taken, so checking a running
+/// broker's configuration does not fail because that broker holds its trail.
+pub fn check_usable(path: &Path, instance: Option<&str>) -> Result<(), AuditError> {
     let io = |source| AuditError::Io {
         path: path.to_owned(),
         source,
@@ -341,12 +455,19 @@ pub fn check_usable(path: &Path) -> Result<(), AuditError> {
         }
         Ok(_) => {
             OpenOptions::new().append(true).open(path).map_err(io)?;
-            if let Verified::Broken { line, why } = verify(path)? {
-                return Err(AuditError::Damaged {
-                    path: path.to_owned(),
-                    line,
-                    why,
-                });
+            match verify(path)? {
+                Verified::Broken { line, why } => {
+                    return Err(AuditError::Damaged {
+                        path: path.to_owned(),
+                        line,
+                        why,
+                    });
+                }
+                Verified::Intact {
+                    events,
+                    instance: found,
+                    ..
+                } => same_instance(path, events, found.as_deref(), instance)?,
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -366,8 +487,12 @@ pub fn check_usable(path: &Path) -> Result<(), AuditError> {
 /// The result of checking a trail.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verified {
-    /// Every link holds.
-    Intact { events: u64, last_hash: String },
+    /// Every link holds, and every line names the same instance (`None`: an unnamed trail).
+    Intact {
+        events: u64,
+        last_hash: String,
+        instance: Option<String>,
+    },
     /// The first line (1-based) where the chain breaks, and how.
     Broken { line: u64, why: String },
 }
@@ -384,6 +509,7 @@ pub fn verify(path: &Path) -> Result<Verified, AuditError> {
 fn verify_reader(reader: impl BufRead) -> Verified {
     let mut prev = GENESIS.to_owned();
     let mut events = 0u64;
+    let mut instance = None;
     for (i, line) in reader.split(b'\n').enumerate() {
         let n = i as u64 + 1;
         let broken = |why: String| Verified::Broken { line: n, why };
@@ -405,16 +531,29 @@ fn verify_reader(reader: impl BufRead) -> Verified {
         if parsed.prev != prev {
             return broken("does not link to the record before it".into());
         }
-        match hash_of(parsed.seq, &parsed.prev, &parsed.event) {
+        if events > 0 && parsed.instance != instance {
+            return broken(format!(
+                "written by instance {:?} in a trail of instance {:?}: two instances' chains are mixed",
+                parsed.instance, instance
+            ));
+        }
+        match hash_of(
+            parsed.seq,
+            &parsed.prev,
+            parsed.instance.as_deref(),
+            &parsed.event,
+        ) {
             Ok(h) if h == parsed.hash => {}
             _ => return broken("contents do not match their hash: the record was altered".into()),
         }
         prev = parsed.hash;
+        instance = parsed.instance;
         events += 1;
     }
     Verified::Intact {
         events,
         last_hash: prev,
+        instance,
     }
 }
 
@@ -573,20 +712,73 @@ mod tests {
     fn check_usable_neither_takes_the_lock_nor_leaves_a_file() {
         let dir = temp_dir("check");
         let fresh = dir.join("new.jsonl");
-        check_usable(&fresh).expect("creatable");
+        check_usable(&fresh, None).expect("creatable");
         assert!(!fresh.exists(), "check-config leaves nothing behind");
 
         let held = dir.join("held.jsonl");
         let log = AuditLog::open(&held, false).expect("open");
-        check_usable(&held).expect("a running broker's trail checks");
+        check_usable(&held, None).expect("a running broker's trail checks");
         block_on(log.record(&event(1))).expect("the holder still writes");
 
         let blocked = dir.join("not-a-dir").join("audit.jsonl");
         std::fs::write(dir.join("not-a-dir"), "a file").expect("write");
         let serve = AuditLog::open(&blocked, false).err().map(|e| e.to_string());
-        let check = check_usable(&blocked).err().map(|e| e.to_string());
+        let check = check_usable(&blocked, None).err().map(|e| e.to_string());
         assert!(serve.is_some(), "serve refuses a trail it cannot create");
         assert_eq!(serve, check, "check-config says what serve says");
+    }
+
+    #[test]
+    fn a_named_trail_names_its_instance_in_every_line_and_continues_only_under_it() {
+        let dir = temp_dir("named");
+        let path = dir.join("audit-a.jsonl");
+        let log = AuditLog::open_named(&path, false, "broker-a").expect("open");
+        block_on(log.record(&event(1))).expect("record");
+        block_on(log.record(&event(2))).expect("record");
+        drop(log);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.matches("\"instance\":\"broker-a\"").count(), 2);
+        assert!(matches!(
+            verify(&path).expect("read"),
+            Verified::Intact { events: 2, instance: Some(ref i), .. } if i == "broker-a"
+        ));
+
+        for other in [Some("broker-b"), None] {
+            let refused = match other {
+                Some(b) => AuditLog::open_named(&path, false, b).err(),
+                None => AuditLog::open(&path, false).err(),
+            };
+            assert!(
+                matches!(refused, Some(AuditError::OtherInstance { .. })),
+                "{other:?} continued broker-a's chain"
+            );
+            assert!(matches!(
+                check_usable(&path, other),
+                Err(AuditError::OtherInstance { .. })
+            ));
+        }
+        let again = AuditLog::open_named(&path, false, "broker-a").expect("the same instance");
+        block_on(again.record(&event(3))).expect("record");
+        check_usable(&path, Some("broker-a")).expect("usable by its own instance");
+    }
+
+    #[test]
+    fn a_line_from_another_instance_breaks_the_trail_and_renaming_breaks_the_hash() {
+        let dir = temp_dir("mixed");
+        let a = dir.join("a.jsonl");
+        let b = dir.join("b.jsonl");
+        for (path, name) in [(&a, "broker-a"), (&b, "broker-b")] {
+            let log = AuditLog::open_named(path, false, name).expect("open");
+            block_on(log.record(&event(1))).expect("record");
+            block_on(log.record(&event(2))).expect("record");
+        }
+        let text = std::fs::read_to_string(&a).expect("read");
+        let renamed = text.replacen("broker-a", "broker-b", 1);
+        std::fs::write(&a, renamed).expect("write");
+        assert!(matches!(
+            verify(&a).expect("read"),
+            Verified::Broken { line: 1, .. }
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

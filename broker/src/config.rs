@@ -28,9 +28,12 @@ pub struct Config {
     /// Breakers, bulkheads, shedding and draining.
     #[serde(default)]
     pub resilience: ResilienceConfig,
-    /// The Prometheus endpoint.
+    /// The ops listener: probes and Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// OpenTelemetry trace export.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// Which sources to ask per patient (large regions).
     #[serde(default)]
     pub routing: RoutingConfig,
@@ -130,7 +133,8 @@ pub struct DirectoryConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Where to serve Prometheus metrics (`GET /metrics`); unset means no endpoint.
+    /// Where the ops listener serves `GET /livez`, `/readyz` and `/metrics` (Prometheus); unset
+    /// means no probes and no metrics.
     pub listen: Option<SocketAddr>,
 }
 
@@ -138,10 +142,15 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
-    /// The append-only, hash-chained JSON Lines file.
+    /// The append-only, hash-chained JSON Lines file. `{instance}` in it is replaced by the
+    /// instance name, so one configuration gives every broker its own trail.
     pub file: PathBuf,
     /// `fsync` every event: durable across power loss, at some cost per lookup.
     pub fsync: bool,
+    /// This broker instance's name, written into every line of its trail: one chain per
+    /// instance when trails are gathered (`carerecord audit ship`). Default: the host name (the
+    /// pod name in Kubernetes). Letters, digits, `.`, `_` and `-`.
+    pub instance: Option<String>,
 }
 
 impl Default for AuditConfig {
@@ -149,6 +158,7 @@ impl Default for AuditConfig {
         AuditConfig {
             file: PathBuf::from("carerecord-audit.jsonl"),
             fsync: false,
+            instance: None,
         }
     }
 }
@@ -420,13 +430,19 @@ impl Config {
 
     /// Parses and validates configuration text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: describe_toml_error(text, &e),
         })?;
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
+        })?;
+        crate::audit_instance::resolve(&mut config.audit).map_err(|message| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            }
         })?;
         Ok(config)
     }

@@ -162,12 +162,17 @@ pub async fn run(
                 request_id = %request.request_id,
                 source = %configured.source.info().id
             );
-            ask(
-                index,
-                configured,
-                request,
-                budget.started,
-                budget.caller_limited,
+            // The organisation's own traces join ours, as children of this call.
+            let traceparent = crate::telemetry::traceparent_of(&span);
+            carerecord_adapters::trace::with_traceparent(
+                traceparent,
+                ask(
+                    index,
+                    configured,
+                    request,
+                    budget.started,
+                    budget.caller_limited,
+                ),
             )
             .instrument(span)
         })

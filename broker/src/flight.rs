@@ -85,6 +85,7 @@ impl Flight {
                 &fallback
             }
         };
+        let _span = tracing::info_span!("merge", answers = progress.answers.len()).entered();
         let asked = merge::asked(&route.set, &route.selected_by);
         let now = Instant::now();
         Arc::new(merge::merge(merge::MergeInput {

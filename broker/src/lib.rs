@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod affinity;
 pub mod assemble;
 pub mod audit;
 pub mod budget;
@@ -19,11 +20,14 @@ pub mod flight;
 pub mod lookup;
 pub mod merge;
 pub mod metrics;
+pub mod ops;
 pub mod registry;
+pub mod reload;
 pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod validate;
 
 /// The circuit breaker, where it has always been found.
@@ -31,4 +35,6 @@ pub use resilience::breaker;
 
 pub use error::LookupError;
 pub use lookup::{Broker, CallingSystem, LookupAnswer, LookupStream, StreamEvent};
+pub mod audit_instance;
+pub mod audit_store;
 pub mod render;

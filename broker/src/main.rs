@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use carerecord_broker::cli;
+use carerecord_broker::telemetry::Telemetry;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -38,7 +39,8 @@ enum Command {
     },
     /// Look a patient up through a running broker and print the record.
     Lookup(cli::lookup::LookupArgs),
-    /// Read the audit trail: verify it, or list who looked at a patient's record.
+    /// Read the audit trail: verify it, list who looked at a patient's record; ship trails to
+    /// the region's store and report usage from it.
     #[command(subcommand)]
     Audit(cli::audit::AuditCommand),
     /// Make a token key and sign requester tokens for the FHIR face (setup and testing).
@@ -55,10 +57,9 @@ fn main() -> ExitCode {
         Command::Serve { .. } => "info",
         _ => "warn",
     };
-    init_logging(cli.log_format, default_level);
-    // One process-wide rustls provider (ring), before any source is built: an adapter that
-    // builds an HTTP client without `carerecord_adapters::http::client_builder` would panic
-    // without it.
+    // One process-wide rustls provider (ring), before anything builds a client (the trace
+    // exporter, any source): an adapter that builds an HTTP client without
+    // `carerecord_adapters::http::client_builder` would panic without it.
     carerecord_adapters::http::install_default_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -67,16 +68,38 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Traces are exported only by `serve`, and only when its configuration asks; a file that
+    // does not load is reported by `serve` itself, just after.
+    let telemetry = match &cli.command {
+        Command::Serve { config } => carerecord_broker::config::Config::load(config)
+            .ok()
+            .map(|c| Telemetry::start(&c.telemetry, runtime.handle().clone())),
+        _ => None,
+    };
+    let (telemetry, tracer) = match telemetry {
+        Some(Ok(Some((telemetry, tracer)))) => (Some(telemetry), Some(tracer)),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        _ => (None, None),
+    };
+    init_logging(cli.log_format, default_level, tracer);
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => cli::serve::run(&config).await,
             Command::CheckConfig { file } => cli::serve::check(&file),
             Command::Lookup(args) => cli::lookup::run(args).await,
-            Command::Audit(command) => cli::audit::run(command),
+            Command::Audit(command) => cli::audit::run(command).await,
             Command::Token(command) => cli::token::run(command),
             Command::Conformance(args) => cli::conformance::run(args).await,
         }
     });
+    if let Some(telemetry) = telemetry {
+        // The batch exporter calls back into the runtime: flush before it is dropped.
+        let _ = runtime
+            .block_on(async { tokio::task::spawn_blocking(move || telemetry.shutdown()).await });
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -86,15 +109,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, default_level: &str) {
+fn init_logging(
+    format: LogFormat,
+    default_level: &str,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    type Filtered = tracing_subscriber::layer::Layered<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let mut layers: Vec<Box<dyn tracing_subscriber::Layer<Filtered> + Send + Sync>> =
+        vec![match format {
+            LogFormat::Text => fmt.boxed(),
+            LogFormat::Json => fmt.json().boxed(),
+        }];
+    if let Some(tracer) = tracer {
+        layers.push(tracing_opentelemetry::layer().with_tracer(tracer).boxed());
     }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .init();
 }

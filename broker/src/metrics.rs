@@ -1,9 +1,8 @@
 //! Metric names and the Prometheus exporter. Recording goes through the `metrics` facade: with
 //! no exporter installed (tests, embedding) every record is a no-op.
 
-use std::net::SocketAddr;
-
 use carerecord_proto::SourceOutcome;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Lookups answered, by `outcome` (`complete`, `partial`, `denied`, `invalid`, `shed`, `unavailable`).
 pub const LOOKUPS: &str = "carerecord_lookups_total";
@@ -30,15 +29,15 @@ pub const COALESCED: &str = "carerecord_lookups_coalesced_total";
 /// Access denials by `reason`.
 pub const DENIED: &str = "carerecord_access_denied_total";
 
-/// Starts the Prometheus exporter on `listen` (`GET /metrics`).
-pub fn install(listen: SocketAddr) -> Result<(), String> {
+/// Installs the process-wide Prometheus recorder; the ops listener renders it at `/metrics`.
+/// Once per process (a second call is an error).
+pub fn install() -> Result<PrometheusHandle, String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(listen)
         .set_buckets(&[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])
         .map_err(|e| e.to_string())?
-        .install()
+        .install_recorder()
         .map_err(|e| e.to_string())
 }
 

@@ -18,6 +18,7 @@ use carerecord_proto::{
 use futures::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+use tracing::Instrument;
 
 use crate::access::{Caller, Denial, UNVERIFIED};
 use crate::budget::parse_grpc_timeout;
@@ -122,6 +123,21 @@ pub fn acceptable_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// The server span of one call, joined to the caller's trace by its `traceparent`.
+fn traced_call<T>(method: &'static str, request: &Request<T>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "grpc",
+        rpc.method = method,
+        request_id = tracing::field::Empty
+    );
+    let traceparent = request
+        .metadata()
+        .get(carerecord_adapters::trace::HEADER)
+        .and_then(|v| v.to_str().ok());
+    crate::telemetry::join_callers_trace(&span, traceparent);
+    span
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<CareRecordEvent, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<DocumentChunk, Status>> + Send>>;
 
@@ -131,9 +147,11 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<GetCareRecordResponse>, Status> {
+        let span = traced_call("GetCareRecord", &request);
         let (request, caller) = self.accept(request)?;
         let request_id = request.request_id.clone();
-        match self.broker.lookup(request, caller).await {
+        span.record("request_id", request_id.as_str());
+        match self.broker.lookup(request, caller).instrument(span).await {
             Ok(answer) => Ok(Response::new(response(answer))),
             Err(e) => Err(status_of(&e, &request_id)),
         }
@@ -154,11 +172,14 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let span = traced_call("StreamCareRecord", &request);
         let (request, caller) = self.accept(request)?;
         let request_id = request.request_id.clone();
+        span.record("request_id", request_id.as_str());
         let events = self
             .broker
             .stream(request, caller)
+            .instrument(span)
             .await
             .map_err(|e| status_of(&e, &request_id))?;
         let stream: EventStream = Box::pin(events.map(move |item| match item {

@@ -1901,7 +1901,9 @@ async fn serve_memory_broker(path: &Path) -> anyhow::Result<()> {
     broker.replace_sources(SourceSet::new(sources, 1));
     let broker = Arc::new(broker);
     if let Some(listen) = config.metrics.listen {
-        carerecord_broker::metrics::install(listen).map_err(|e| anyhow::anyhow!(e))?;
+        carerecord_broker::cli::serve::start_ops(listen)
+            .await?
+            .serving(broker.clone());
     }
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     server::run(

@@ -805,6 +805,38 @@ def check_audit(c: Ctx):
     R.check("audit events carry no patient name", not clinical, f"{len(clinical)} events mention the family name")
 
 
+def check_python_client_example(c: Ctx):
+    """examples/python-client/lookup.py, run as a user would, against the running broker."""
+    example = os.path.join(c.root, "examples", "python-client", "lookup.py")
+    sys.path.insert(0, os.path.dirname(example))
+    lookup = importlib.import_module("lookup")
+    R.check(
+        "python client: affinity key is the broker's HMAC (same vector as affinity.rs)",
+        lookup.affinity_key(b"key", "9434765919") == "2ce2f6cf75848afb7ed0e35345e511b8",
+        lookup.affinity_key(b"key", "9434765919"),
+    )
+    out = subprocess.run(
+        [sys.executable, example, c.patient.nhs, "--broker", c.addr, "--org", c.gp,
+         "--affinity-secret", "region-secret"],
+        capture_output=True, text=True, timeout=60,
+    )
+    if not R.check("python client: exits 0", out.returncode == 0, out.stderr[-1500:] or out.stdout):
+        return
+    answer = json.loads(out.stdout)
+    R.check(
+        "python client: every organisation that knows the patient answered OK",
+        all(answer["sources"].get(o) == "SOURCE_OUTCOME_OK" for o in c.patient.orgs),
+        str(answer["sources"]),
+    )
+    key = answer["affinity_key_sent"] or ""
+    R.check(
+        "python client: sent a keyed affinity header, never the NHS number",
+        len(key) == 32 and c.patient.nhs not in key
+        and key == lookup.affinity_key(b"region-secret", c.patient.nhs),
+        key,
+    )
+
+
 def main() -> int:
     c = Ctx()
     c.root = env("EXT_ROOT")
@@ -855,6 +887,7 @@ def main() -> int:
     R.run("StreamCareRecord", check_stream, c)
     R.run("lookup --json", check_cli_json, c)
     R.run("round trip", check_round_trip, c)
+    R.run("python client example", check_python_client_example, c)
     # From here on sources time out on purpose (slow org, short deadlines); keep these last.
     R.run("short deadline", check_short_deadline, c)
     R.run("timeouts do not lock out the GP", check_timeouts_do_not_lock_out_the_gp, c)

@@ -3,6 +3,7 @@
 
 pub mod fhir;
 pub mod pki;
+pub mod postgres;
 pub mod region;
 
 use std::sync::Arc;

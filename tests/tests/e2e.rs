@@ -3,6 +3,7 @@
 
 mod e2e {
     pub mod access;
+    pub mod audit_store;
     pub mod errors;
     pub mod federation;
     pub mod fhir;

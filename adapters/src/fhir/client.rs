@@ -139,6 +139,9 @@ impl FhirHttp {
         if let Some(auth) = &self.authorization {
             request = request.header(AUTHORIZATION, auth.clone());
         }
+        if let Some(traceparent) = crate::trace::traceparent() {
+            request = request.header(crate::trace::HEADER, traceparent);
+        }
         let response = request.send().await.map_err(transport_error)?;
         let status = response.status();
         if !status.is_success() {
@@ -199,6 +202,9 @@ impl FhirHttp {
     async fn send(&self, mut request: reqwest::RequestBuilder) -> Result<Resource, SourceError> {
         if let Some(auth) = &self.authorization {
             request = request.header(AUTHORIZATION, auth.clone());
+        }
+        if let Some(traceparent) = crate::trace::traceparent() {
+            request = request.header(crate::trace::HEADER, traceparent);
         }
         let _permit = self
             .limiter

@@ -1,9 +1,11 @@
 //! `carerecord lookup`: a terminal client for a running broker.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::render;
 use anyhow::Context;
+use carerecord_adapters::federation::BrokerSourceConfig;
 use carerecord_proto::care_record_event::Event;
 use carerecord_proto::care_record_service_client::CareRecordServiceClient;
 use carerecord_proto::{
@@ -50,6 +52,22 @@ pub struct LookupArgs {
     /// Deadline for the whole lookup, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
+    /// PEM CA certificate to trust for the broker (private PKI); implies TLS.
+    #[arg(long, env = "CARERECORD_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate, for a broker requiring mutual TLS.
+    #[arg(long, env = "CARERECORD_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `--cert`.
+    #[arg(long, env = "CARERECORD_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// TLS server name to verify, when it differs from the broker URL's host.
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+    /// The region's affinity secret: sends `x-carerecord-affinity` (a keyed hash of the NHS
+    /// number) so a load balancer keeps one patient on one broker.
+    #[arg(long, env = "CARERECORD_AFFINITY_SECRET", hide_env_values = true)]
+    pub affinity_secret: Option<String>,
 }
 
 impl LookupArgs {
@@ -67,7 +85,25 @@ impl LookupArgs {
             sections: Vec::new(),
             fresh: false,
             timeout_ms: 5000,
+            ca: None,
+            cert: None,
+            key: None,
+            tls_domain: None,
+            affinity_secret: None,
         }
+    }
+
+    /// How to reach the broker: TLS when the URL is `https://` or a CA or certificate is given.
+    fn endpoint(&self) -> anyhow::Result<tonic::transport::Endpoint> {
+        BrokerSourceConfig {
+            url: self.broker.clone(),
+            ca_cert: self.ca.clone(),
+            client_cert: self.cert.clone(),
+            client_key: self.key.clone(),
+            tls_domain: self.tls_domain.clone(),
+        }
+        .endpoint()
+        .with_context(|| format!("cannot reach the broker at {}", self.broker))
     }
 
     fn request(&self) -> anyhow::Result<tonic::Request<GetCareRecordRequest>> {
@@ -103,22 +139,49 @@ impl LookupArgs {
             via_brokers: Vec::new(),
         });
         request.set_timeout(Duration::from_millis(self.timeout_ms));
+        if let Some(secret) = &self.affinity_secret {
+            let digits: String = self
+                .nhs_number
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect();
+            let key = crate::affinity::key(secret.as_bytes(), &digits);
+            request.metadata_mut().insert(
+                crate::affinity::HEADER,
+                key.parse().context("affinity key is not a header value")?,
+            );
+        }
         Ok(request)
     }
 }
 
 pub async fn run(args: LookupArgs) -> anyhow::Result<()> {
-    print!("{}", lookup_text(&args).await?);
-    Ok(())
+    use std::io::Write;
+    // Printed as it arrives: with --stream each organisation appears when it answers.
+    lookup_into(&args, &mut |text| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    })
+    .await
 }
 
 /// Performs the lookup and renders it as the terminal shows it.
 pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
-    let mut client = CareRecordServiceClient::connect(args.broker.clone())
+    let mut out = String::new();
+    lookup_into(args, &mut |text| out.push_str(text)).await?;
+    Ok(out)
+}
+
+/// Performs the lookup, handing each piece of the rendering to `out` as soon as it is known.
+async fn lookup_into(args: &LookupArgs, out: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    let channel = args
+        .endpoint()?
+        .connect()
         .await
         .with_context(|| format!("cannot connect to the broker at {}", args.broker))?;
+    let mut client = CareRecordServiceClient::new(channel);
     let request = args.request()?;
-    let mut out = String::new();
     if args.stream {
         let mut stream = client
             .stream_care_record(request)
@@ -130,20 +193,18 @@ pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
                 Some(Event::Source(s)) => {
                     if let Some(status) = &s.status {
                         if args.json {
-                            out.push_str(&serde_json::to_string(&s)?);
-                            out.push('\n');
+                            out(&(serde_json::to_string(&s)? + "\n"));
                         } else {
-                            out.push_str(&format!("arrived: {}", render::source_line(status, 0)));
+                            out(&format!("arrived: {}", render::source_line(status, 0)));
                         }
                     }
                 }
                 Some(Event::Complete(r)) => {
                     if args.json {
-                        out.push_str(&serde_json::to_string_pretty(&explicit_json(&r)?)?);
-                        out.push('\n');
+                        out(&(serde_json::to_string_pretty(&explicit_json(&r)?)? + "\n"));
                     } else {
-                        out.push('\n');
-                        out.push_str(&render::response(&r));
+                        out("\n");
+                        out(&render::response(&r));
                     }
                 }
                 None => {}
@@ -156,13 +217,12 @@ pub async fn lookup_text(args: &LookupArgs) -> anyhow::Result<String> {
             .map_err(status_error)?
             .into_inner();
         if args.json {
-            out.push_str(&serde_json::to_string_pretty(&explicit_json(&response)?)?);
-            out.push('\n');
+            out(&(serde_json::to_string_pretty(&explicit_json(&response)?)? + "\n"));
         } else {
-            out.push_str(&render::response(&response));
+            out(&render::response(&response));
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The response as proto3 JSON, plus what proto3 JSON leaves out but a reader must see: every

@@ -12,7 +12,12 @@ use crate::{Broker, registry, server};
 /// Runs the broker until SIGTERM/Ctrl-C has drained it.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    // Everything is built and checked before a port is bound; `check-config` runs the same.
+    // The probes answer first (503 "starting") so an orchestrator can tell a slow start from a
+    // dead one; everything else is built and checked before the gRPC port is bound.
+    let ops = match config.metrics.listen {
+        Some(listen) => Some(start_ops(listen).await?),
+        None => None,
+    };
     let assembly = assemble(&config, Trail::Open)?;
     let broker = Arc::new(
         assembly
@@ -29,11 +34,6 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    if let Some(listen) = config.metrics.listen {
-        crate::metrics::install(listen)
-            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {listen}: {e}"))?;
-        tracing::info!(listen = %listen, "Prometheus metrics at /metrics");
-    }
     tracing::info!(
         listen = %listener.local_addr()?,
         sources = assembly.source_count,
@@ -46,7 +46,12 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         let _ = stop.send(true);
     });
-    tokio::spawn(reload_on_hangup(broker.clone(), path.to_owned()));
+    let started_with = std::fs::read_to_string(path).unwrap_or_default();
+    tokio::spawn(reload_on_hangup(
+        broker.clone(),
+        path.to_owned(),
+        started_with,
+    ));
 
     if let (Some(face), Some(fhir)) = (assembly.fhir, &config.fhir) {
         let listener = tokio::net::TcpListener::bind(fhir.listen)
@@ -69,6 +74,9 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "FHIR face stopped");
             }
         });
+    }
+    if let Some(ops) = &ops {
+        ops.serving(broker.clone());
     }
     let drain = std::time::Duration::from_millis(config.resilience.drain_ms);
     let serving = server::run(
@@ -93,12 +101,31 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Binds the ops listener (`/livez`, `/readyz`, `/metrics`) and serves it until the process ends.
+pub async fn start_ops(listen: std::net::SocketAddr) -> anyhow::Result<Arc<crate::ops::Ops>> {
+    let metrics =
+        crate::metrics::install().map_err(|e| anyhow::anyhow!("cannot record metrics: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} for probes and metrics"))?;
+    tracing::info!(listen = %listener.local_addr()?, "probes at /livez and /readyz, Prometheus metrics at /metrics");
+    let ops = crate::ops::Ops::new(Some(metrics));
+    let serving = ops.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::ops::serve(listener, serving).await {
+            tracing::error!(error = %e, "ops listener stopped");
+        }
+    });
+    Ok(ops)
+}
+
 async fn wait_for(mut flag: tokio::sync::watch::Receiver<bool>) {
     let _ = flag.wait_for(|stop| *stop).await;
 }
 
 /// SIGHUP re-reads the sources; an invalid file is rejected and the running sources stay.
-async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
+/// Edited keys a reload cannot apply are named, compared with the file the broker started with.
+async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf, started_with: String) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -106,6 +133,14 @@ async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
             return;
         };
         while hangups.recv().await.is_some() {
+            let edited = std::fs::read_to_string(&path).unwrap_or_default();
+            let pending = crate::reload::keys_needing_restart(&started_with, &edited);
+            if !pending.is_empty() {
+                tracing::warn!(
+                    keys = %pending.join(", "),
+                    "changed in the file but applied only by a restart"
+                );
+            }
             match registry::reload(&broker, &path) {
                 Ok(n) => tracing::info!(
                     sources = n,
@@ -120,7 +155,7 @@ async fn reload_on_hangup(broker: Arc<Broker>, path: std::path::PathBuf) {
     }
     #[cfg(not(unix))]
     {
-        let _ = (broker, path);
+        let _ = (broker, path, started_with);
     }
 }
 

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use carerecord_proto::{CacheDirective, GetCareRecordRequest, Requester, Section, SourceOutcome};
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::bundle::{self, BundleOptions};
 use super::capability;
@@ -379,8 +380,18 @@ async fn structured_record(
     body: Bytes,
 ) -> Response {
     let request_id = face.request_id(&headers);
+    let span =
+        tracing::info_span!("fhir", operation = "$getstructuredrecord", request_id = %request_id);
+    crate::telemetry::join_callers_trace(
+        &span,
+        headers
+            .get(carerecord_adapters::trace::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
     tagged(
-        lookup(&face, &peer, &headers, &body, &request_id).await,
+        lookup(&face, &peer, &headers, &body, &request_id)
+            .instrument(span)
+            .await,
         &request_id,
     )
 }

@@ -108,6 +108,10 @@ impl Door {
     pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
 }
 
 #[cfg(test)]

@@ -371,6 +371,17 @@ impl Broker {
         self.door.start_draining();
     }
 
+    /// Whether new lookups are being refused (SIGTERM).
+    pub fn is_draining(&self) -> bool {
+        self.door.is_draining()
+    }
+
+    /// When the audit trail last failed a write, if it has not been written since: a broker in
+    /// that state refuses to disclose anything.
+    pub fn audit_failing_since(&self) -> Option<std::time::Instant> {
+        self.audit.failing_since()
+    }
+
     /// Lookups being answered now (with fan-outs whose callers went away).
     pub fn lookups_in_flight(&self) -> usize {
         self.door.in_flight()

@@ -619,3 +619,57 @@ async fn under_an_objection_the_requester_sees_its_own_organisations_entries_as_
     );
     assert!(r.withheld);
 }
+
+#[tokio::test]
+async fn the_ops_cli_reaches_a_mutual_tls_broker_with_its_ca_certificate_and_key() {
+    use carerecord_broker::cli::lookup::{LookupArgs, lookup_text};
+    let ca = TestCa::new("carerecord test CA");
+    let (b, audit_file) = tls_broker(&ca, vec![epr_system()]).await;
+    let client = ca.client("epr.rj122.test");
+    let file = |name: &str, pem: &str| {
+        let path = temp_path(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path
+    };
+    let args = LookupArgs {
+        org: "RJ122".into(),
+        ca: Some(file("cli-ca.pem", &ca.cert_pem())),
+        cert: Some(file("cli-cert.pem", &client.cert_pem)),
+        key: Some(file("cli-key.pem", &client.key_pem)),
+        tls_domain: Some("localhost".into()),
+        ..LookupArgs::for_patient(&shared_patient().as_digits(), &b.url)
+    };
+    let text = lookup_text(&args).await.expect("served over mutual TLS");
+    assert!(text.contains("RJ122"), "{text}");
+    // Streamed: one line per organisation as it answers, then the record.
+    let streamed = lookup_text(&LookupArgs {
+        stream: true,
+        affinity_secret: Some("region secret".into()),
+        ..args.clone()
+    })
+    .await
+    .expect("streamed over mutual TLS");
+    assert!(streamed.matches("arrived: ").count() >= 2, "{streamed}");
+    let systems: Vec<String> = audit_events(&audit_file)
+        .into_iter()
+        .map(|e| e.system)
+        .collect();
+    assert_eq!(
+        systems,
+        ["rj122-epr", "rj122-epr"],
+        "named by its certificate"
+    );
+
+    // Without the client certificate the broker refuses the handshake.
+    let refused = lookup_text(&LookupArgs {
+        cert: None,
+        key: None,
+        ..args.clone()
+    })
+    .await
+    .expect_err("mutual TLS requires the certificate");
+    assert!(
+        refused.to_string().contains("broker"),
+        "the error names what failed: {refused:#}"
+    );
+}
