@@ -75,58 +75,37 @@ impl BrokerSource {
 impl BrokerSourceConfig {
     /// The gRPC endpoint with TLS as configured (also how `carerecord lookup` reaches a broker).
     pub fn endpoint(&self) -> Result<Endpoint, BrokerSourceError> {
-        endpoint(&ClientTls {
-            url: &self.url,
-            ca_cert: self.ca_cert.as_ref(),
-            client_cert: self.client_cert.as_ref(),
-            client_key: self.client_key.as_ref(),
-            tls_domain: self.tls_domain.as_deref(),
-        })
-    }
-}
-
-/// How to reach a gRPC server: the federation client's settings, shared with the source-protocol
-/// client (`[sources.grpc]`) so both follow one set of TLS rules.
-pub(crate) struct ClientTls<'a> {
-    pub url: &'a str,
-    pub ca_cert: Option<&'a PathBuf>,
-    pub client_cert: Option<&'a PathBuf>,
-    pub client_key: Option<&'a PathBuf>,
-    pub tls_domain: Option<&'a str>,
-}
-
-/// A lazily connecting endpoint: TLS when the URL is `https://` or certificates are given (the
-/// private CA, else the Mozilla roots), mutual TLS when a client identity is given.
-pub(crate) fn endpoint(config: &ClientTls<'_>) -> Result<Endpoint, BrokerSourceError> {
-    let mut endpoint = Endpoint::from_shared(config.url.to_owned())
-        .map_err(|e| BrokerSourceError::Url(config.url.to_owned(), e.to_string()))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2));
-    let wants_tls = config.url.starts_with("https://")
-        || config.ca_cert.is_some()
-        || config.client_cert.is_some();
-    if wants_tls {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = config.ca_cert {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-        } else {
-            tls = tls.with_webpki_roots();
-        }
-        match (config.client_cert, config.client_key) {
-            (Some(cert), Some(key)) => {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        let config = self;
+        let mut endpoint = Endpoint::from_shared(config.url.clone())
+            .map_err(|e| BrokerSourceError::Url(config.url.clone(), e.to_string()))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2));
+        let wants_tls = config.url.starts_with("https://")
+            || config.ca_cert.is_some()
+            || config.client_cert.is_some();
+        if wants_tls {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &config.ca_cert {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            } else {
+                tls = tls.with_webpki_roots();
             }
-            (None, None) => {}
-            _ => return Err(BrokerSourceError::HalfIdentity),
+            match (&config.client_cert, &config.client_key) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                (None, None) => {}
+                _ => return Err(BrokerSourceError::HalfIdentity),
+            }
+            if let Some(domain) = &config.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| BrokerSourceError::Tls(e.to_string()))?;
         }
-        if let Some(domain) = config.tls_domain {
-            tls = tls.domain_name(domain.to_owned());
-        }
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| BrokerSourceError::Tls(e.to_string()))?;
+        Ok(endpoint)
     }
-    Ok(endpoint)
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, BrokerSourceError> {

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::federation::{BrokerSourceError, ClientTls, endpoint};
+use crate::federation::{BrokerSourceConfig, BrokerSourceError};
 use crate::testkit::is_iso8601;
 use crate::{
     NhsNumber, SectionSet, Shortfall, Source, SourceError, SourceInfo, SourceRecord, SourceReply,
@@ -97,13 +97,15 @@ pub struct GrpcSource {
 impl GrpcSource {
     /// Prepares a lazily connected client: nothing is dialled until the first lookup.
     pub fn new(info: SourceInfo, config: &GrpcSourceConfig) -> Result<Self, GrpcSourceError> {
-        let endpoint = endpoint(&ClientTls {
-            url: &config.url,
-            ca_cert: config.ca_cert.as_ref(),
-            client_cert: config.client_cert.as_ref(),
-            client_key: config.client_key.as_ref(),
-            tls_domain: config.tls_domain.as_deref(),
-        })?;
+        // The federation client's TLS rules, so both gRPC clients follow one set.
+        let endpoint = BrokerSourceConfig {
+            url: config.url.clone(),
+            ca_cert: config.ca_cert.clone(),
+            client_cert: config.client_cert.clone(),
+            client_key: config.client_key.clone(),
+            tls_domain: config.tls_domain.clone(),
+        }
+        .endpoint()?;
         let client = SourceServiceClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(config.max_response_bytes);
         Ok(GrpcSource {
@@ -156,6 +158,10 @@ impl Source for GrpcSource {
             requester: Some(request.requester.clone()),
         });
         call.set_timeout(budget);
+        // Joins the server's spans to the broker's trace, as for FHIR sources and brokers.
+        if let Some(tp) = crate::trace::traceparent().and_then(|tp| tp.parse().ok()) {
+            call.metadata_mut().insert(crate::trace::HEADER, tp);
+        }
         if let Ok(id) = request.request_id.parse() {
             call.metadata_mut().insert("x-request-id", id);
         }

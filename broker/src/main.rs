@@ -57,9 +57,9 @@ fn main() -> ExitCode {
         Command::Serve { .. } => "info",
         _ => "warn",
     };
-    // One process-wide rustls provider (ring), before any source is built: an adapter that
-    // builds an HTTP client without `carerecord_adapters::http::client_builder` would panic
-    // without it.
+    // One process-wide rustls provider (ring), before anything builds a client (the trace
+    // exporter, any source): an adapter that builds an HTTP client without
+    // `carerecord_adapters::http::client_builder` would panic without it.
     carerecord_adapters::http::install_default_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

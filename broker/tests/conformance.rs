@@ -2,7 +2,8 @@
 //! deliberately broken ones (each fails with the check and fix meant for it), and
 //! source-protocol servers, good and broken. One process test pins the exit status.
 
-use std::net::{IpAddr, Ipv4Addr};
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 
@@ -16,9 +17,7 @@ use carerecord_adapters::{
 use carerecord_broker::cli::conformance::{
     CAPABILITY_STATEMENT, ConformanceArgs, DESCRIBES_ITSELF, LiveReport, check,
 };
-use carerecord_mock_sources::{
-    Fault, LatencyProfile, Region, RegionServer, RegionSpec, ServerOptions,
-};
+use carerecord_mock_sources::{Fault, RegionServer};
 use tokio::sync::oneshot;
 
 const KNOWN: &str = "9990000018";
@@ -55,27 +54,13 @@ fn grpc(url: &str) -> ConformanceArgs {
 
 /// A small region with no latency, and one organisation's base URL and a patient it knows.
 async fn region() -> (RegionServer, String, String) {
-    let region = Arc::new(Region::generate(&RegionSpec {
-        patients: 60,
-        organisations: 3,
-        ..RegionSpec::default()
-    }));
+    let (region, server) = common::mock_region(60, 3).await;
     assert!(
         region
             .patients()
             .all(|p| p.nhs_number.as_digits() != "9999999999"),
         "the default unknown patient must be unknown"
     );
-    let server = RegionServer::start_with(
-        region.clone(),
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        ServerOptions {
-            latency: Some(LatencyProfile::ZERO),
-            ..ServerOptions::default()
-        },
-    )
-    .await
-    .expect("mock region");
     let org = server.organisations()[0].clone();
     let patient = region
         .patients()
