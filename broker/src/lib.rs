@@ -25,6 +25,7 @@ pub mod routing;
 pub mod server;
 pub mod service;
 pub mod validate;
+pub mod view;
 
 /// The circuit breaker, where it has always been found.
 pub use resilience::breaker;

@@ -4,6 +4,7 @@
 pub mod fhir;
 pub mod pki;
 pub mod region;
+pub mod view;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

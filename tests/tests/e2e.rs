@@ -14,4 +14,5 @@ mod e2e {
     pub mod resilience;
     pub mod routing;
     pub mod safety;
+    pub mod view;
 }

@@ -152,7 +152,7 @@ impl Face {
     /// Who is asking: the calling system (its client certificate) and the person (the token it
     /// signed). An unrecognised system is refused and, as on gRPC, the refusal audited for the
     /// patient `patient` names (read only then).
-    async fn who(
+    pub(crate) async fn who(
         &self,
         peer: &Peer,
         headers: &HeaderMap,
@@ -223,7 +223,7 @@ impl Face {
         })
     }
 
-    fn request_id(&self, headers: &HeaderMap) -> String {
+    pub(crate) fn request_id(&self, headers: &HeaderMap) -> String {
         headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
