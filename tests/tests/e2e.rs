@@ -15,4 +15,5 @@ mod e2e {
     pub mod routing;
     pub mod safety;
     pub mod view;
+    pub mod view_browser;
 }
