@@ -344,6 +344,21 @@ impl Tab {
         answer["result"]["value"].clone()
     }
 
+    /// Presses a key (`Tab`, `Enter`) as a keyboard would.
+    pub async fn press(&self, key: &str, code: u32) {
+        for kind in ["rawKeyDown", "keyUp"] {
+            let mut event =
+                json!({"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code});
+            if key == "Enter" && kind == "rawKeyDown" {
+                event["type"] = json!("keyDown");
+                event["text"] = json!("\r");
+            }
+            self.call("Input.dispatchKeyEvent", event)
+                .await
+                .expect("a key press");
+        }
+    }
+
     /// The tab's history, oldest first (what the browser remembers of where it has been).
     pub async fn history(&self) -> Vec<(String, String)> {
         let history = self

@@ -214,6 +214,43 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    const SERVER: &str = r#"
+[server]
+listen = "127.0.0.1:50051"
+plaintext = true
+"#;
+
+    fn parse(view: &str) -> Result<Config, String> {
+        Config::parse(
+            &format!("{SERVER}\n[view]\n{view}"),
+            std::path::Path::new("t.toml"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_view_section_is_checked_before_anything_is_served() {
+        let config = parse("listen = \"127.0.0.1:8443\"\n").expect("valid");
+        let parts = from_config(&config).expect("builds").expect("configured");
+        assert_eq!(parts.settings.base_url, "http://127.0.0.1:8443/");
+        assert_eq!(parts.settings.launching.audience, "http://127.0.0.1:8443");
+        assert_eq!(parts.settings.launch_ttl, Duration::from_secs(60));
+        assert_eq!(parts.settings.session_ttl, Duration::from_secs(900));
+        assert!(parts.tls.is_none());
+
+        let network = parse("listen = \"0.0.0.0:8443\"\n").expect_err("plaintext off loopback");
+        assert!(network.contains("non-loopback"), "{network}");
+        let origin = parse(
+            "listen = \"127.0.0.1:8443\"\nehr_origins = [\"https://ehr.example; script-src *\"]\n",
+        )
+        .expect_err("not an origin");
+        assert!(origin.contains("ehr_origins"), "{origin}");
+        let zero = parse("listen = \"127.0.0.1:8443\"\nlaunch_ttl_secs = 0\n").expect_err("zero");
+        assert!(zero.contains("greater than 0"), "{zero}");
+        let unknown = parse("listen = \"127.0.0.1:8443\"\nlaunch_ttl = 5\n").expect_err("typo");
+        assert!(unknown.contains("launch_ttl"), "{unknown}");
+    }
+
     #[test]
     fn origins_are_scheme_host_and_port_only() {
         assert!(is_origin("https://ehr.example.nhs.uk"));

@@ -462,3 +462,177 @@ async fn a_document_opened_from_the_view_is_streamed_as_an_attachment_and_audite
     let refused = view.get(&link, None).await;
     assert_eq!(refused.status, 401);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Under mutual TLS: the EHR by its certificate, the clinician's browser without one
+
+#[tokio::test]
+async fn under_mutual_tls_only_a_known_system_launches_and_a_browser_without_a_certificate_opens_it()
+ {
+    use carerecord_broker::config::{SystemConfig, TlsConfig};
+    use carerecord_broker::fhir_api::token::{self, TokenKey};
+    use carerecord_broker::fhir_api::{FaceListener, listen};
+    use carerecord_broker::view::View;
+    use carerecord_e2e::pki::{Leaf, TestCa};
+
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let audit_file = temp_path("view-mtls-audit.jsonl");
+    let broker = start_broker(
+        vec![(Arc::new(gp_source()) as Arc<dyn Source>, LONG)],
+        Settings {
+            audit_file: audit_file.clone(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let ca = TestCa::new("carerecord view test CA");
+    let server = ca.server();
+    let dir = temp_path("view-mtls");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let tls = TlsConfig {
+        cert: write("server.pem", &server.cert_pem),
+        key: write("server.key", &server.key_pem),
+        client_ca: Some(write("ca.pem", &ca.cert_pem())),
+        systems: Vec::new(),
+    };
+    let private = token::generate("es256").expect("key");
+    let public = TokenKey::from_pem(&token::public_pem(&private).expect("pem")).expect("parses");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let base = format!("https://localhost:{port}/");
+    let mut settings = carerecord_e2e::view::view_settings(&base, public.clone());
+    settings.launching.unverified_key = None;
+    settings.launching.systems = Some(vec![SystemConfig {
+        id: "a81001-gp".into(),
+        dns_name: "gp.a81001.test".into(),
+        trusted_assertions: true,
+        token_key: None,
+    }]);
+    settings.launching.keys = [("a81001-gp".to_owned(), public)].into();
+    let listener = FaceListener::new(
+        listener,
+        Some(
+            listen::tls_config_with(&tls, listen::ClientCertificates::Optional)
+                .expect("TLS config"),
+        ),
+    )
+    .expect("listener");
+    let view = Arc::new(View::new(broker.broker.clone(), settings));
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(carerecord_broker::view::serve(listener, view, async {
+        let _ = stopped.await;
+    }));
+
+    let client_for = |leaf: Option<&Leaf>| {
+        let mut builder = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("ca")])
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(LONG);
+        if let Some(leaf) = leaf {
+            builder = builder.identity(
+                reqwest::Identity::from_pem(
+                    format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes(),
+                )
+                .expect("identity"),
+            );
+        }
+        builder.build().expect("client")
+    };
+    let nhs = shared_patient().as_digits();
+    let mut claims = carerecord_e2e::view::launch_claims();
+    claims["iss"] = json!("a81001-gp");
+    let signed = token::sign(&private, &claims).expect("signed");
+    let launch = |client: reqwest::Client| {
+        let url = format!("{base}launch");
+        let body = json!({ "nhs_number": nhs }).to_string();
+        let signed = signed.clone();
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .bearer_auth(signed)
+                .body(body)
+                .send()
+                .await
+                .expect("answered")
+        }
+    };
+
+    // No certificate, or one for a system not configured: no launch, and the refusal audited.
+    for client in [
+        client_for(None),
+        client_for(Some(&ca.client("stranger.example"))),
+    ] {
+        let refused = launch(client).await;
+        assert_eq!(refused.status(), 403);
+        let body: Value = refused.json().await.expect("JSON");
+        assert_eq!(
+            body["issue"][0]["details"]["coding"][0]["code"],
+            "UNKNOWN_CALLING_SYSTEM"
+        );
+    }
+    assert!(
+        audit_events(&audit_file)
+            .iter()
+            .any(|e| e["kind"] == "denied" && e["system"] == "unknown" && e["patient"] == nhs),
+        "the unknown system's refusal is audited"
+    );
+
+    // The EHR launches; the clinician's browser, with no certificate, opens it.
+    let ehr = client_for(Some(&ca.client("gp.a81001.test")));
+    let launched = launch(ehr).await;
+    assert_eq!(launched.status(), 201);
+    let url = launched.json::<Value>().await.expect("JSON")["url"]
+        .as_str()
+        .expect("a url")
+        .to_owned();
+    let browser = client_for(None);
+    let opened = browser.get(&url).send().await.expect("opened");
+    assert_eq!(opened.status(), 303);
+    let set_cookie = opened.headers()["set-cookie"]
+        .to_str()
+        .expect("a cookie")
+        .to_owned();
+    assert!(set_cookie.contains("; Secure"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap_or("").to_owned();
+    let page = browser
+        .get(format!("{base}record-complete"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("the page");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("HTML").contains("SMITH"));
+    let viewed = audit_events(&audit_file);
+    assert!(
+        viewed
+            .iter()
+            .any(|e| e["kind"] == "access" && e["system"] == "a81001-gp" && e["patient"] == nhs),
+        "the view is audited under the launching system: {viewed:?}"
+    );
+}
+
+#[tokio::test]
+async fn emergency_access_is_said_at_the_top_of_the_page() {
+    let (_broker, view) = gp_and_hospital().await;
+    let url = view
+        .launch_url_as(&shared_patient().as_digits(), |c| {
+            c["purpose"] = json!("emergency_access");
+            c["emergency_reason"] = json!("unconscious in ED");
+            c.as_object_mut().map(|o| o.remove("relationship"));
+        })
+        .await;
+    let (cookie, _) = view.open(&url).await;
+    let page = view.get("record-complete", cookie.as_deref()).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let emergency = page.body.find("<h2>Emergency access</h2>").expect("said");
+    let first_section = page.body.find("id=\"section-").expect("a section");
+    assert!(emergency < first_section);
+}

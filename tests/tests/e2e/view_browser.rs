@@ -412,6 +412,41 @@ async fn axe_core_finds_no_serious_or_critical_violations() {
             "{name}: serious or critical violations: {serious:#?}"
         );
         report.push(json!({"width": name, "violations": violations}));
+        if mobile {
+            continue;
+        }
+        // Keyboard: the first Tab reaches the skip link, which takes focus to the record; the
+        // next reaches the one button.
+        tab.eval("document.activeElement && document.activeElement.blur()")
+            .await;
+        tab.press("Tab", 9).await;
+        assert_eq!(
+            tab.eval("document.activeElement.className").await,
+            json!("skip-link")
+        );
+        tab.press("Tab", 9).await;
+        assert_eq!(
+            tab.eval("document.activeElement.textContent").await,
+            json!("Ask every organisation again")
+        );
+        tab.eval("document.querySelector('.skip-link').focus()")
+            .await;
+        tab.press("Enter", 13).await;
+        assert_eq!(
+            tab.eval("document.activeElement.id").await,
+            json!("main"),
+            "the skip link takes focus to the record"
+        );
+        // Print: the form and the skip link are not printed.
+        tab.call("Emulation.setEmulatedMedia", json!({"media": "print"}))
+            .await
+            .expect("print media");
+        assert_eq!(
+            tab.eval("getComputedStyle(document.querySelector('.header__refresh')).display")
+                .await,
+            json!("none"),
+            "the print stylesheet applies"
+        );
     }
     std::fs::write(
         artifacts_dir().join("axe-report.json"),
