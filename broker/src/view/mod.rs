@@ -18,7 +18,6 @@ pub mod launch;
 pub mod page;
 pub mod session;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,7 @@ use axum::routing::{get, post};
 
 use crate::config::Config;
 use crate::fhir_api::listen::{self, ClientCertificates, FaceListener, Peer};
-use crate::fhir_api::{Face, FaceSettings, token};
+use crate::fhir_api::{CallersError, Face, FaceOptions, FaceSettings, settings_for};
 use crate::lookup::Broker;
 use session::Sessions;
 
@@ -84,12 +83,10 @@ impl View {
 /// Why the `[view]` section cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewConfigError {
-    #[error("[view] token key: {0}")]
-    Key(#[from] token::KeyError),
+    #[error("[view] {0}")]
+    Callers(#[from] CallersError),
     #[error("[view] TLS: {0}")]
     Tls(#[from] listen::ListenError),
-    #[error("[view] base_url {0:?} must be an http(s) URL ending in '/'")]
-    BaseUrl(String),
 }
 
 /// The view as configured: settings and, under TLS, the rustls configuration (client
@@ -99,59 +96,30 @@ pub struct ViewParts {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
-/// `None` when no `[view]` section is configured.
+/// `None` when no `[view]` section is configured. Who may launch is configured as for the FHIR
+/// face (the same calling systems and token keys), with the view's own address and audience.
 pub fn from_config(config: &Config) -> Result<Option<ViewParts>, ViewConfigError> {
     let Some(view) = &config.view else {
         return Ok(None);
     };
-    let tls = if config.server.plaintext {
-        None
-    } else {
-        config.server.tls.as_ref()
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let base_url = view
-        .base_url
-        .clone()
-        .unwrap_or_else(|| format!("{scheme}://{}/", view.listen));
-    if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
-        || !base_url.ends_with('/')
-    {
-        return Err(ViewConfigError::BaseUrl(base_url));
-    }
-    let audience = view
-        .audience
-        .clone()
-        .unwrap_or_else(|| base_url.trim_end_matches('/').to_owned());
-    let systems = tls
-        .filter(|t| t.client_ca.is_some())
-        .map(|t| t.systems.clone());
-    let mut keys = HashMap::new();
-    for system in systems.iter().flatten() {
-        if let Some(path) = &system.token_key {
-            keys.insert(system.id.clone(), token::TokenKey::from_pem_file(path)?);
-        }
-    }
-    let unverified_key = view
-        .unverified_token_key
-        .as_deref()
-        .map(token::TokenKey::from_pem_file)
-        .transpose()?;
+    let (launching, tls) = settings_for(
+        config,
+        &FaceOptions {
+            listen: view.listen,
+            base_url: view.base_url.as_deref(),
+            audience: view.audience.as_deref(),
+            max_token_lifetime_secs: view.max_token_lifetime_secs,
+            unverified_token_key: view.unverified_token_key.as_deref(),
+            max_document_bytes: view.max_document_bytes,
+        },
+    )?;
     let rustls = tls
         .map(|t| listen::tls_config_with(t, ClientCertificates::Optional))
         .transpose()?;
     Ok(Some(ViewParts {
         settings: ViewSettings {
-            launching: FaceSettings {
-                base_url: base_url.clone(),
-                audience,
-                max_token_lifetime: Duration::from_secs(view.max_token_lifetime_secs),
-                systems,
-                keys,
-                unverified_key,
-                max_document_bytes: view.max_document_bytes,
-            },
-            base_url,
+            base_url: launching.base_url.clone(),
+            launching,
             ehr_origins: view.ehr_origins.clone(),
             launch_ttl: Duration::from_secs(view.launch_ttl_secs),
             session_ttl: Duration::from_secs(view.session_ttl_secs),
