@@ -231,37 +231,13 @@ pub async fn document(
         }
         Err(e) => Err(e),
     };
-    let doc = match answer {
-        Ok(answer) => answer.document,
+    match answer {
+        Ok(answer) => crate::fhir_api::http::attachment(answer.document),
         Err(e) => {
             let (status, main) = refusal(&e);
-            return page(status, "Document", Some(&session.csrf), false, &main);
+            page(status, "Document", Some(&session.csrf), false, &main)
         }
-    };
-    let body = axum::body::Body::from_stream(
-        doc.body
-            .map(|chunk| chunk.map_err(|e| std::io::Error::other(e.to_string()))),
-    );
-    let mut response = (StatusCode::OK, body).into_response();
-    let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&doc.content_type) {
-        h.insert(header::CONTENT_TYPE, v);
     }
-    if let Some(length) = doc.length
-        && let Ok(v) = HeaderValue::from_str(&length.to_string())
-    {
-        h.insert(header::CONTENT_LENGTH, v);
-    }
-    // A source's HTML or SVG must not run as the view's origin.
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("sandbox; default-src 'none'"),
-    );
-    h.insert(
-        header::CONTENT_DISPOSITION,
-        HeaderValue::from_static("attachment"),
-    );
-    response
 }
 
 pub async fn stylesheet() -> Response {
