@@ -14,11 +14,12 @@ use std::time::SystemTime;
 use carerecord_adapters::calendar;
 use carerecord_proto::entry::Detail;
 use carerecord_proto::{
-    CareRecord, Entry, Patient, Section, SectionState, SectionStatus, SourceOutcome, SourceStatus,
+    Entry, Patient, Section, SectionState, SectionStatus, SourceOutcome, SourceStatus,
     VerificationStatus, WarningKind,
 };
 
 use crate::lookup::{LookupAnswer, SourceUpdate};
+use crate::render::{current_and_past, entry_title, group_nhs};
 
 /// `s` as HTML text or a double-quoted attribute value.
 pub fn esc(s: &str) -> String {
@@ -133,7 +134,7 @@ pub fn arrival(update: &SourceUpdate) -> Arrival {
                 let _ = write!(
                     items,
                     "<li class=\"arrival\"><span class=\"arrival__what\">{}</span> <span class=\"arrival__from\">{}</span></li>",
-                    esc(&what(e)),
+                    esc(&entry_title(e)),
                     esc(&provenance_text(e)),
                 );
             }
@@ -258,7 +259,7 @@ fn banner(answer: &LookupAnswer, now: SystemTime) -> String {
             esc(value)
         );
     };
-    fact(&mut out, "NHS number", &grouped(&p.nhs_number));
+    fact(&mut out, "NHS number", &group_nhs(&p.nhs_number));
     let born = match age(&p.birth_date, now) {
         Some(years) => format!("{} ({years} years)", long_date(&p.birth_date)),
         None => or_unknown(&p.birth_date).to_owned(),
@@ -393,24 +394,19 @@ fn section_html(section: Section, entries: &[Entry], status: Option<&SectionStat
         out.push_str("</section>\n");
         return out;
     }
-    let is_medicine = |e: &Entry| matches!(e.detail, Some(Detail::Medication(_)));
-    if section == Section::Medications && entries.iter().any(is_medicine) {
-        for (label, current) in [("Current medicines", true), ("Past medicines", false)] {
-            let group: Vec<&Entry> = entries
-                .iter()
-                .filter(|e| match &e.detail {
-                    Some(Detail::Medication(m)) => m.current == current,
-                    _ => current,
-                })
-                .collect();
-            let _ = write!(out, "<h3>{} ({})</h3>", esc(label), group.len());
-            if !group.is_empty() {
-                out.push_str(&entries_table(label, &group));
+    match current_and_past(entries) {
+        Some((current, past)) if section == Section::Medications => {
+            for (label, group) in [("Current medicines", current), ("Past medicines", past)] {
+                let _ = write!(out, "<h3>{} ({})</h3>", esc(label), group.len());
+                if !group.is_empty() {
+                    out.push_str(&entries_table(label, &group));
+                }
             }
         }
-    } else {
-        let all: Vec<&Entry> = entries.iter().collect();
-        out.push_str(&entries_table(section.title(), &all));
+        _ => {
+            let all: Vec<&Entry> = entries.iter().collect();
+            out.push_str(&entries_table(section.title(), &all));
+        }
     }
     out.push_str("</section>\n");
     out
@@ -439,7 +435,7 @@ fn entry_row(e: &Entry) -> String {
     let mut out = format!(
         "<tr{class}><td data-label=\"Date\">{}</td><td data-label=\"Entry\"><span class=\"entry__what\">{}</span>",
         esc(or_dash(date)),
-        esc(&what(e))
+        esc(&entry_title(e))
     );
     if let Some(Detail::Document(d)) = &e.detail
         && let Some(id) = d.url.strip_prefix(crate::documents::PREFIX)
@@ -448,7 +444,7 @@ fn entry_row(e: &Entry) -> String {
             out,
             " <a class=\"document-link\" href=\"document/{}\">Open document<span class=\"visually-hidden\"> {}</span></a>",
             esc(id),
-            esc(&what(e))
+            esc(&entry_title(e))
         );
     }
     for detail in details(e) {
@@ -533,24 +529,13 @@ fn tags(e: &Entry) -> String {
     out
 }
 
-fn what(e: &Entry) -> String {
-    if e.summary.is_empty() {
-        e.concept
-            .as_ref()
-            .map(|c| c.display.clone())
-            .unwrap_or_default()
-    } else {
-        e.summary.clone()
-    }
-}
-
 /// Details worth a line of their own: dosage and last issue of a medicine, a result's value,
 /// an allergy's reactions.
 fn details(e: &Entry) -> Vec<String> {
     let mut out = Vec::new();
     match &e.detail {
         Some(Detail::Medication(m)) => {
-            if !m.dosage.is_empty() && !what(e).contains(&m.dosage) {
+            if !m.dosage.is_empty() && !entry_title(e).contains(&m.dosage) {
                 out.push(m.dosage.clone());
             }
             if !m.latest_issue.is_empty() {
@@ -620,15 +605,6 @@ fn or_unknown(s: &str) -> &str {
     if s.is_empty() { "Not known" } else { s }
 }
 
-/// An NHS number as people read it: 3-3-4.
-pub fn grouped(d: &str) -> String {
-    if d.len() == 10 && d.bytes().all(|b| b.is_ascii_digit()) {
-        format!("{} {} {}", &d[..3], &d[3..6], &d[6..])
-    } else {
-        d.to_owned()
-    }
-}
-
 const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
@@ -665,15 +641,12 @@ fn age(birth: &str, now: SystemTime) -> Option<i64> {
     (years >= 0).then_some(years)
 }
 
-/// Whether `record` is empty of everything a page would show (tests, and the not-found page).
-pub fn is_empty(record: &CareRecord) -> bool {
-    record.patient.is_none() && Section::ALL.iter().all(|s| record.section(*s).is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use carerecord_proto::{Conflict, ConflictValue, MedicationDetail, Provenance, Warning};
+    use carerecord_proto::{
+        CareRecord, Conflict, ConflictValue, MedicationDetail, Provenance, Warning,
+    };
     use std::time::Duration;
 
     fn answer(record: CareRecord) -> LookupAnswer {
