@@ -3,7 +3,7 @@
 //! `reqwest` (redirects not followed, cookies carried by hand), as an EHR and a browser would
 //! send them.
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use carerecord_broker::Broker;
@@ -13,7 +13,7 @@ use carerecord_broker::view::{View, ViewSettings};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::fhir::now;
+use crate::fhir::{install_crypto, now};
 
 /// The audience every view test token carries.
 pub const VIEW_AUDIENCE: &str = "https://carerecord.test/view";
@@ -43,13 +43,6 @@ impl Page {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
-}
-
-fn install_crypto() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
-    });
 }
 
 /// Claims of a clinician at A81001 who asserts a relationship, valid for two minutes.

@@ -469,11 +469,11 @@ async fn a_document_opened_from_the_view_is_streamed_as_an_attachment_and_audite
 #[tokio::test]
 async fn under_mutual_tls_only_a_known_system_launches_and_a_browser_without_a_certificate_opens_it()
  {
-    use carerecord_broker::config::{SystemConfig, TlsConfig};
+    use carerecord_broker::config::SystemConfig;
     use carerecord_broker::fhir_api::token::{self, TokenKey};
     use carerecord_broker::fhir_api::{FaceListener, listen};
     use carerecord_broker::view::View;
-    use carerecord_e2e::pki::{Leaf, TestCa};
+    use carerecord_e2e::pki::TestCa;
 
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let audit_file = temp_path("view-mtls-audit.jsonl");
@@ -486,20 +486,7 @@ async fn under_mutual_tls_only_a_known_system_launches_and_a_browser_without_a_c
     )
     .await;
     let ca = TestCa::new("carerecord view test CA");
-    let server = ca.server();
-    let dir = temp_path("view-mtls");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
-    let tls = TlsConfig {
-        cert: write("server.pem", &server.cert_pem),
-        key: write("server.key", &server.key_pem),
-        client_ca: Some(write("ca.pem", &ca.cert_pem())),
-        systems: Vec::new(),
-    };
+    let tls = carerecord_e2e::pki::server_tls(&ca);
     let private = token::generate("es256").expect("key");
     let public = TokenKey::from_pem(&token::public_pem(&private).expect("pem")).expect("parses");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -530,20 +517,8 @@ async fn under_mutual_tls_only_a_known_system_launches_and_a_browser_without_a_c
         let _ = stopped.await;
     }));
 
-    let client_for = |leaf: Option<&Leaf>| {
-        let mut builder = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("ca")])
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(LONG);
-        if let Some(leaf) = leaf {
-            builder = builder.identity(
-                reqwest::Identity::from_pem(
-                    format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes(),
-                )
-                .expect("identity"),
-            );
-        }
-        builder.build().expect("client")
+    let client_for = |leaf: Option<&carerecord_e2e::pki::Leaf>| {
+        carerecord_e2e::pki::https_client(&ca, leaf, LONG)
     };
     let nhs = shared_patient().as_digits();
     let mut claims = carerecord_e2e::view::launch_claims();

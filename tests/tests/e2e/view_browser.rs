@@ -15,11 +15,10 @@ use std::time::Duration;
 use carerecord_broker::Broker;
 use carerecord_broker::registry;
 use carerecord_e2e::browser::{Browser, Tab, artifacts_dir, axe_core, skip};
-use carerecord_e2e::region::{region_config, small_region, start_region};
+use carerecord_e2e::region::{region_config, shared_patient, small_region, start_region};
 use carerecord_e2e::view::{ViewFace, start_view};
 use carerecord_mock_sources::{
-    ClinicalConflictKind, DataMode, Fault, FhirMode, LatencyProfile, PatientSummary, RegionServer,
-    RegionSpec,
+    ClinicalConflictKind, DataMode, Fault, FhirMode, LatencyProfile, RegionServer, RegionSpec,
 };
 use serde_json::json;
 
@@ -45,15 +44,6 @@ async fn region_view(
     );
     let view = start_view(broker.clone(), |_| {}).await;
     (server, broker, view)
-}
-
-/// A patient known to at least three organisations (GP first), demographics agreeing.
-fn shared_patient(server: &RegionServer) -> PatientSummary {
-    server
-        .region()
-        .patients_known_to_at_least(3)
-        .find(|p| p.conflict.is_none())
-        .expect("the region has a patient known to three organisations")
 }
 
 async fn browser(test: &str) -> Option<Browser> {
