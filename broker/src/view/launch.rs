@@ -19,7 +19,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use carerecord_proto::{CacheDirective, GetCareRecordRequest};
+use carerecord_proto::{CacheDirective, GetCareRecordRequest, Requester};
 use serde::Deserialize;
 
 use super::View;
@@ -90,14 +90,13 @@ async fn issue(
         )
     })?;
     // Refuse now what every view would refuse: a malformed NHS number or requester.
-    let request = GetCareRecordRequest {
-        nhs_number: asked.nhs_number.clone(),
-        requester: Some(requester.clone()),
-        sections: Vec::new(),
-        cache: CacheDirective::AllowCached as i32,
-        via_brokers: Vec::new(),
-    };
-    let checked = validate::check(request, request_id.to_owned(), None).map_err(|e| {
+    let checked = checked_request(
+        asked.nhs_number,
+        requester.clone(),
+        request_id.to_owned(),
+        false,
+    )
+    .map_err(|e| {
         tracing::info!(request_id, reason = e.reason(), "view launch refused");
         FaceError::from(&e)
     })?;
@@ -222,23 +221,38 @@ impl View {
         request_id: String,
         fresh: bool,
     ) -> Result<validate::LookupRequest, crate::error::LookupError> {
-        let request = GetCareRecordRequest {
-            nhs_number: binding.nhs_number.as_digits(),
-            requester: Some(binding.requester.clone()),
-            sections: Vec::new(),
-            cache: if fresh {
-                CacheDirective::RequireFresh
-            } else {
-                CacheDirective::AllowCached
-            } as i32,
-            via_brokers: Vec::new(),
-        };
-        validate::check(request, request_id, None)
+        checked_request(
+            binding.nhs_number.as_digits(),
+            binding.requester.clone(),
+            request_id,
+            fresh,
+        )
     }
 
     pub(crate) fn calling(&self, caller: &Caller) -> CallingSystem {
         CallingSystem::Identified(caller.clone())
     }
+}
+
+/// A whole-record lookup for `nhs_number` by `requester`, checked as every face checks it.
+fn checked_request(
+    nhs_number: String,
+    requester: Requester,
+    request_id: String,
+    fresh: bool,
+) -> Result<validate::LookupRequest, crate::error::LookupError> {
+    let request = GetCareRecordRequest {
+        nhs_number,
+        requester: Some(requester),
+        sections: Vec::new(),
+        cache: if fresh {
+            CacheDirective::RequireFresh
+        } else {
+            CacheDirective::AllowCached
+        } as i32,
+        via_brokers: Vec::new(),
+    };
+    validate::check(request, request_id, None)
 }
 
 /// The path of the base URL (`/` or a proxy's prefix), for the cookie.
