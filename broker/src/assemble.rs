@@ -35,6 +35,8 @@ pub struct Assembly {
     pub transport: Transport,
     /// The FHIR face, when `[fhir]` is configured.
     pub fhir: Option<crate::fhir_api::FaceParts>,
+    /// The clinician's web view, when `[view]` is configured.
+    pub view: Option<crate::view::ViewParts>,
     /// Sources configured: `[[sources]]` plus the directory's organisations.
     pub source_count: usize,
 }
@@ -54,6 +56,8 @@ pub enum Problem {
     Tls(#[from] ServeError),
     #[error(transparent)]
     FhirFace(#[from] crate::fhir_api::FaceConfigError),
+    #[error(transparent)]
+    View(#[from] crate::view::ViewConfigError),
 }
 
 /// Every reason a configuration cannot be served, found in one pass.
@@ -96,6 +100,10 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
         .map_err(|e| problems.push(e.into()))
         .ok()
         .flatten();
+    let view = crate::view::from_config(config)
+        .map_err(|e| problems.push(e.into()))
+        .ok()
+        .flatten();
     // Checking reads the trail without holding it; serving opens it below, once nothing else is
     // wrong (then only to report it alongside the other problems is it checked here). Both find
     // the same faults with the same messages.
@@ -121,6 +129,7 @@ pub fn assemble(config: &Config, trail: Trail) -> Result<Assembly, Problems> {
         broker,
         transport,
         fhir,
+        view,
         source_count,
     })
 }

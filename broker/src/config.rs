@@ -47,6 +47,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The FHIR R4 face (HTTP/JSON), on its own listener; absent means none.
     pub fhir: Option<FhirFaceConfig>,
+    /// The clinician's web view, on its own listener; absent means none.
+    pub view: Option<ViewConfig>,
     /// The organisations asked for every lookup, in priority order (the first source that knows
     /// the patient supplies the demographics shown).
     #[serde(default)]
@@ -216,6 +218,49 @@ pub struct FhirFaceConfig {
     /// Largest document streamed through the broker, in bytes.
     #[serde(default = "default_max_document_bytes")]
     pub max_document_bytes: u64,
+}
+
+/// `[view]`: the clinician's web view, launched from the EHR. It listens on its own address
+/// with the same server certificate and calling systems as `[server]`; client certificates are
+/// asked for but optional there, because the clinician's browser has none: only `POST /launch`
+/// (the EHR, system to system) needs one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    /// HTTP listen address, e.g. `127.0.0.1:8443`.
+    pub listen: SocketAddr,
+    /// The view's base URL as browsers reach it (behind a proxy, the proxy's), ending in `/`;
+    /// default `https://{listen}/` (`http://` when plaintext). Launch URLs start with it.
+    pub base_url: Option<String>,
+    /// The `aud` a launch's requester token must carry; default the base URL without its `/`.
+    pub audience: Option<String>,
+    /// Origins of the EHRs that may show the view in a frame (`frame-ancestors`), e.g.
+    /// `https://ehr.example.nhs.uk`; empty: the view may not be framed at all.
+    #[serde(default)]
+    pub ehr_origins: Vec<String>,
+    /// How long a launch URL may wait to be opened, in seconds (it works once).
+    #[serde(default = "default_launch_ttl")]
+    pub launch_ttl_secs: u64,
+    /// How long a view session lasts after its launch, in seconds.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_secs: u64,
+    /// Longest requester-token lifetime accepted (`exp - iat`), in seconds.
+    #[serde(default = "default_token_lifetime")]
+    pub max_token_lifetime_secs: u64,
+    /// Without client certificates every launching system is `unverified`: this PEM public key
+    /// verifies its tokens. Development only.
+    pub unverified_token_key: Option<PathBuf>,
+    /// Largest document streamed through the view, in bytes.
+    #[serde(default = "default_max_document_bytes")]
+    pub max_document_bytes: u64,
+}
+
+fn default_launch_ttl() -> u64 {
+    60
+}
+
+fn default_session_ttl() -> u64 {
+    15 * 60
 }
 
 fn default_token_lifetime() -> u64 {
@@ -498,6 +543,29 @@ impl Config {
                 "fhir: max_token_lifetime_secs and max_document_bytes must be greater than 0"
                     .into(),
             );
+        }
+        if let Some(view) = &self.view {
+            if self.server.plaintext
+                && !view.listen.ip().is_loopback()
+                && !self.server.allow_plaintext_on_network
+            {
+                return Err(format!(
+                    "view: the web view would serve plaintext on {}, a non-loopback address (records unencrypted): configure [server.tls], listen on a loopback address, or set server.allow_plaintext_on_network = true for an isolated test network",
+                    view.listen
+                ));
+            }
+            if view.launch_ttl_secs == 0
+                || view.session_ttl_secs == 0
+                || view.max_token_lifetime_secs == 0
+                || view.max_document_bytes == 0
+            {
+                return Err("view: launch_ttl_secs, session_ttl_secs, max_token_lifetime_secs and max_document_bytes must be greater than 0".into());
+            }
+            if let Some(bad) = view.ehr_origins.iter().find(|o| !crate::view::is_origin(o)) {
+                return Err(format!(
+                    "view: ehr_origins entry {bad:?} is not an origin (scheme://host[:port], no path)"
+                ));
+            }
         }
         if self.routing.mode == RoutingMode::Located
             && self.routing.locators.is_empty()

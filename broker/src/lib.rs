@@ -29,6 +29,7 @@ pub mod server;
 pub mod service;
 pub mod telemetry;
 pub mod validate;
+pub mod view;
 
 /// The circuit breaker, where it has always been found.
 pub use resilience::breaker;

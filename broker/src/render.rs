@@ -112,16 +112,10 @@ pub fn section_block(
     if let Some(s) = status {
         let _ = writeln!(out, "  {}", s.summary);
     }
-    let medicine = |e: &Entry| match &e.detail {
-        Some(Detail::Medication(m)) => Some(m.current),
-        _ => None,
-    };
-    if section == Section::Medications && entries.iter().any(|e| medicine(e).is_some()) {
-        for (label, current) in [("Current", true), ("Past", false)] {
-            let group: Vec<&Entry> = entries
-                .iter()
-                .filter(|e| medicine(e).unwrap_or(true) == current)
-                .collect();
+    if section == Section::Medications
+        && let Some((current, past)) = current_and_past(entries)
+    {
+        for (label, group) in [("Current", current), ("Past", past)] {
             if group.is_empty() {
                 continue;
             }
@@ -136,6 +130,31 @@ pub fn section_block(
         }
     }
     out
+}
+
+/// Medicines split into current and past (an entry without medication detail counts as
+/// current: never hidden among the past); `None` when no entry carries medication detail.
+pub fn current_and_past(entries: &[Entry]) -> Option<(Vec<&Entry>, Vec<&Entry>)> {
+    let current = |e: &Entry| match &e.detail {
+        Some(Detail::Medication(m)) => Some(m.current),
+        _ => None,
+    };
+    if !entries.iter().any(|e| current(e).is_some()) {
+        return None;
+    }
+    Some(entries.iter().partition(|e| current(e).unwrap_or(true)))
+}
+
+/// What an entry is, in words: its summary, else its concept's display.
+pub fn entry_title(e: &Entry) -> String {
+    if e.summary.is_empty() {
+        e.concept
+            .as_ref()
+            .map(|c| c.display.clone())
+            .unwrap_or_default()
+    } else {
+        e.summary.clone()
+    }
 }
 
 /// An entry's line, then one line per conflict.
@@ -169,14 +188,7 @@ fn entry_block(e: &Entry, indent: &str) -> String {
 /// medicine currency and latest issue, who reported it, and marks for what needs checking.
 pub fn entry_line(e: &Entry) -> String {
     let date = e.effective.get(..10).unwrap_or(&e.effective);
-    let what = if e.summary.is_empty() {
-        e.concept
-            .as_ref()
-            .map(|c| c.display.clone())
-            .unwrap_or_default()
-    } else {
-        e.summary.clone()
-    };
+    let what = entry_title(e);
     let who: Vec<&str> = e
         .provenance
         .iter()
@@ -260,7 +272,8 @@ fn or_dash(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
 }
 
-fn group_nhs(d: &str) -> String {
+/// An NHS number as people read it: 3-3-4.
+pub fn group_nhs(d: &str) -> String {
     if d.len() == 10 && d.is_ascii() {
         format!("{} {} {}", &d[..3], &d[3..6], &d[6..])
     } else {

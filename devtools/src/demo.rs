@@ -2,7 +2,9 @@
 //! organisations serving FHIR R4 over real HTTP on loopback), a broker configured for it, and
 //! looks up a patient known to several organisations over real gRPC. The broker also serves its
 //! FHIR R4 face (plaintext loopback, tokens verified with a key made for this run): the demo asks
-//! it for the same patient and prints a ready-to-paste `curl` with a freshly signed token.
+//! it for the same patient and prints a ready-to-paste `curl` with a freshly signed token. And it
+//! serves the clinician's web view: the demo launches it for the same patient, as an EHR would,
+//! and prints the launch URL to open in a browser.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use carerecord_broker::cli::serve::shutdown_signal;
 use carerecord_broker::config::Config;
 use carerecord_broker::fhir_api::{self, Face, FaceListener, token};
 use carerecord_broker::server::{self, Transport};
+use carerecord_broker::view::{self, View};
 use carerecord_mock_sources::{Region, RegionServer, RegionSpec};
 use clap::Args;
 
@@ -32,6 +35,9 @@ pub struct DemoArgs {
     /// FHIR face listen address when kept running (otherwise a free loopback port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub fhir_listen: SocketAddr,
+    /// Web view listen address when kept running (otherwise a free loopback port).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub view_listen: SocketAddr,
     /// Seed of the synthetic population.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -91,6 +97,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             )
         })?;
     let fhir_addr = fhir_listener.local_addr()?;
+    let view_bind = if args.keep_running {
+        args.view_listen
+    } else {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+    };
+    let view_listener = tokio::net::TcpListener::bind(view_bind)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {view_bind} for the web view (choose another with --view-listen)"
+            )
+        })?;
+    let view_addr = view_listener.local_addr()?;
     let keys = DemoKeys::make()?;
 
     let mode = crate::mock_mode(args.mode);
@@ -99,6 +118,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // the public half of this run's key (base URL and audience by default: http://{listen}/).
     text.push_str(&format!(
         "\n[fhir]\nlisten = \"{fhir_addr}\"\nunverified_token_key = {}\n",
+        toml_string(&keys.public_pem.display().to_string())
+    ));
+    // The web view, plaintext on loopback, launched with the same key; a launch URL waits ten
+    // minutes to be opened (once), so there is time to paste it into a browser.
+    text.push_str(&format!(
+        "\n[view]\nlisten = \"{view_addr}\"\nunverified_token_key = {}\nlaunch_ttl_secs = 600\n",
         toml_string(&keys.public_pem.display().to_string())
     ));
     let mut config = Config::parse(&text, Path::new("<mock-sources region>"))?;
@@ -111,6 +136,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let face = assembly
         .fhir
         .context("the demo's FHIR face was not configured")?;
+    let view_parts = assembly
+        .view
+        .context("the demo's web view was not configured")?;
+    let view_base = view_parts.settings.base_url.clone();
+    let view_audience = view_parts.settings.launching.audience.clone();
+    let (view_stop, view_stopped) = tokio::sync::oneshot::channel::<()>();
+    let view_serving = tokio::spawn(view::serve(
+        FaceListener::new(view_listener, view_parts.tls)?,
+        Arc::new(View::new(broker.clone(), view_parts.settings)),
+        async {
+            let _ = view_stopped.await;
+        },
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server::run(
         listener,
@@ -188,6 +226,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 "(The demo stops now: run it with --keep-running to keep the region, the broker and the FHIR face up and try that curl.)"
             );
         }
+        // The clinician's view, launched as an EHR would: the NHS number goes in the launch
+        // request's body; the URL holds only a single-use code.
+        let view_bearer = keys.token(&view_audience, &patient.gp)?;
+        match launch(&view_base, &nhs, &view_bearer).await {
+            Ok(url) => {
+                println!(
+                    "\nClinician's web view on {view_base}: launched for {} as Dr Demo (R8000, {}). Open in a browser (works once, within 10 minutes):\n  {url}",
+                    patient.nhs_number.grouped(),
+                    patient.gp
+                );
+                println!(
+                    "Another launch, while the demo runs (a fresh token: the 'token sign' above with --audience {}):\n\
+                     \x20 curl -s -X POST '{view_base}launch' -H 'Content-Type: application/json' -H 'Authorization: Bearer {view_bearer}' -d '{{\"nhs_number\":\"{nhs}\"}}'",
+                    view_audience
+                );
+                if !args.keep_running {
+                    println!("(Run the demo with --keep-running to open it.)");
+                }
+            }
+            Err(e) => println!("\nClinician's web view on {view_base}: launch failed: {e}"),
+        }
     }
 
     if args.keep_running {
@@ -199,6 +258,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
         shutdown_signal().await;
     }
+    let _ = view_stop.send(());
+    let _ = view_serving.await;
     let _ = fhir_stop.send(());
     let _ = fhir_serving.await;
     let _ = stop.send(());
@@ -336,6 +397,27 @@ async fn structured_record(base: &str, nhs: &str, bearer: &str) -> String {
             .unwrap_or("");
         format!("{status} {reason}")
     }
+}
+
+/// Asks the web view for a launch for `nhs`, as an EHR does: the launch URL.
+async fn launch(base: &str, nhs: &str, bearer: &str) -> anyhow::Result<String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let response = client
+        .post(format!("{base}launch"))
+        .header("content-type", "application/json")
+        .bearer_auth(bearer)
+        .body(serde_json::json!({ "nhs_number": nhs }).to_string())
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await?)?;
+    body["url"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{status}: {body}"))
 }
 
 /// The ready-to-paste curl, and how to sign a new token once this one expires.

@@ -22,6 +22,17 @@ fn the_demo_looks_a_patient_up_across_mock_organisations_over_http() {
         .count();
     assert!(ok >= 3, "{stdout}");
     assert!(stdout.contains(" complete"), "{stdout}");
+    // The clinician's web view, launched for the same patient: a URL holding only a code.
+    let url = stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("http://") && l.contains("/launch/"))
+        .unwrap_or_else(|| panic!("a launch URL in:\n{stdout}"));
+    let code = url.rsplit('/').next().unwrap_or("");
+    assert!(
+        code.len() == 64 && code.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{url}"
+    );
 }
 
 #[test]

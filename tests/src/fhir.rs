@@ -41,7 +41,8 @@ impl Answer {
     }
 }
 
-fn install_crypto() {
+/// rustls' ring provider for the process (reqwest is built without one).
+pub fn install_crypto() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();

@@ -1,10 +1,12 @@
 //! Shared harness for the end-to-end tests: a real broker on `127.0.0.1:0` driven over real
 //! gRPC, with sources that are either in-memory or real HTTP mock organisations.
 
+pub mod browser;
 pub mod fhir;
 pub mod pki;
 pub mod postgres;
 pub mod region;
+pub mod view;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

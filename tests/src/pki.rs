@@ -70,3 +70,43 @@ impl TestCa {
         }
     }
 }
+
+/// `[server.tls]` for a face served with a server certificate of `ca` that asks for client
+/// certificates of `ca` (no calling systems listed: the face's settings name them). The PEM
+/// files are written to a fresh temporary folder.
+pub fn server_tls(ca: &TestCa) -> carerecord_broker::config::TlsConfig {
+    let server = ca.server();
+    let dir = crate::temp_path("tls");
+    std::fs::create_dir_all(&dir).expect("a folder for the PEM files");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write a PEM file");
+        path
+    };
+    carerecord_broker::config::TlsConfig {
+        cert: write("server.pem", &server.cert_pem),
+        key: write("server.key", &server.key_pem),
+        client_ca: Some(write("ca.pem", &ca.cert_pem())),
+        systems: Vec::new(),
+    }
+}
+
+/// An HTTPS client that trusts only `ca`, presenting `leaf` as its client certificate when
+/// given. Redirects are not followed.
+pub fn https_client(
+    ca: &TestCa,
+    leaf: Option<&Leaf>,
+    timeout: std::time::Duration,
+) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("ca")])
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout);
+    if let Some(leaf) = leaf {
+        builder = builder.identity(
+            reqwest::Identity::from_pem(format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes())
+                .expect("identity"),
+        );
+    }
+    builder.build().expect("client")
+}

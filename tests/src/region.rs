@@ -43,6 +43,16 @@ pub fn small_region(seed: u64, page_size: usize) -> RegionSpec {
     }
 }
 
+/// The first patient known to at least three organisations (GP first), whose demographics
+/// agree everywhere.
+pub fn shared_patient(server: &RegionServer) -> PatientSummary {
+    server
+        .region()
+        .patients_known_to_at_least(3)
+        .find(|p| p.conflict.is_none())
+        .expect("the region has a patient known to three organisations")
+}
+
 /// Starts `spec`'s organisations on loopback with no added latency.
 pub async fn start_region(spec: &RegionSpec) -> RegionServer {
     RegionServer::start_with(

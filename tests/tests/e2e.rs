@@ -16,4 +16,6 @@ mod e2e {
     pub mod routing;
     pub mod safety;
     pub mod source_protocol;
+    pub mod view;
+    pub mod view_browser;
 }

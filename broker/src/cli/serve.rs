@@ -75,6 +75,25 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             }
         });
     }
+    if let (Some(view), Some(listen)) = (assembly.view, config.view.as_ref().map(|v| v.listen)) {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} for the web view"))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            base_url = %view.settings.base_url,
+            tls = view.tls.is_some(),
+            "web view serving"
+        );
+        let listener = crate::fhir_api::FaceListener::new(listener, view.tls)?;
+        let view = Arc::new(crate::view::View::new(broker.clone(), view.settings));
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::view::serve(listener, view, wait_for(stopping)).await {
+                tracing::error!(error = %e, "web view stopped");
+            }
+        });
+    }
     if let Some(ops) = &ops {
         ops.serving(broker.clone());
     }

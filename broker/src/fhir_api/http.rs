@@ -153,7 +153,7 @@ impl Face {
     /// Who is asking: the calling system (its client certificate) and the person (the token it
     /// signed). An unrecognised system is refused and, as on gRPC, the refusal audited for the
     /// patient `patient` names (read only then).
-    async fn who(
+    pub(crate) async fn who(
         &self,
         peer: &Peer,
         headers: &HeaderMap,
@@ -224,7 +224,7 @@ impl Face {
         })
     }
 
-    fn request_id(&self, headers: &HeaderMap) -> String {
+    pub(crate) fn request_id(&self, headers: &HeaderMap) -> String {
         headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
@@ -544,6 +544,19 @@ async fn document(
         });
         return Ok(fhir_json(StatusCode::OK, &binary, Some(request_id)));
     }
+    let mut response = attachment(doc);
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    Ok(response)
+}
+
+/// A document's content as it streams from its organisation: its own media type, as an
+/// attachment in a CSP sandbox (a source's HTML or SVG must not run as the broker's origin),
+/// never stored or sniffed. The FHIR face and the web view both answer with it.
+pub(crate) fn attachment(doc: carerecord_adapters::Document) -> Response {
+    use futures::StreamExt;
     let body = axum::body::Body::from_stream(
         doc.body
             .map(|chunk| chunk.map_err(|e| std::io::Error::other(e.to_string()))),
@@ -563,7 +576,6 @@ async fn document(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
-    // A source's HTML or SVG must not run as the broker's origin.
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("sandbox; default-src 'none'"),
@@ -572,10 +584,7 @@ async fn document(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_static("attachment"),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
-    }
-    Ok(response)
+    response
 }
 
 /// Every organisation asked answered "not known here", and none is missing: a 404, as GP

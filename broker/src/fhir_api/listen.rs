@@ -60,6 +60,24 @@ pub enum ListenError {
 
 /// The rustls server configuration for `[server.tls]`, ALPN HTTP/1.1.
 pub fn tls_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, ListenError> {
+    tls_config_with(tls, ClientCertificates::Required)
+}
+
+/// Whether a listener under `client_ca` insists on a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertificates {
+    /// Every connection presents one (the FHIR face: systems only).
+    Required,
+    /// Asked for and verified when presented, but a connection without one is accepted (the web
+    /// view: browsers have none; the routes that need a calling system check for it).
+    Optional,
+}
+
+/// [`tls_config`], choosing whether a client certificate is required.
+pub fn tls_config_with(
+    tls: &TlsConfig,
+    clients: ClientCertificates,
+) -> Result<Arc<rustls::ServerConfig>, ListenError> {
     let pem_err = |path: &std::path::Path| {
         let name = path.display().to_string();
         move |e: rustls_pki_types::pem::Error| ListenError::Pem(name.clone(), e.to_string())
@@ -79,12 +97,16 @@ pub fn tls_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, ListenEr
             for cert in CertificateDer::pem_file_iter(ca).map_err(pem_err(ca))? {
                 roots.add(cert.map_err(pem_err(ca))?)?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
-            )
-            .build()
-            .map_err(|e| ListenError::Verifier(e.to_string()))?;
+            );
+            if clients == ClientCertificates::Optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
+                .build()
+                .map_err(|e| ListenError::Verifier(e.to_string()))?;
             builder
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs, key)?

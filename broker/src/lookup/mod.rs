@@ -241,6 +241,21 @@ impl Broker {
         })
     }
 
+    /// Whether this caller may ask at all, without asking anyone: a face that hands out a way to
+    /// look later (the web view's launch) refuses early what the lookup would refuse. A refusal
+    /// is audited, as any.
+    pub async fn check_admission(
+        &self,
+        request: &LookupRequest,
+        caller: CallingSystem,
+    ) -> Result<(), LookupError> {
+        let result = self.admit(request, caller).await.map(|_| ());
+        if let Err(e) = &result {
+            refused(e);
+        }
+        result
+    }
+
     /// Whether this caller may ask at all: a recognised system, a role and purpose the policy
     /// admits. Every refusal here is audited.
     async fn admit(

@@ -665,7 +665,7 @@ async fn over_the_region_the_bundle_carries_the_same_facts_as_grpc_with_a_hung_a
 
 #[tokio::test]
 async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_the_token() {
-    use carerecord_broker::config::{SystemConfig, TlsConfig};
+    use carerecord_broker::config::SystemConfig;
     use carerecord_broker::fhir_api::token::{self, TokenKey};
     use carerecord_broker::fhir_api::{Face, FaceListener, FaceSettings, listen};
     use carerecord_e2e::pki::TestCa;
@@ -681,20 +681,7 @@ async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_th
     )
     .await;
     let ca = TestCa::new("carerecord FHIR test CA");
-    let server = ca.server();
-    let dir = temp_path("fhir-mtls");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
-    let tls = TlsConfig {
-        cert: write("server.pem", &server.cert_pem),
-        key: write("server.key", &server.key_pem),
-        client_ca: Some(write("ca.pem", &ca.cert_pem())),
-        systems: Vec::new(),
-    };
+    let tls = carerecord_e2e::pki::server_tls(&ca);
     let private = token::generate("ed25519").expect("key");
     let public = TokenKey::from_pem(&token::public_pem(&private).expect("pem")).expect("parses");
     let system = SystemConfig {
@@ -732,18 +719,7 @@ async fn under_mutual_tls_the_certificate_names_the_system_whose_key_verifies_th
     }));
 
     let client_for = |leaf: Option<&carerecord_e2e::pki::Leaf>| {
-        let mut builder = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("ca")])
-            .timeout(LONG);
-        if let Some(leaf) = leaf {
-            builder = builder.identity(
-                reqwest::Identity::from_pem(
-                    format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes(),
-                )
-                .expect("identity"),
-            );
-        }
-        builder.build().expect("client")
+        carerecord_e2e::pki::https_client(&ca, leaf, LONG)
     };
     let ask = |client: reqwest::Client, token: String| {
         let url = format!("{base}Patient/$getstructuredrecord");

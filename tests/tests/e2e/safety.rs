@@ -52,16 +52,6 @@ fn conflict_region() -> RegionSpec {
     }
 }
 
-/// The first patient known to at least three organisations (GP first), whose demographics
-/// agree everywhere.
-fn shared_patient(server: &RegionServer) -> PatientSummary {
-    server
-        .region()
-        .patients_known_to_at_least(3)
-        .find(|p| p.conflict.is_none())
-        .expect("the region has a patient known to three organisations")
-}
-
 async fn lookup(
     broker: &TestBroker,
     patient: &NhsNumber,
