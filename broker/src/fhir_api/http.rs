@@ -396,8 +396,29 @@ async fn structured_record(
     )
 }
 
+/// Refuses a body whose media type is none of `accepted`, saying what to send.
+pub(crate) fn require_media(
+    headers: &HeaderMap,
+    accepted: &[&str],
+    hint: &'static str,
+) -> Result<(), FaceError> {
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accepted.iter().any(|m| media.starts_with(m)) {
+        return Ok(());
+    }
+    Err(FaceError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "not-supported",
+        "UNSUPPORTED_MEDIA_TYPE",
+        hint,
+    ))
+}
+
 /// The response, or the refusal carrying the request id as answers do.
-fn tagged(result: Result<Response, FaceError>, request_id: &str) -> Response {
+pub(crate) fn tagged(result: Result<Response, FaceError>, request_id: &str) -> Response {
     result.unwrap_or_else(|e| {
         let mut response = e.into_response();
         if let Ok(id) = HeaderValue::from_str(request_id) {
@@ -414,18 +435,11 @@ async fn lookup(
     body: &[u8],
     request_id: &str,
 ) -> Result<Response, FaceError> {
-    let media = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !(media.starts_with("application/fhir+json") || media.starts_with("application/json")) {
-        return Err(FaceError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "not-supported",
-            "UNSUPPORTED_MEDIA_TYPE",
-            "send the Parameters as application/fhir+json",
-        ));
-    }
+    require_media(
+        headers,
+        &["application/fhir+json", "application/json"],
+        "send the Parameters as application/fhir+json",
+    )?;
     let patient = || read_parameters(body).ok().map(|asked| asked.nhs_number);
     let (caller, requester) = face.who(peer, headers, patient, request_id).await?;
     let asked = read_parameters(body)?;

@@ -26,6 +26,7 @@ use super::View;
 use super::html;
 use super::session::Binding;
 use crate::access::Caller;
+use crate::fhir_api::http::{require_media, tagged};
 use crate::fhir_api::listen::Peer;
 use crate::fhir_api::outcome::FaceError;
 use crate::lookup::CallingSystem;
@@ -48,16 +49,10 @@ pub async fn create(
     body: Bytes,
 ) -> Response {
     let request_id = view.face.request_id(&headers);
-    match issue(&view, &peer, &headers, &body, &request_id).await {
-        Ok(response) => response,
-        Err(e) => {
-            let mut response = e.into_response();
-            if let Ok(id) = HeaderValue::from_str(&request_id) {
-                response.headers_mut().insert("x-request-id", id);
-            }
-            response
-        }
-    }
+    tagged(
+        issue(&view, &peer, &headers, &body, &request_id).await,
+        &request_id,
+    )
 }
 
 async fn issue(
@@ -68,18 +63,11 @@ async fn issue(
     request_id: &str,
 ) -> Result<Response, FaceError> {
     // JSON only: a cross-site HTML form cannot send it without the browser asking first.
-    let media = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !media.starts_with("application/json") {
-        return Err(FaceError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "not-supported",
-            "UNSUPPORTED_MEDIA_TYPE",
-            "send the launch as application/json: {\"nhs_number\": \"...\"}",
-        ));
-    }
+    require_media(
+        headers,
+        &["application/json"],
+        "send the launch as application/json: {\"nhs_number\": \"...\"}",
+    )?;
     let asked: Option<LaunchBody> = serde_json::from_slice(body).ok();
     let patient = || asked.as_ref().map(|b| b.nhs_number.clone());
     let (caller, requester) = view.face.who(peer, headers, patient, request_id).await?;
