@@ -131,7 +131,7 @@ impl Face {
             .and_then(|chain| chain.first())
             .and_then(|leaf| system_for_certificate(systems, leaf))
             .ok_or_else(|| {
-                tracing::warn!(peer = %peer.addr, "FHIR face: calling system not recognised");
+                tracing::warn!(peer = %peer.addr, "calling system not recognised (FHIR face or web view launch)");
                 FaceError::from(&crate::error::LookupError::Denied(
                     crate::access::Denial::UnknownSystem,
                 ))
@@ -219,7 +219,7 @@ impl Face {
             },
         )
         .map_err(|e| {
-            tracing::info!(system = %caller.system, reason = e.reason(), error = %e, "FHIR face: token refused");
+            tracing::info!(system = %caller.system, reason = e.reason(), error = %e, "requester token refused (FHIR face or web view launch)");
             FaceError::from(&e)
         })
     }
