@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use carerecord_adapters::fhir::{FhirConfig, FhirSource};
+use carerecord_adapters::fhir::{FhirConfig, FhirSource, SharedClient};
 use carerecord_adapters::{
     Source, SourceError, SourceInfo, SourceReply, SourceRequest, async_trait,
 };
@@ -145,18 +145,25 @@ fn split_csv(line: &str) -> Result<Vec<String>, &'static str> {
     Ok(fields)
 }
 
+/// One HTTP client for every organisation of a directory, built on first use: they share its
+/// TLS settings, and usually a host, so they share its connections too.
+pub type DirectoryClient = Arc<OnceLock<Result<SharedClient, String>>>;
+
 /// A FHIR source whose client is built on first use.
 pub struct LazyFhirSource {
     info: SourceInfo,
     config: FhirConfig,
+    client: DirectoryClient,
     built: OnceLock<Result<Arc<FhirSource>, String>>,
 }
 
 impl LazyFhirSource {
-    pub fn new(info: SourceInfo, config: FhirConfig) -> Self {
+    /// A directory organisation, on the directory's shared `client`.
+    pub fn new(info: SourceInfo, config: FhirConfig, client: DirectoryClient) -> Self {
         LazyFhirSource {
             info,
             config,
+            client,
             built: OnceLock::new(),
         }
     }
@@ -175,7 +182,11 @@ impl Source for LazyFhirSource {
 
     async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError> {
         let built = self.built.get_or_init(|| {
-            FhirSource::new(self.info.clone(), &self.config)
+            let client = self
+                .client
+                .get_or_init(|| SharedClient::new(&self.config).map_err(|e| e.to_string()))
+                .clone()?;
+            FhirSource::with_client(self.info.clone(), &self.config, client)
                 .map(Arc::new)
                 .map_err(|e| e.to_string())
         });

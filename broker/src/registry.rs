@@ -64,6 +64,7 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
                 .timeout_ms
                 .unwrap_or(config.budget.default_source_timeout_ms),
         );
+        let client = crate::directory::DirectoryClient::default();
         for row in rows {
             let mut fhir = FhirConfig::new(row.base_url);
             fhir.mode = directory.mode;
@@ -75,7 +76,7 @@ pub fn build(config: &Config, epoch: u64) -> Result<SourceSet, BuildError> {
             };
             sources.push(configured(
                 config,
-                Arc::new(LazyFhirSource::new(info, fhir)),
+                Arc::new(LazyFhirSource::new(info, fhir, client.clone())),
                 timeout,
                 None,
             ));

@@ -25,35 +25,15 @@ pub(crate) const FHIR_JSON: &str = "application/fhir+json";
 /// a record, short enough not to hold sockets a server has forgotten.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The HTTP client of one FHIR source, shared by all its lookups.
-#[derive(Debug)]
-pub(crate) struct FhirHttp {
-    /// One pooled client per source: connections (and TLS sessions) are reused across lookups.
-    client: Client,
-    /// The base URL, always ending in `/` so resource paths join under it.
-    base: Url,
-    /// `Authorization` value when the source wants a bearer token (marked sensitive).
-    authorization: Option<HeaderValue>,
-    /// Caps requests in flight to this source across all lookups, so one busy patient (or a burst
-    /// of lookups) cannot open unbounded connections to one organisation.
-    limiter: Semaphore,
-    /// Largest body read.
-    max_response_bytes: usize,
-}
+/// A pooled HTTP client for FHIR sources with the same TLS settings (CA, client identity), to
+/// be shared: a region's directory organisations, often thousands behind one host, then share
+/// connections and TLS sessions instead of each holding its own pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SharedClient(Client);
 
-impl FhirHttp {
-    pub(crate) fn new(config: &FhirConfig) -> Result<Self, FhirConfigError> {
-        let base = parse_base_url(&config.base_url)?;
-        if config.max_concurrent_requests == 0 {
-            return Err(FhirConfigError::ZeroLimit {
-                field: "max_concurrent_requests",
-            });
-        }
-        if config.max_response_bytes == 0 {
-            return Err(FhirConfigError::ZeroLimit {
-                field: "max_response_bytes",
-            });
-        }
+impl SharedClient {
+    /// The client for `config`'s TLS settings; its base URL and token do not matter here.
+    pub fn new(config: &FhirConfig) -> Result<Self, FhirConfigError> {
         let tls = tls_config(config)?;
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(FHIR_JSON));
@@ -68,6 +48,49 @@ impl FhirHttp {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| FhirConfigError::Client(root_cause(&e)))?;
+        Ok(SharedClient(client))
+    }
+}
+
+/// The HTTP client of one FHIR source, shared by all its lookups.
+#[derive(Debug)]
+pub(crate) struct FhirHttp {
+    /// A pooled client: connections (and TLS sessions) are reused across lookups, and across
+    /// sources when it is a [`SharedClient`].
+    client: Client,
+    /// The base URL, always ending in `/` so resource paths join under it.
+    base: Url,
+    /// `Authorization` value when the source wants a bearer token (marked sensitive).
+    authorization: Option<HeaderValue>,
+    /// Caps requests in flight to this source across all lookups, so one busy patient (or a burst
+    /// of lookups) cannot open unbounded connections to one organisation.
+    limiter: Semaphore,
+    /// Largest body read.
+    max_response_bytes: usize,
+}
+
+impl FhirHttp {
+    pub(crate) fn new(config: &FhirConfig) -> Result<Self, FhirConfigError> {
+        Self::with_client(config, SharedClient::new(config)?)
+    }
+
+    /// As [`FhirHttp::new`], on a client shared with other sources (see [`SharedClient`]).
+    pub(crate) fn with_client(
+        config: &FhirConfig,
+        client: SharedClient,
+    ) -> Result<Self, FhirConfigError> {
+        let base = parse_base_url(&config.base_url)?;
+        if config.max_concurrent_requests == 0 {
+            return Err(FhirConfigError::ZeroLimit {
+                field: "max_concurrent_requests",
+            });
+        }
+        if config.max_response_bytes == 0 {
+            return Err(FhirConfigError::ZeroLimit {
+                field: "max_response_bytes",
+            });
+        }
+        let client = client.0;
         let authorization = match &config.bearer_token_env {
             Some(var) => {
                 let token = std::env::var(var)

@@ -32,6 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span};
 
+pub use client::SharedClient;
 pub use config::{FhirConfig, FhirConfigError, MedicationKinds, QueryMode};
 pub use locator::{FhirLocator, FhirLocatorConfig};
 
@@ -69,6 +70,16 @@ impl FhirSource {
     /// variable, and builds the pooled HTTP client. Fails with a message naming the setting or
     /// file at fault.
     pub fn new(info: SourceInfo, config: &FhirConfig) -> Result<FhirSource, FhirConfigError> {
+        Self::with_client(info, config, SharedClient::new(config)?)
+    }
+
+    /// As [`FhirSource::new`], on an HTTP client shared with other sources of the same TLS
+    /// settings (a directory's organisations). Limits, caches and token stay this source's own.
+    pub fn with_client(
+        info: SourceInfo,
+        config: &FhirConfig,
+        client: SharedClient,
+    ) -> Result<FhirSource, FhirConfigError> {
         if config.page_limit == 0 {
             return Err(FhirConfigError::ZeroLimit {
                 field: "page_limit",
@@ -97,7 +108,7 @@ impl FhirSource {
         };
         Ok(FhirSource {
             info,
-            http: client::FhirHttp::new(config)?,
+            http: client::FhirHttp::with_client(config, client)?,
             mode: config.mode,
             page_limit: config.page_limit,
             page_size: config.page_size.to_string(),
