@@ -156,9 +156,18 @@ impl ViewFace {
 
     /// `GET url` (absolute), with `cookie` when given.
     pub async fn get_url(&self, url: &str, cookie: Option<&str>) -> Page {
+        self.get_with(url, cookie, &[]).await
+    }
+
+    /// `GET url` (absolute), with `cookie` when given and the `extra` headers (as a browser's
+    /// Fetch Metadata).
+    pub async fn get_with(&self, url: &str, cookie: Option<&str>, extra: &[(&str, &str)]) -> Page {
         let mut request = self.client.get(url);
         if let Some(cookie) = cookie {
             request = request.header("cookie", cookie);
+        }
+        for (name, value) in extra {
+            request = request.header(*name, *value);
         }
         read(request.send().await.expect("the view answers")).await
     }

@@ -49,3 +49,35 @@ pub async fn secure(State(view): State<Arc<View>>, mut response: Response) -> Re
     );
     response
 }
+
+/// Refuses a cross-site request that is not a navigation (an image, a script, a fetch from
+/// another site's page), before any session is used or any lookup made: with the session cookie
+/// sent cross-site when an EHR frames the view, another site could otherwise make the broker look
+/// a record up (and audit it) in the clinician's name. Opening the view — the EHR navigating the
+/// browser or a frame to it — stays allowed. Browsers without Fetch Metadata send none of these
+/// headers and are judged by the cookie's SameSite rules alone.
+pub async fn same_site_or_navigation(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let h = request.headers();
+    let value = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let cross_site = value("sec-fetch-site") == "cross-site";
+    let navigation = value("sec-fetch-mode") == "navigate"
+        && matches!(
+            value("sec-fetch-dest"),
+            "document" | "iframe" | "frame" | ""
+        );
+    if cross_site && !navigation {
+        tracing::info!(
+            mode = value("sec-fetch-mode"),
+            dest = value("sec-fetch-dest"),
+            "web view: cross-site request refused (not a navigation)"
+        );
+        return axum::response::IntoResponse::into_response((
+            axum::http::StatusCode::FORBIDDEN,
+            "cross-site requests may only open the view\n",
+        ));
+    }
+    next.run(request).await
+}

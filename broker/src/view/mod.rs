@@ -156,6 +156,7 @@ pub fn router(view: Arc<View>) -> Router {
         .route("/assets/view.css", get(page::stylesheet))
         .route("/assets/view.js", get(page::script))
         .fallback(page::not_found)
+        .layer(axum::middleware::from_fn(headers::same_site_or_navigation))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response_with_state(
             view.clone(),

@@ -611,3 +611,75 @@ async fn emergency_access_is_said_at_the_top_of_the_page() {
     let first_section = page.body.find("id=\"section-").expect("a section");
     assert!(emergency < first_section);
 }
+
+#[tokio::test]
+async fn another_site_can_open_the_view_but_not_fetch_or_embed_its_pages_as_resources() {
+    let audit_file = temp_path("view-cross-site.jsonl");
+    let (_broker, view) = view_over(
+        vec![Arc::new(gp_source()), Arc::new(hospital_source())],
+        Settings {
+            audit_file: audit_file.clone(),
+            ..Settings::default()
+        },
+        |_| {},
+    )
+    .await;
+    let nhs = shared_patient().as_digits();
+    let cookie = view.session(&nhs).await;
+    let url = |path: &str| format!("{}{path}", view.base);
+    // Another site's page loading the record as an image, a script or a fetch: refused before
+    // the session is used, and no lookup is made or audited.
+    for (mode, dest) in [
+        ("no-cors", "image"),
+        ("no-cors", "script"),
+        ("cors", "empty"),
+    ] {
+        for path in ["record-complete", "record-events", "record"] {
+            let page = view
+                .get_with(
+                    &url(path),
+                    Some(&cookie),
+                    &[
+                        ("sec-fetch-site", "cross-site"),
+                        ("sec-fetch-mode", mode),
+                        ("sec-fetch-dest", dest),
+                    ],
+                )
+                .await;
+            assert_eq!(page.status, 403, "{path} as {mode}/{dest}");
+            assert!(!page.body.contains("SMITH"));
+        }
+    }
+    assert!(
+        audit_events(&audit_file)
+            .iter()
+            .all(|e| e["patient"] != nhs),
+        "nothing was looked up"
+    );
+    // The EHR navigating a frame to the view, and the page's own requests, are served.
+    let framed = view
+        .get_with(
+            &url("record-complete"),
+            Some(&cookie),
+            &[
+                ("sec-fetch-site", "cross-site"),
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "iframe"),
+            ],
+        )
+        .await;
+    assert_eq!(framed.status, 200, "{}", framed.body);
+    assert!(framed.body.contains("SMITH"));
+    let own = view
+        .get_with(
+            &url("record-complete"),
+            Some(&cookie),
+            &[
+                ("sec-fetch-site", "same-origin"),
+                ("sec-fetch-mode", "cors"),
+                ("sec-fetch-dest", "empty"),
+            ],
+        )
+        .await;
+    assert_eq!(own.status, 200);
+}
