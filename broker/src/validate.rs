@@ -28,6 +28,30 @@ const MAX_FIELD: usize = 256;
 /// No federation is this deep; a longer chain is a loop or an attack.
 const MAX_VIA_BROKERS: usize = 16;
 
+/// A lookup an HTTP face builds from what its caller sent (a FHIR `Parameters`, a launch body, a
+/// document id), checked exactly as a gRPC request is. HTTP faces set no caller timeout and
+/// never forward a federation chain.
+pub fn check_face_request(
+    nhs_number: String,
+    requester: Option<Requester>,
+    sections: Vec<i32>,
+    fresh: bool,
+    request_id: &str,
+) -> Result<LookupRequest, LookupError> {
+    let request = GetCareRecordRequest {
+        nhs_number,
+        requester,
+        sections,
+        cache: if fresh {
+            CacheDirective::RequireFresh
+        } else {
+            CacheDirective::AllowCached
+        } as i32,
+        via_brokers: Vec::new(),
+    };
+    check(request, request_id.to_owned(), None)
+}
+
 pub fn check(
     request: GetCareRecordRequest,
     request_id: String,

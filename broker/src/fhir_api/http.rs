@@ -14,7 +14,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use carerecord_proto::{CacheDirective, GetCareRecordRequest, Requester, Section, SourceOutcome};
+use carerecord_proto::{Requester, Section, SourceOutcome};
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -185,14 +185,9 @@ impl Face {
         request_id: &str,
     ) {
         let requester = bearer(headers).and_then(token::unverified_requester);
-        let request = GetCareRecordRequest {
-            nhs_number,
-            requester,
-            sections: Vec::new(),
-            cache: CacheDirective::AllowCached as i32,
-            via_brokers: Vec::new(),
-        };
-        if let Ok(checked) = validate::check(request, request_id.to_owned(), None) {
+        if let Ok(checked) =
+            validate::check_face_request(nhs_number, requester, Vec::new(), false, request_id)
+        {
             let _ = self
                 .broker
                 .lookup(checked, CallingSystem::Unrecognised)
@@ -447,18 +442,14 @@ async fn lookup(
         .get(header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("no-cache"));
-    let request = GetCareRecordRequest {
-        nhs_number: asked.nhs_number.clone(),
-        requester: Some(requester),
-        sections: asked.sections.iter().map(|s| *s as i32).collect(),
-        cache: if no_cache {
-            CacheDirective::RequireFresh
-        } else {
-            CacheDirective::AllowCached
-        } as i32,
-        via_brokers: Vec::new(),
-    };
-    let checked = validate::check(request, request_id.to_owned(), None).map_err(|e| {
+    let checked = validate::check_face_request(
+        asked.nhs_number.clone(),
+        Some(requester),
+        asked.sections.iter().map(|s| *s as i32).collect(),
+        no_cache,
+        request_id,
+    )
+    .map_err(|e| {
         tracing::info!(request_id, reason = e.reason(), error = %e, "FHIR lookup refused");
         metrics::counter!(crate::metrics::LOOKUPS, "outcome" => e.metric_outcome()).increment(1);
         FaceError::from(&e)
@@ -519,15 +510,14 @@ async fn document(
     let (caller, requester) = face.who(peer, headers, patient, request_id).await?;
     let not_found = || FaceError::from(&crate::error::LookupError::DocumentNotFound);
     let doc = face.broker.open_document(id).ok_or_else(not_found)?;
-    let request = GetCareRecordRequest {
-        nhs_number: doc.nhs_number.as_digits(),
-        requester: Some(requester),
-        sections: Vec::new(),
-        cache: CacheDirective::AllowCached as i32,
-        via_brokers: Vec::new(),
-    };
-    let checked =
-        validate::check(request, request_id.to_owned(), None).map_err(|e| FaceError::from(&e))?;
+    let checked = validate::check_face_request(
+        doc.nhs_number.as_digits(),
+        Some(requester),
+        Vec::new(),
+        false,
+        request_id,
+    )
+    .map_err(|e| FaceError::from(&e))?;
     let max = face.settings.max_document_bytes;
     let answer = face
         .broker

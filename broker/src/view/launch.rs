@@ -19,7 +19,6 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use carerecord_proto::{CacheDirective, GetCareRecordRequest, Requester};
 use serde::Deserialize;
 
 use super::View;
@@ -78,11 +77,12 @@ async fn issue(
         )
     })?;
     // Refuse now what every view would refuse: a malformed NHS number or requester.
-    let checked = checked_request(
+    let checked = validate::check_face_request(
         asked.nhs_number,
-        requester.clone(),
-        request_id.to_owned(),
+        Some(requester.clone()),
+        Vec::new(),
         false,
+        request_id,
     )
     .map_err(|e| {
         tracing::info!(request_id, reason = e.reason(), "view launch refused");
@@ -209,38 +209,18 @@ impl View {
         request_id: String,
         fresh: bool,
     ) -> Result<validate::LookupRequest, crate::error::LookupError> {
-        checked_request(
+        validate::check_face_request(
             binding.nhs_number.as_digits(),
-            binding.requester.clone(),
-            request_id,
+            Some(binding.requester.clone()),
+            Vec::new(),
             fresh,
+            &request_id,
         )
     }
 
     pub(crate) fn calling(&self, caller: &Caller) -> CallingSystem {
         CallingSystem::Identified(caller.clone())
     }
-}
-
-/// A whole-record lookup for `nhs_number` by `requester`, checked as every face checks it.
-fn checked_request(
-    nhs_number: String,
-    requester: Requester,
-    request_id: String,
-    fresh: bool,
-) -> Result<validate::LookupRequest, crate::error::LookupError> {
-    let request = GetCareRecordRequest {
-        nhs_number,
-        requester: Some(requester),
-        sections: Vec::new(),
-        cache: if fresh {
-            CacheDirective::RequireFresh
-        } else {
-            CacheDirective::AllowCached
-        } as i32,
-        via_brokers: Vec::new(),
-    };
-    validate::check(request, request_id, None)
 }
 
 /// The path of the base URL (`/` or a proxy's prefix), for the cookie.
