@@ -459,6 +459,11 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::read(path).map(|(config, _)| config)
+    }
+
+    /// As [`Config::load`], with the file's text (what `serve` compares a SIGHUP's edits with).
+    pub fn read(path: &Path) -> Result<(Config, String), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -470,7 +475,7 @@ impl Config {
         {
             dir.file = base.join(&dir.file);
         }
-        Ok(config)
+        Ok((config, text))
     }
 
     /// Parses and validates configuration text; `path` only labels errors.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use carerecord_broker::cli;
+use carerecord_broker::config::Config;
 use carerecord_broker::telemetry::Telemetry;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -68,26 +69,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Traces are exported only by `serve`, and only when its configuration asks; a file that
-    // does not load is reported by `serve` itself, just after.
-    let telemetry = match &cli.command {
-        Command::Serve { config } => carerecord_broker::config::Config::load(config)
-            .ok()
-            .map(|c| Telemetry::start(&c.telemetry, runtime.handle().clone())),
+    // `serve` reads its configuration here, once: traces are exported only when it asks, and the
+    // exporter must be in the subscriber before anything logs.
+    let loaded = match &cli.command {
+        Command::Serve { config } => match Config::read(config) {
+            Ok(loaded) => Some(loaded),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
         _ => None,
     };
+    let telemetry = loaded
+        .as_ref()
+        .map(|(config, _)| Telemetry::start(&config.telemetry, runtime.handle().clone()))
+        .transpose();
     let (telemetry, tracer) = match telemetry {
-        Some(Ok(Some((telemetry, tracer)))) => (Some(telemetry), Some(tracer)),
-        Some(Err(e)) => {
+        Ok(Some(Some((telemetry, tracer)))) => (Some(telemetry), Some(tracer)),
+        Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
-        _ => (None, None),
+        Ok(_) => (None, None),
     };
     init_logging(cli.log_format, default_level, tracer);
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config } => cli::serve::run(&config).await,
+            Command::Serve { config } => match loaded {
+                Some((loaded, text)) => cli::serve::run_loaded(&config, loaded, text).await,
+                None => cli::serve::run(&config).await,
+            },
             Command::CheckConfig { file } => cli::serve::check(&file),
             Command::Lookup(args) => cli::lookup::run(args).await,
             Command::Audit(command) => cli::audit::run(command).await,

@@ -11,7 +11,12 @@ use crate::{Broker, registry, server};
 
 /// Runs the broker until SIGTERM/Ctrl-C has drained it.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+    let (config, text) = Config::read(path)?;
+    run_loaded(path, config, text).await
+}
+
+/// As [`run`], with the configuration already read from `path` (its parsed form and its text).
+pub async fn run_loaded(path: &Path, config: Config, started_with: String) -> anyhow::Result<()> {
     // The probes answer first (503 "starting") so an orchestrator can tell a slow start from a
     // dead one; everything else is built and checked before the gRPC port is bound.
     let ops = match config.metrics.listen {
@@ -46,7 +51,6 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         let _ = stop.send(true);
     });
-    let started_with = std::fs::read_to_string(path).unwrap_or_default();
     tokio::spawn(reload_on_hangup(
         broker.clone(),
         path.to_owned(),
