@@ -58,16 +58,8 @@ pub async fn run_loaded(path: &Path, config: Config, started_with: String) -> an
     ));
 
     if let (Some(face), Some(fhir)) = (assembly.fhir, &config.fhir) {
-        let listener = tokio::net::TcpListener::bind(fhir.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} for the FHIR face", fhir.listen))?;
-        tracing::info!(
-            listen = %listener.local_addr()?,
-            base_url = %face.settings.base_url,
-            tls = face.tls.is_some(),
-            "FHIR face serving"
-        );
-        let listener = crate::fhir_api::FaceListener::new(listener, face.tls)?;
+        let listener =
+            bind_face("FHIR face", fhir.listen, &face.settings.base_url, face.tls).await?;
         let face = Arc::new(crate::fhir_api::Face {
             broker: broker.clone(),
             settings: face.settings,
@@ -80,16 +72,7 @@ pub async fn run_loaded(path: &Path, config: Config, started_with: String) -> an
         });
     }
     if let (Some(view), Some(listen)) = (assembly.view, config.view.as_ref().map(|v| v.listen)) {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen} for the web view"))?;
-        tracing::info!(
-            listen = %listener.local_addr()?,
-            base_url = %view.settings.base_url,
-            tls = view.tls.is_some(),
-            "web view serving"
-        );
-        let listener = crate::fhir_api::FaceListener::new(listener, view.tls)?;
+        let listener = bind_face("web view", listen, &view.settings.base_url, view.tls).await?;
         let view = Arc::new(crate::view::View::new(broker.clone(), view.settings));
         let stopping = stopping.clone();
         tokio::spawn(async move {
@@ -122,6 +105,25 @@ pub async fn run_loaded(path: &Path, config: Config, started_with: String) -> an
     }
     tracing::info!("carerecord broker stopped");
     Ok(())
+}
+
+/// Binds an HTTP face's listener (plaintext, or TLS with its calling systems' certificates).
+async fn bind_face(
+    what: &'static str,
+    listen: std::net::SocketAddr,
+    base_url: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<crate::fhir_api::FaceListener> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} for the {what}"))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        base_url = %base_url,
+        tls = tls.is_some(),
+        "{what} serving"
+    );
+    Ok(crate::fhir_api::FaceListener::new(listener, tls)?)
 }
 
 /// Binds the ops listener (`/livez`, `/readyz`, `/metrics`) and serves it until the process ends.
