@@ -11,11 +11,13 @@ use ring::hmac;
 /// The header nginx (or any L7 balancer) hashes on; see OPERATIONS.md, Scale out.
 pub const HEADER: &str = "x-carerecord-affinity";
 
-/// The affinity key for `nhs_digits` under the region's `secret`.
-pub fn key(secret: &[u8], nhs_digits: &str) -> String {
+/// The affinity key for `nhs_number` (as typed: spaces and hyphens are dropped, so "943 476
+/// 5919" and "9434765919" meet the same broker) under the region's `secret`.
+pub fn key(secret: &[u8], nhs_number: &str) -> String {
+    let digits: String = nhs_number.chars().filter(char::is_ascii_digit).collect();
     let tag = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA256, secret),
-        nhs_digits.as_bytes(),
+        digits.as_bytes(),
     );
     tag.as_ref()[..16]
         .iter()
@@ -35,6 +37,7 @@ mod tests {
         assert!(!a.contains("9434765919"));
         assert_ne!(a, key(b"region secret", "9434765870"), "another patient");
         assert_ne!(a, key(b"another secret", "9434765919"), "another region");
+        assert_eq!(a, key(b"region secret", "943 476-5919"), "as typed");
     }
 
     #[test]

@@ -140,12 +140,7 @@ impl LookupArgs {
         });
         request.set_timeout(Duration::from_millis(self.timeout_ms));
         if let Some(secret) = &self.affinity_secret {
-            let digits: String = self
-                .nhs_number
-                .chars()
-                .filter(char::is_ascii_digit)
-                .collect();
-            let key = crate::affinity::key(secret.as_bytes(), &digits);
+            let key = crate::affinity::key(secret.as_bytes(), &self.nhs_number);
             request.metadata_mut().insert(
                 crate::affinity::HEADER,
                 key.parse().context("affinity key is not a header value")?,
