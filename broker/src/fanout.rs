@@ -147,12 +147,23 @@ pub async fn run(
     set: &SourceSet,
     request: &SourceRequest,
     budget: &Budget,
+    on_answer: impl FnMut(Answer),
+) {
+    run_at(set, 0..set.sources.len(), request, budget, on_answer).await;
+}
+
+/// [`run`] for the sources of `set` at `positions` (each answer's `index` is its position):
+/// a routed lookup asks some sources before the locator answers and the rest after.
+pub async fn run_at(
+    set: &SourceSet,
+    positions: impl IntoIterator<Item = usize>,
+    request: &SourceRequest,
+    budget: &Budget,
     mut on_answer: impl FnMut(Answer),
 ) {
-    let mut pending: FuturesUnordered<_> = set
-        .sources
-        .iter()
-        .enumerate()
+    let mut pending: FuturesUnordered<_> = positions
+        .into_iter()
+        .filter_map(|index| set.sources.get(index).map(|c| (index, c)))
         .map(|(index, configured)| {
             let deadline = budget.source_deadline(configured.timeout);
             let mut request = request.clone();

@@ -20,7 +20,7 @@ use crate::documents::DocumentIds;
 use crate::fanout::{self, Answer, SourceSet};
 use crate::lookup::Slot;
 use crate::merge::{self, MergedRecord};
-use crate::routing::{Route, Router};
+use crate::routing::{Plan, Route, Router};
 
 /// How much shorter than a caller needs a flight's deadline may be for the caller to join it:
 /// concurrent callers' deadlines differ by their arrival times.
@@ -92,6 +92,7 @@ impl Flight {
             nhs_number: self.nhs_number,
             sections: self.sections,
             asked: &asked,
+            positions: &route.positions,
             not_asked: &[],
             answers: &progress.answers,
             route_warnings: &route.warnings,
@@ -165,11 +166,9 @@ impl Flights {
                     key,
                     flight: &task_flight,
                 };
-                let route = Arc::new(router.route(&sources, &request).await);
-                tx.send_modify(|p| p.route = Some(route.clone()));
-                fanout::run(&route.set, &request, &budget, |mut answer| {
-                    // Before anyone sees it: no source's internal document URL leaves the
-                    // broker, and its documents are fetched through it.
+                // Each answer, before anyone sees it: no source's internal document URL leaves
+                // the broker, and its documents are fetched through it.
+                let publish = |mut answer: fanout::Answer| {
                     if let Some(r) = answer.record.as_mut() {
                         documents.rewrite(
                             &mut r.record,
@@ -178,8 +177,34 @@ impl Flights {
                         );
                     }
                     tx.send_modify(|p| p.answers.push(Arc::new(answer)));
-                })
-                .await;
+                };
+                match router.plan(&sources, request.nhs_number).await {
+                    Plan::Ready(route) => {
+                        let route = Arc::new(route);
+                        tx.send_modify(|p| p.route = Some(route.clone()));
+                        let positions = route.positions.iter().copied();
+                        fanout::run_at(&sources, positions, &request, &budget, &publish).await;
+                    }
+                    // The sources known now are asked while the locators are: the locator's
+                    // round trip is paid only by the organisations it adds.
+                    Plan::Overlapped(early) => {
+                        let early = Arc::new(early);
+                        tx.send_modify(|p| p.route = Some(early.clone()));
+                        let now = early.positions.iter().copied();
+                        let first = fanout::run_at(&sources, now, &request, &budget, &publish);
+                        let rest = async {
+                            let route = Arc::new(router.locate(&sources, &request, &early).await);
+                            tx.send_modify(|p| p.route = Some(route.clone()));
+                            let added = route
+                                .positions
+                                .iter()
+                                .copied()
+                                .filter(|p| early.positions.binary_search(p).is_err());
+                            fanout::run_at(&sources, added, &request, &budget, &publish).await;
+                        };
+                        futures::join!(first, rest);
+                    }
+                }
                 // No source call is left: give the place back before callers see the record.
                 drop(slot);
                 let (merged, cut_short) = {

@@ -116,13 +116,17 @@ pub struct Asked {
     pub selected_by: String,
 }
 
-/// Everything merge needs, as plain values. `answers[i].index` is a position in `asked`.
+/// Everything merge needs, as plain values. `answers[i].index` is a position in `asked`, or —
+/// when `positions` is given — in the set `positions` indexes.
 pub struct MergeInput<'a> {
     pub nhs_number: NhsNumber,
     /// The sections requested: the others get no section status line beyond "not requested".
     pub sections: SectionSet,
     /// The sources asked, in configuration order.
     pub asked: &'a [Asked],
+    /// Where each of `asked` is in the fan-out's whole source set (ascending); empty when
+    /// `asked` is that set.
+    pub positions: &'a [usize],
     /// Organisations deliberately not asked, to list as NOT_ASKED (may be empty).
     pub not_asked: &'a [SourceInfo],
     /// The answers that arrived, in any order; sources with none are reported TIMEOUT.
@@ -154,6 +158,7 @@ impl<'a> MergeInput<'a> {
             nhs_number,
             sections: SectionSet::ALL,
             asked,
+            positions: &[],
             not_asked: &[],
             answers,
             route_warnings: &[],
@@ -185,6 +190,7 @@ pub fn merge(input: MergeInput<'_>) -> MergedRecord {
         nhs_number,
         sections,
         asked,
+        positions,
         not_asked,
         answers,
         route_warnings,
@@ -196,7 +202,12 @@ pub fn merge(input: MergeInput<'_>) -> MergedRecord {
     } = input;
     let mut by_index: Vec<Option<&Arc<Answer>>> = vec![None; asked.len()];
     for answer in answers {
-        if let Some(slot) = by_index.get_mut(answer.index) {
+        let at = if positions.is_empty() {
+            Some(answer.index)
+        } else {
+            positions.binary_search(&answer.index).ok()
+        };
+        if let Some(slot) = at.and_then(|i| by_index.get_mut(i)) {
             *slot = Some(answer);
         }
     }

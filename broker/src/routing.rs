@@ -5,6 +5,11 @@
 //!
 //! If every locator fails or is slow, the lookup still asks the always-ask sources and says
 //! plainly that the view may be missing organisations.
+//!
+//! The locator's round trip is not paid before anyone is asked: the always-ask organisations,
+//! and those a locator named for this patient in the last day, are asked at once
+//! ([`Router::plan`]), and only the organisations the locator adds are asked after it answers
+//! ([`Router::locate`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -18,17 +23,27 @@ use moka::future::Cache;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::fanout::{DEFAULT_BREAKER, DEFAULT_MAX_IN_FLIGHT, SourceSet, millis};
+use crate::fanout::{ConfiguredSource, DEFAULT_BREAKER, DEFAULT_MAX_IN_FLIGHT, SourceSet, millis};
 use crate::resilience::Guards;
 
 /// Why a source was asked, as the response reports it.
 pub const ALL: &str = "all";
 pub const ALWAYS_ASK: &str = "always_ask";
+/// A locator named the organisation for this patient recently (asked before it answered again).
+pub const RECENTLY_LOCATED: &str = "recently_located";
+
+/// How long a locator's answer still says which organisations to ask before it answers again.
+/// Asking one that no longer holds records costs a NOT_FOUND, never another patient's data.
+const RECENTLY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The sources chosen for one lookup, and how.
 pub struct Route {
     /// The sources to ask, in configuration order.
     pub set: Arc<SourceSet>,
+    /// Where each is in the whole configured set (ascending, parallel to `set.sources`): an
+    /// answer's index is its position there, so answers started before the locator answered
+    /// keep their place in the route it completes.
+    pub positions: Vec<usize>,
     /// Why each was asked, parallel to `set.sources`.
     pub selected_by: Vec<String>,
     /// What each locator said.
@@ -44,6 +59,7 @@ impl Route {
     pub fn all(set: Arc<SourceSet>) -> Route {
         let selected_by = vec![ALL.to_owned(); set.sources.len()];
         Route {
+            positions: (0..set.sources.len()).collect(),
             set,
             selected_by,
             locators: Vec::new(),
@@ -88,8 +104,24 @@ enum Mode {
         locators: Vec<GuardedLocator>,
         timeout: Duration,
         /// Locator answers by patient, kept briefly like records (no clinical content).
-        cache: Cache<NhsNumber, Arc<Vec<(String, Located)>>>,
+        cache: Cache<NhsNumber, Answers>,
+        /// The same answers kept for [`RECENTLY`]: who to ask while the locator is asked again.
+        recent: Cache<NhsNumber, Answers>,
     },
+}
+
+/// Each locator's answer, by locator id.
+type Answers = Arc<Vec<(String, Located)>>;
+
+/// How a lookup's sources are chosen: all known now, or some now and the rest when the locators
+/// answer.
+pub enum Plan {
+    /// The whole route (every source, or the locators' cached answers).
+    Ready(Route),
+    /// Ask these now (always-ask, and the organisations the locators named recently); call
+    /// [`Router::locate`] for the whole route. As it stands, this is the route a lookup whose
+    /// locators never answer ends with.
+    Overlapped(Route),
 }
 
 impl Router {
@@ -124,6 +156,10 @@ impl Router {
                     .max_capacity(100_000)
                     .time_to_live(cache_ttl)
                     .build(),
+                recent: Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(RECENTLY.max(cache_ttl))
+                    .build(),
             },
         }
     }
@@ -136,33 +172,24 @@ impl Router {
                 always_ask,
                 locators,
                 ..
-            } => {
-                let statuses = locators
-                    .iter()
-                    .map(|l| LocatorStatus {
-                        locator_id: l.locator.id().to_owned(),
-                        outcome: SourceOutcome::Timeout as i32,
-                        message: "did not answer in time".into(),
-                        ..LocatorStatus::default()
-                    })
-                    .collect();
-                build(set, always_ask, &[], statuses)
-            }
+            } => build(set, always_ask, &[], &[], unanswered(locators)),
         }
     }
 
-    /// Chooses the sources for `request`.
-    pub async fn route(&self, set: &Arc<SourceSet>, request: &SourceRequest) -> Route {
+    /// The sources to ask at once. Looks only at what is already known (the locators' cached or
+    /// recent answers), never at every configured organisation.
+    pub async fn plan(&self, set: &Arc<SourceSet>, nhs_number: NhsNumber) -> Plan {
         let Mode::Located {
             always_ask,
             locators,
-            timeout,
             cache,
+            recent,
+            ..
         } = &self.mode
         else {
-            return Route::all(set.clone());
+            return Plan::Ready(Route::all(set.clone()));
         };
-        if let Some(answers) = cache.get(&request.nhs_number).await {
+        if let Some(answers) = cache.get(&nhs_number).await {
             let statuses = answers
                 .iter()
                 .map(|(id, located)| LocatorStatus {
@@ -173,8 +200,38 @@ impl Router {
                     ..LocatorStatus::default()
                 })
                 .collect();
-            return build(set, always_ask, &answers, statuses);
+            return Plan::Ready(build(set, always_ask, &answers, &[], statuses));
         }
+        let recently = recent.get(&nhs_number).await.unwrap_or_default();
+        Plan::Overlapped(build(set, always_ask, &[], &recently, unanswered(locators)))
+    }
+
+    /// Chooses the sources for `request`: [`Router::plan`], then [`Router::locate`] if needed.
+    pub async fn route(&self, set: &Arc<SourceSet>, request: &SourceRequest) -> Route {
+        match self.plan(set, request.nhs_number).await {
+            Plan::Ready(route) => route,
+            Plan::Overlapped(early) => self.locate(set, request, &early).await,
+        }
+    }
+
+    /// Asks the locators, and returns the whole route: always-ask, what they named, and every
+    /// source of `early` (already asked: its answers keep their place).
+    pub async fn locate(
+        &self,
+        set: &Arc<SourceSet>,
+        request: &SourceRequest,
+        early: &Route,
+    ) -> Route {
+        let Mode::Located {
+            always_ask,
+            locators,
+            timeout,
+            cache,
+            recent,
+        } = &self.mode
+        else {
+            return Route::all(set.clone());
+        };
         let ask = LocateRequest {
             request_id: request.request_id.clone(),
             nhs_number: request.nhs_number,
@@ -221,19 +278,75 @@ impl Router {
             }
         }
         if answers.len() == locators.len() {
-            cache
-                .insert(request.nhs_number, Arc::new(answers.clone()))
-                .await;
+            let answers = Arc::new(answers.clone());
+            cache.insert(request.nhs_number, answers.clone()).await;
+            recent.insert(request.nhs_number, answers).await;
         }
-        build(set, always_ask, &answers, statuses)
+        let mut route = build(set, always_ask, &answers, &[], statuses);
+        // Whatever was asked early stays in the route, with its reason, even if the locators no
+        // longer name it: its answer is never dropped.
+        if early
+            .positions
+            .iter()
+            .any(|p| route.positions.binary_search(p).is_err())
+        {
+            route = union(route, early);
+        }
+        route
     }
 }
 
-/// The route from the always-ask codes and the locators' answers.
+/// Every locator as "did not answer in time": the status of a route the locators have not
+/// completed.
+fn unanswered(locators: &[GuardedLocator]) -> Vec<LocatorStatus> {
+    locators
+        .iter()
+        .map(|l| LocatorStatus {
+            locator_id: l.locator.id().to_owned(),
+            outcome: SourceOutcome::Timeout as i32,
+            message: "did not answer in time".into(),
+            ..LocatorStatus::default()
+        })
+        .collect()
+}
+
+/// `route` with `early`'s sources added (configuration order kept).
+fn union(route: Route, early: &Route) -> Route {
+    let mut chosen: BTreeMap<usize, (ConfiguredSource, String)> = BTreeMap::new();
+    for (i, &p) in early.positions.iter().enumerate() {
+        if let (Some(s), Some(why)) = (early.set.sources.get(i), early.selected_by.get(i)) {
+            chosen.insert(p, (s.clone(), why.clone()));
+        }
+    }
+    for (i, &p) in route.positions.iter().enumerate() {
+        if let (Some(s), Some(why)) = (route.set.sources.get(i), route.selected_by.get(i)) {
+            chosen.insert(p, (s.clone(), why.clone()));
+        }
+    }
+    let epoch = route.set.epoch;
+    let mut positions = Vec::with_capacity(chosen.len());
+    let mut sources = Vec::with_capacity(chosen.len());
+    let mut selected_by = Vec::with_capacity(chosen.len());
+    for (p, (s, why)) in chosen {
+        positions.push(p);
+        sources.push(s);
+        selected_by.push(why);
+    }
+    Route {
+        set: Arc::new(SourceSet::new(sources, epoch)),
+        positions,
+        selected_by,
+        ..route
+    }
+}
+
+/// The route from the always-ask codes, the locators' answers, and their recent answers (a
+/// reason only for organisations nothing else selected).
 fn build(
     set: &Arc<SourceSet>,
     always_ask: &HashSet<String>,
     answers: &[(String, Located)],
+    recently: &[(String, Located)],
     locators: Vec<LocatorStatus>,
 ) -> Route {
     // Only the chosen sources are touched: the work per lookup does not grow with the number
@@ -269,6 +382,16 @@ fn build(
             }
         }
     }
+    for (_, located) in recently {
+        for code in &located.organisations {
+            for &index in set.indices_for_organisation(code) {
+                let reasons = reasons.entry(index).or_default();
+                if reasons.is_empty() {
+                    reasons.push(RECENTLY_LOCATED.to_owned());
+                }
+            }
+        }
+    }
     let failed: Vec<&LocatorStatus> = locators
         .iter()
         .filter(|l| l.outcome != SourceOutcome::Ok as i32)
@@ -285,16 +408,19 @@ fn build(
             source_ids: Vec::new(),
         });
     }
-    let mut sources = Vec::new();
-    let mut selected_by = Vec::new();
+    let mut sources = Vec::with_capacity(reasons.len());
+    let mut positions = Vec::with_capacity(reasons.len());
+    let mut selected_by = Vec::with_capacity(reasons.len());
     for (index, why) in reasons {
         if let Some(source) = set.sources.get(index) {
             sources.push(source.clone());
+            positions.push(index);
             selected_by.push(why.join(","));
         }
     }
     Route {
         set: Arc::new(SourceSet::new(sources, set.epoch)),
+        positions,
         selected_by,
         locators,
         warnings,

@@ -74,6 +74,12 @@ pub struct BenchArgs {
     /// organisations). The broker asks only the organisations that hold the patient's records.
     #[arg(long)]
     pub routed: bool,
+    /// Routed: `[routing] locator_cache_secs` of the broker (how long a locator's answer is
+    /// reused). `0` asks the locator on every lookup, so a small `--patients` pool measures a
+    /// patient seen before whose locator answer has expired (the organisations it named
+    /// recently are asked while it is asked again).
+    #[arg(long)]
+    pub locator_cache_secs: Option<u64>,
     /// How the broker reads each mock organisation: search, everything, batch or chained.
     #[arg(long, value_parser = crate::parse_query_mode, default_value = "everything")]
     pub mode: QueryMode,
@@ -314,7 +320,14 @@ impl Bench {
             let directory = workdir.join("directory.csv");
             mock.write_directory(&directory)
                 .context("cannot write the organisation directory")?;
-            mock.broker_config_toml_routed_with("@LISTEN@", &directory, mode)
+            let config = mock.broker_config_toml_routed_with("@LISTEN@", &directory, mode);
+            match args.locator_cache_secs {
+                Some(secs) => config.replace(
+                    "[[routing.locators]]\n",
+                    &format!("locator_cache_secs = {secs}\n[[routing.locators]]\n"),
+                ),
+                None => config,
+            }
         } else {
             mock.broker_config_toml_with("@LISTEN@", |_| mode)
         };

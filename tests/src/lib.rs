@@ -97,6 +97,8 @@ pub struct Settings {
     pub always_ask: Vec<String>,
     pub locators: Vec<Arc<dyn Locator>>,
     pub locator_timeout: Duration,
+    /// How long a locator's answer is reused (`[routing] locator_cache_secs`).
+    pub locator_cache: Duration,
 }
 
 impl Settings {
@@ -109,7 +111,7 @@ impl Settings {
                 self.always_ask.clone(),
                 self.locators.clone(),
                 self.locator_timeout,
-                Duration::from_secs(60),
+                self.locator_cache,
             )
         }
     }
@@ -136,6 +138,7 @@ impl Default for Settings {
             always_ask: Vec::new(),
             locators: Vec::new(),
             locator_timeout: Duration::from_millis(300),
+            locator_cache: Duration::from_secs(60),
         }
     }
 }
