@@ -9,6 +9,11 @@ use carerecord_broker::config::Config;
 use carerecord_broker::telemetry::Telemetry;
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// mimalloc, not glibc's malloc: a lookup allocates and frees many small strings, and glibc spent
+/// a fifth of a cache hit's CPU in malloc/free; measured in BENCHMARKS.md §11.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "carerecord", version, about = "Federated care record broker")]
 struct Cli {
