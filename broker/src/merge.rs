@@ -756,14 +756,15 @@ struct Item {
 }
 
 impl Item {
-    /// Content order, for deterministic grouping and filling.
-    fn order_key(&self) -> (String, String, String, String) {
+    /// Content order, for deterministic grouping and filling. Borrowed: a sort evaluates it
+    /// twice per comparison.
+    fn order_key(&self) -> (&str, &str, &str, &str) {
         let p = self.entry.provenance.first();
         (
-            self.entry.effective.clone(),
-            p.map(|p| p.source_entry_id.clone()).unwrap_or_default(),
-            self.entry.summary.clone(),
-            self.source_id.clone(),
+            &self.entry.effective,
+            p.map_or("", |p| &p.source_entry_id),
+            &self.entry.summary,
+            &self.source_id,
         )
     }
 }
@@ -855,7 +856,7 @@ fn merge_section(
         keyed = join_shared_codings(keyed);
     }
     for (_, mut items) in keyed {
-        items.sort_by_key(Item::order_key);
+        items.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
         if section == Section::Medications {
             groups.push(items);
             continue;
@@ -944,13 +945,13 @@ fn entry_order(section: Section, a: &Entry, b: &Entry) -> Ordering {
         Some(Detail::Medication(m)) if section == Section::Medications => m.current,
         _ => true,
     };
-    let date = |e: &Entry| {
+    fn date(e: &Entry) -> (bool, &str) {
         let latest = match &e.detail {
-            Some(Detail::Medication(m)) if m.latest_issue > e.effective => m.latest_issue.clone(),
-            _ => e.effective.clone(),
+            Some(Detail::Medication(m)) if m.latest_issue > e.effective => &m.latest_issue,
+            _ => &e.effective,
         };
-        (!latest.is_empty(), latest)
-    };
+        (!latest.is_empty(), latest.as_str())
+    }
     refuted(a)
         .cmp(&refuted(b))
         .then_with(|| current(b).cmp(&current(a)))
