@@ -283,6 +283,21 @@ impl Policy {
             .contains(request.requester.role_code.trim())
     }
 
+    /// Whether [`Policy::view`] would hold anything of `record` back from this requester: the
+    /// same judgement, without copying the record.
+    pub fn withholds(&self, request: &LookupRequest, record: &CareRecord) -> bool {
+        if self.sees_sensitive(request) {
+            return false;
+        }
+        let restricted = record.patient.as_ref().is_some_and(|p| {
+            p.restricted && (!p.address.is_empty() || !p.registered_gp_code.is_empty())
+        });
+        restricted
+            || Section::ALL
+                .into_iter()
+                .any(|section| record.section(section).iter().any(|e| self.is_sensitive(e)))
+    }
+
     /// What this requester may see of `record`: sensitive entries and a restricted patient's
     /// address withheld unless the role permits. (A patient's objection is applied by the
     /// broker, which rebuilds the record from the requester's own organisation's answers.)
@@ -505,5 +520,71 @@ mod tests {
         let view = policy.view(&request("R0001"), &record);
         assert_eq!(view.record.conditions.len(), 1);
         assert!(!view.withheld);
+    }
+
+    #[test]
+    fn withholds_agrees_with_the_view_for_every_role_and_record() {
+        let policy = Policy::new(&AccessConfig {
+            sensitive_roles: vec!["R0001".into()],
+            roles: vec!["R8000".into(), "R0001".into()],
+            ..AccessConfig::default()
+        })
+        .expect("policy");
+        let sensitive = Entry {
+            concept: Some(coding(SNOMED, "44054006")),
+            codings: vec![coding(SNOMED, "86406008")],
+            ..Entry::default()
+        };
+        let plain = Entry {
+            concept: Some(coding(SNOMED, "44054006")),
+            ..Entry::default()
+        };
+        let patient = |restricted: bool, address: &str| carerecord_proto::Patient {
+            restricted,
+            address: address.into(),
+            ..Default::default()
+        };
+        let records = [
+            CareRecord::default(),
+            CareRecord {
+                conditions: vec![plain.clone()],
+                ..CareRecord::default()
+            },
+            // Sensitive in a section other than the first.
+            CareRecord {
+                conditions: vec![plain.clone()],
+                documents: vec![sensitive.clone()],
+                ..CareRecord::default()
+            },
+            CareRecord {
+                patient: Some(patient(true, "1 High Street")),
+                ..CareRecord::default()
+            },
+            CareRecord {
+                patient: Some(patient(true, "")),
+                ..CareRecord::default()
+            },
+            CareRecord {
+                patient: Some(patient(false, "1 High Street")),
+                ..CareRecord::default()
+            },
+        ];
+        let mut withheld_some = 0;
+        for record in &records {
+            for role in ["R8000", "R0001"] {
+                let r = request(role);
+                let view = policy.view(&r, record);
+                assert_eq!(
+                    policy.withholds(&r, record),
+                    view.withheld,
+                    "{role}: {record:?}"
+                );
+                withheld_some += usize::from(view.withheld);
+            }
+        }
+        assert_eq!(
+            withheld_some, 2,
+            "the sensitive document and the restricted address"
+        );
     }
 }

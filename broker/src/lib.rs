@@ -21,6 +21,7 @@ pub mod lookup;
 pub mod merge;
 pub mod metrics;
 pub mod ops;
+pub mod record_response;
 pub mod registry;
 pub mod reload;
 pub mod resilience;

@@ -109,9 +109,11 @@ pub async fn run(
             );
         }
     };
-    let api = CareRecordServiceServer::new(CareRecordApi::new(broker, transport.systems))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let api = crate::record_response::CareRecordGrpc::new(
+        CareRecordApi::new(broker, transport.systems),
+        MAX_REQUEST_BYTES,
+        MAX_RESPONSE_BYTES,
+    );
 
     // `Server::tcp_nodelay` is ignored for a caller-provided listener: set it on the incoming
     // stream, or every small response waits ~40 ms for Nagle's algorithm.

@@ -24,7 +24,7 @@ use crate::access::{Caller, Denial, UNVERIFIED};
 use crate::budget::parse_grpc_timeout;
 use crate::config::SystemConfig;
 use crate::error::{ERROR_DOMAIN, LookupError};
-use crate::lookup::{Broker, CallingSystem, LookupAnswer, StreamEvent};
+use crate::lookup::{Broker, CallingSystem, Disclosed, LookupAnswer, StreamEvent};
 use crate::validate::{self, LookupRequest};
 
 /// Implements the service over a shared [`Broker`].
@@ -147,14 +147,9 @@ impl CareRecordService for CareRecordApi {
         &self,
         request: Request<GetCareRecordRequest>,
     ) -> Result<Response<GetCareRecordResponse>, Status> {
-        let span = traced_call("GetCareRecord", &request);
-        let (request, caller) = self.accept(request)?;
-        let request_id = request.request_id.clone();
-        span.record("request_id", request_id.as_str());
-        match self.broker.lookup(request, caller).instrument(span).await {
-            Ok(answer) => Ok(Response::new(response(answer))),
-            Err(e) => Err(status_of(&e, &request_id)),
-        }
+        self.lookup(request)
+            .await
+            .map(|answer| Response::new(response(answer)))
     }
 
     type GetDocumentStream = ChunkStream;
@@ -195,6 +190,23 @@ impl CareRecordService for CareRecordApi {
 }
 
 impl CareRecordApi {
+    /// `GetCareRecord` up to the answer: the served path encodes it without copying the record
+    /// ([`crate::record_response`]).
+    pub async fn lookup(
+        &self,
+        request: Request<GetCareRecordRequest>,
+    ) -> Result<LookupAnswer, Status> {
+        let span = traced_call("GetCareRecord", &request);
+        let (request, caller) = self.accept(request)?;
+        let request_id = request.request_id.clone();
+        span.record("request_id", request_id.as_str());
+        self.broker
+            .lookup(request, caller)
+            .instrument(span)
+            .await
+            .map_err(|e| status_of(&e, &request_id))
+    }
+
     /// `GetDocument`: the document's patient is looked up for this requester (the same access
     /// decision and audit as `GetCareRecord`), then the content is streamed through.
     async fn document(&self, request: Request<GetDocumentRequest>) -> Result<ChunkStream, Status> {
@@ -252,13 +264,20 @@ fn event(e: Event) -> CareRecordEvent {
 
 /// The wire response for a core answer.
 pub fn response(answer: LookupAnswer) -> GetCareRecordResponse {
-    GetCareRecordResponse {
+    let (mut message, record) = response_without_record(answer);
+    message.record = Some(record.into_owned());
+    message
+}
+
+/// [`response`] with the record left out, and the record as disclosed.
+pub fn response_without_record(answer: LookupAnswer) -> (GetCareRecordResponse, Disclosed) {
+    let message = GetCareRecordResponse {
         from_cache: answer.from_cache(),
         cache_age_ms: answer
             .cache_age
             .map_or(0, |age| age.as_millis().try_into().unwrap_or(u64::MAX)),
         request_id: answer.request_id,
-        record: Some(answer.record),
+        record: None,
         sources: answer.sources,
         complete: answer.complete,
         warnings: answer.warnings,
@@ -267,7 +286,8 @@ pub fn response(answer: LookupAnswer) -> GetCareRecordResponse {
         assembled_at: carerecord_adapters::calendar::rfc3339(answer.assembled_at),
         locators: answer.locators,
         section_statuses: answer.section_statuses,
-    }
+    };
+    (message, answer.record)
 }
 
 /// The gRPC code for each failure: the one place the core's errors meet gRPC.

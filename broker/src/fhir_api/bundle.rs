@@ -2103,7 +2103,7 @@ mod tests {
     ) -> LookupAnswer {
         LookupAnswer {
             request_id: "req-0001".into(),
-            record,
+            record: record.into(),
             sources,
             complete: true,
             cache_age: None,

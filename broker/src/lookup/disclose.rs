@@ -4,12 +4,13 @@
 //! the requester's view is filtered (objections, sensitive entries), the audit event is written —
 //! and only then is anything returned. No audit event, no disclosure.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use carerecord_proto::{CareRecord, Purpose, Section, SourceOutcome};
 
 use super::Broker;
-use super::answer::{LookupAnswer, SourceUpdate};
+use super::answer::{Disclosed, LookupAnswer, SourceUpdate};
 use crate::access::{Caller, Denial};
 use crate::audit::AuditEvent;
 use crate::error::LookupError;
@@ -19,7 +20,7 @@ use crate::validate::LookupRequest;
 
 /// A merged record as one requester may see it.
 pub(super) struct Visible {
-    record: CareRecord,
+    record: Disclosed,
     withheld: bool,
     sources: Vec<carerecord_proto::SourceStatus>,
     warnings: Vec<carerecord_proto::Warning>,
@@ -59,7 +60,7 @@ impl Broker {
         &self,
         request: &LookupRequest,
         caller: &Caller,
-        merged: &MergedRecord,
+        merged: &Arc<MergedRecord>,
         cache_age: Option<Duration>,
     ) -> Result<LookupAnswer, LookupError> {
         let basis = match self.policy.relationship(request, caller, merged) {
@@ -129,15 +130,24 @@ impl Broker {
     /// when the patient objected to sharing and this is not an emergency — only their own
     /// organisation's entries as it reported them (re-merged from its own answers, so no other
     /// organisation's content rides under its name), its own source statuses and warnings.
-    fn visible(&self, request: &LookupRequest, merged: &MergedRecord) -> Visible {
+    fn visible(&self, request: &LookupRequest, merged: &Arc<MergedRecord>) -> Visible {
         if !self.policy.objection_applies(request) {
+            // Nothing held back (the common case): the cached record itself, not a copy.
+            if !self.policy.withholds(request, &merged.record) {
+                return Visible {
+                    record: Disclosed::whole(merged.clone()),
+                    withheld: false,
+                    sources: merged.sources.clone(),
+                    warnings: merged.warnings.clone(),
+                };
+            }
             let mut view = self.policy.view(request, &merged.record);
             let mut warnings = merged.warnings.clone();
             if view.withheld {
                 crate::merge::rebuild_conflicts(&mut view.record, &mut warnings);
             }
             return Visible {
-                record: view.record,
+                record: view.record.into(),
                 withheld: view.withheld,
                 sources: merged.sources.clone(),
                 warnings,
@@ -168,7 +178,7 @@ impl Broker {
             crate::merge::rebuild_conflicts(&mut view.record, &mut warnings);
         }
         Visible {
-            record: view.record,
+            record: view.record.into(),
             withheld: view.withheld || others_had_data,
             sources: merged
                 .sources
@@ -319,7 +329,7 @@ impl Broker {
     pub(super) fn replayed_updates(
         &self,
         request: &LookupRequest,
-        merged: &MergedRecord,
+        merged: &Arc<MergedRecord>,
     ) -> Vec<SourceUpdate> {
         let Visible {
             record: visible,

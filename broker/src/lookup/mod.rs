@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use admission::{DEFAULT_MAX_LOOKUPS_IN_FLIGHT, LoadLimits, Slot};
-pub use answer::{LookupAnswer, SourceUpdate, StreamEvent};
+pub use answer::{Disclosed, LookupAnswer, SourceUpdate, StreamEvent};
 pub use document::DocumentAnswer;
 pub use stream::LookupStream;
 

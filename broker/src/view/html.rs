@@ -652,7 +652,7 @@ mod tests {
     fn answer(record: CareRecord) -> LookupAnswer {
         LookupAnswer {
             request_id: "r1".into(),
-            record,
+            record: record.into(),
             sources: vec![SourceStatus {
                 organisation_code: "H81005".into(),
                 organisation_name: "Riverside Surgery".into(),
