@@ -7,7 +7,7 @@
 //! per request, after the cache: a record cached for one requester never reaches another
 //! unfiltered.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use carerecord_adapters::NhsNumber;
@@ -155,7 +155,10 @@ pub struct Policy {
     roles: HashSet<String>,
     sensitive_roles: HashSet<String>,
     emergency_roles: HashSet<String>,
+    /// Bare codes, matching in any code system.
     sensitive_codes: HashSet<String>,
+    /// `system|code` entries, by system: looked up without building the string per coding.
+    sensitive_by_system: HashMap<String, HashSet<String>>,
     objections: HashSet<NhsNumber>,
     trust_unverified: bool,
 }
@@ -183,15 +186,32 @@ impl Policy {
             None => HashSet::new(),
         };
         let set = |v: &[String]| v.iter().map(|s| s.trim().to_owned()).collect();
+        let mut sensitive_codes = HashSet::new();
+        let mut sensitive_by_system: HashMap<String, HashSet<String>> = HashMap::new();
+        let configured = config.sensitive_codes.iter().map(|c| normalise_code(c));
+        for code in BUILT_IN_SENSITIVE_CODES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .chain(configured)
+        {
+            match code.split_once('|') {
+                Some((system, code)) => {
+                    sensitive_by_system
+                        .entry(system.to_owned())
+                        .or_default()
+                        .insert(code.to_owned());
+                }
+                None => {
+                    sensitive_codes.insert(code);
+                }
+            }
+        }
         Ok(Policy {
             roles: set(&config.roles),
             sensitive_roles: set(&config.sensitive_roles),
             emergency_roles: set(&config.emergency_roles),
-            sensitive_codes: BUILT_IN_SENSITIVE_CODES
-                .iter()
-                .map(|c| (*c).to_owned())
-                .chain(config.sensitive_codes.iter().map(|c| normalise_code(c)))
-                .collect(),
+            sensitive_codes,
+            sensitive_by_system,
             objections,
             trust_unverified: config.trust_unverified_assertions,
         })
@@ -286,9 +306,11 @@ impl Policy {
     /// Whether [`Policy::view`] would hold anything of `record` back from this requester: the
     /// same judgement, without copying the record.
     pub fn withholds(&self, request: &LookupRequest, record: &CareRecord) -> bool {
-        if self.sees_sensitive(request) {
-            return false;
-        }
+        !self.sees_sensitive(request) && self.holds_back_anything(record)
+    }
+
+    /// Whether `record` has anything a requester without a sensitive role may not see.
+    pub fn holds_back_anything(&self, record: &CareRecord) -> bool {
         let restricted = record.patient.as_ref().is_some_and(|p| {
             p.restricted && (!p.address.is_empty() || !p.registered_gp_code.is_empty())
         });
@@ -354,7 +376,11 @@ impl Policy {
         }
         let system = coding.system.trim().trim_end_matches('/');
         self.sensitive_codes.contains(code)
-            || (!system.is_empty() && self.sensitive_codes.contains(&format!("{system}|{code}")))
+            || (!system.is_empty()
+                && self
+                    .sensitive_by_system
+                    .get(system)
+                    .is_some_and(|codes| codes.contains(code)))
     }
 }
 

@@ -106,6 +106,10 @@ pub struct MergedRecord {
     pub assembled_at: SystemTime,
     /// Monotonic time of assembly, for cache age (tokio time, so tests can pause it).
     pub assembled: Instant,
+    /// Whether the broker's access policy holds anything of `record` back from a requester who
+    /// may not see sensitive entries: judged on first disclosure, not again on every cache hit
+    /// (a broker's policy is fixed for its life, and so for every record it caches).
+    pub restricted_content: std::sync::OnceLock<bool>,
 }
 
 /// A source that was asked, and why.
@@ -363,6 +367,7 @@ pub fn merge(input: MergeInput<'_>) -> MergedRecord {
         answers: found,
         assembled_at: now,
         assembled,
+        restricted_content: std::sync::OnceLock::new(),
     }
 }
 

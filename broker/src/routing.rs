@@ -97,6 +97,8 @@ pub struct Router {
     mode: Mode,
 }
 
+// One router per broker: the size of the variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Mode {
     All,
     Located {

@@ -133,7 +133,11 @@ impl Broker {
     fn visible(&self, request: &LookupRequest, merged: &Arc<MergedRecord>) -> Visible {
         if !self.policy.objection_applies(request) {
             // Nothing held back (the common case): the cached record itself, not a copy.
-            if !self.policy.withholds(request, &merged.record) {
+            let withholds = !self.policy.sees_sensitive(request)
+                && *merged
+                    .restricted_content
+                    .get_or_init(|| self.policy.holds_back_anything(&merged.record));
+            if !withholds {
                 return Visible {
                     record: Disclosed::whole(merged.clone()),
                     withheld: false,

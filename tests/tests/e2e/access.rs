@@ -253,6 +253,20 @@ async fn sensitive_entries_are_withheld_by_role_and_never_leak_through_the_cache
     assert!(nurse.withheld, "told that something was withheld");
     assert!(!has_hiv(&nurse), "and not what");
     assert!(!format!("{nurse:?}").contains("86406008"));
+    // The role that may see it still sees all of it from the same cached record, and the
+    // ordinary role is still refused it the second time (the record's judgement is kept).
+    let again = c
+        .get_care_record(as_(with_role("RJ122", "R8000"), LONG))
+        .await
+        .expect("r8000 again")
+        .into_inner();
+    assert!(again.from_cache && !again.withheld && has_hiv(&again));
+    let nurse_again = c
+        .get_care_record(as_(with_role("RJ122", "R8001"), LONG))
+        .await
+        .expect("r8001 again")
+        .into_inner();
+    assert!(nurse_again.withheld && !has_hiv(&nurse_again));
     // Streaming replay from cache is filtered too.
     let mut stream = c
         .stream_care_record(as_(with_role("RJ122", "R8001"), LONG))
