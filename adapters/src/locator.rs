@@ -31,6 +31,11 @@ pub struct LocateRequest {
 pub struct Located {
     /// ODS codes of organisations holding records for the patient, without duplicates.
     pub organisations: Vec<String>,
+    /// (ODS code, that organisation's own id for the patient) where the locator said it (a
+    /// record pointer to the patient's record there). A hint the organisation's source may use
+    /// to read the record in one request; never trusted: every answer is still verified
+    /// against the NHS number.
+    pub patient_ids: Vec<(String, String)>,
 }
 
 impl Located {
@@ -44,6 +49,21 @@ impl Located {
                 .any(|c| c.eq_ignore_ascii_case(code))
         {
             self.organisations.push(code.to_owned());
+        }
+    }
+
+    /// Adds an organisation and its id for the patient (the first id named wins).
+    pub fn add_with_patient_id(&mut self, code: &str, patient_id: &str) {
+        self.add(code);
+        let code = code.trim();
+        if !code.is_empty()
+            && !self
+                .patient_ids
+                .iter()
+                .any(|(c, _)| c.eq_ignore_ascii_case(code))
+        {
+            self.patient_ids
+                .push((code.to_owned(), patient_id.to_owned()));
         }
     }
 }

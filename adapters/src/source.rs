@@ -206,6 +206,15 @@ pub trait Source: Send + Sync {
         false
     }
 
+    /// A record locator's hint: `patient_id` is this organisation's own id for the patient
+    /// with `nhs_number`. A source that can read a record by id (the FHIR adapter's verified
+    /// patient-id cache) may use it to skip its patient search; it must verify the answer as
+    /// for any remembered id (another person's record is discarded and the search made). The
+    /// default ignores it.
+    async fn hint_patient_id(&self, nhs_number: NhsNumber, patient_id: &str) {
+        let _ = (nhs_number, patient_id);
+    }
+
     /// Streams one document this source listed in a patient's record (its `DocumentDetail.url`
     /// as the source gave it). The broker has already decided that the requester may see it and
     /// audited the retrieval; the source must only fetch that URL from its own system (never

@@ -642,3 +642,58 @@ async fn a_chain_resolved_to_someone_else_is_rejected_by_the_identity_check() {
         record.shortfalls
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// (e) a record locator's hint: the organisation's own id for the patient
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_locator_hint_makes_a_first_lookup_one_round_trip() {
+    let (server, base) = serve(Server::two_people()).await;
+    let source = source(&base, QueryMode::Everything);
+    let nhs = NhsNumber::parse(NHS).expect("valid");
+    source.hint_patient_id(nhs, "p1").await;
+    server.clear();
+    assert_own_record(&found(&source, "hinted").await, "hinted");
+    assert_eq!(
+        server.requests(),
+        ["GET /fhir/Patient/p1/$everything?_count=100"],
+        "the record by the hinted id, its Patient verified: no search"
+    );
+}
+
+#[tokio::test]
+async fn a_locator_hint_naming_another_person_is_verified_away_and_searched() {
+    let (server, base) = serve(Server::two_people()).await;
+    let source = source(&base, QueryMode::Everything);
+    let nhs = NhsNumber::parse(NHS).expect("valid");
+    // p2 is the other person (another NHS number, their own condition and allergy).
+    source.hint_patient_id(nhs, "p2").await;
+    server.clear();
+    let record = found(&source, "wrong hint").await;
+    assert_own_record(&record, "wrong hint");
+    let text = format!("{:?}", record.record);
+    assert!(!text.contains(OTHER_NHS), "the other person leaked in");
+    let requests = server.requests();
+    assert!(
+        requests.iter().any(|r| r.starts_with("GET /fhir/Patient?")),
+        "fell back to the Patient search: {requests:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_hint_never_replaces_an_id_the_source_verified_itself() {
+    let (server, base) = serve(Server::two_people()).await;
+    let source = source(&base, QueryMode::Everything);
+    let nhs = NhsNumber::parse(NHS).expect("valid");
+    found(&source, "first").await;
+    source.hint_patient_id(nhs, "p2").await;
+    // Not an id at all (a FHIR id is 1-64 of A-Z a-z 0-9 - .): ignored.
+    source.hint_patient_id(nhs, "p1/../../p2").await;
+    server.clear();
+    assert_own_record(&found(&source, "second").await, "second");
+    assert_eq!(
+        server.requests(),
+        ["GET /fhir/Patient/p1/$everything?_count=100"]
+    );
+}

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use carerecord_adapters::fhir::{FhirConfig, FhirSource, SharedClient};
 use carerecord_adapters::{
-    Source, SourceError, SourceInfo, SourceReply, SourceRequest, async_trait,
+    NhsNumber, Source, SourceError, SourceInfo, SourceReply, SourceRequest, async_trait,
 };
 
 use crate::config::DirectoryConfig;
@@ -181,7 +181,23 @@ impl Source for LazyFhirSource {
     }
 
     async fn fetch(&self, request: &SourceRequest) -> Result<SourceReply, SourceError> {
-        let built = self.built.get_or_init(|| {
+        match self.source() {
+            Ok(source) => source.fetch(request).await,
+            Err(why) => Err(SourceError::Unavailable(format!("misconfigured: {why}"))),
+        }
+    }
+
+    async fn hint_patient_id(&self, nhs_number: NhsNumber, patient_id: &str) {
+        if let Ok(source) = self.source() {
+            source.hint_patient_id(nhs_number, patient_id).await;
+        }
+    }
+}
+
+impl LazyFhirSource {
+    /// The FHIR source, built on first use.
+    fn source(&self) -> &Result<Arc<FhirSource>, String> {
+        self.built.get_or_init(|| {
             let client = self
                 .client
                 .get_or_init(|| SharedClient::new(&self.config).map_err(|e| e.to_string()))
@@ -189,11 +205,7 @@ impl Source for LazyFhirSource {
             FhirSource::with_client(self.info.clone(), &self.config, client)
                 .map(Arc::new)
                 .map_err(|e| e.to_string())
-        });
-        match built {
-            Ok(source) => source.fetch(request).await,
-            Err(why) => Err(SourceError::Unavailable(format!("misconfigured: {why}"))),
-        }
+        })
     }
 }
 

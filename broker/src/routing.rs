@@ -279,6 +279,20 @@ impl Router {
                 }
             }
         }
+        // The organisations' own ids for the patient, where a locator said them: each source may
+        // then read the record in one request (it verifies the answer as for any remembered id).
+        for (_, located) in &answers {
+            for (code, id) in &located.patient_ids {
+                for &index in set.indices_for_organisation(code) {
+                    if let Some(configured) = set.sources.get(index) {
+                        configured
+                            .source
+                            .hint_patient_id(request.nhs_number, id)
+                            .await;
+                    }
+                }
+            }
+        }
         if answers.len() == locators.len() {
             let answers = Arc::new(answers.clone());
             cache.insert(request.nhs_number, answers.clone()).await;

@@ -3,10 +3,11 @@
 //! A broker for a whole area cannot ask thousands of organisations about every patient; real
 //! exchanges first ask the demographics service (PDS: the registered GP, in
 //! `Patient.generalPractitioner`) and the National Record Locator (one `DocumentReference`
-//! pointer per organisation holding records, with the organisation as `custodian` and its
-//! endpoint as the attachment URL). This module plays both for the synthetic region, as FHIR R4
-//! below `{server}/locator/fhir`, with no clinical content. Like `api` it is pure request →
-//! response; the server wraps it in the locator's latency and faults (pseudo-code `LOCATOR`).
+//! pointer per organisation holding records, with the organisation as `custodian` and the
+//! patient's record there — `{endpoint}/Patient/{its own id}` — as the attachment URL). This
+//! module plays both for the synthetic region, as FHIR R4 below `{server}/locator/fhir`, with no
+//! clinical content. Like `api` it is pure request → response; the server wraps it in the
+//! locator's latency and faults (pseudo-code `LOCATOR`).
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -38,7 +39,8 @@ pub(crate) struct LocatorCtx<'a> {
     pub region: &'a Region,
     /// `http://host:port/locator/fhir`.
     pub base_url: &'a str,
-    /// Every organisation's FHIR base URL, in region order (the pointers' attachment URLs).
+    /// Every organisation's FHIR base URL, in region order (the pointers' attachment URLs start
+    /// with it).
     pub org_base_urls: &'a [String],
     /// The fraction of pointers the locator does not hold (0 = it knows every organisation).
     pub missing_fraction: f64,
@@ -240,8 +242,12 @@ fn pointer(ctx: &LocatorCtx<'_>, person: usize, org: usize) -> Value {
         "content": [{
             "attachment": {
                 "contentType": fhir::FHIR_JSON,
-                "url": ctx.org_base_urls.get(org).map_or("", String::as_str),
-                "title": format!("{} FHIR R4 endpoint", o.name),
+                "url": format!(
+                    "{}/Patient/{}",
+                    ctx.org_base_urls.get(org).map_or("", String::as_str),
+                    crate::population::patient_id(o, person)
+                ),
+                "title": format!("{}: this patient's record", o.name),
             }
         }],
     })

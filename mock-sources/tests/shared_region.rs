@@ -261,9 +261,15 @@ async fn the_locator_names_the_gp_and_exactly_the_organisations_that_know_the_pa
                     json!({ "identifier": { "system": NHS, "value": nhs } })
                 );
                 assert_eq!(d["type"]["coding"][0]["system"], "http://snomed.info/sct");
-                assert_eq!(
-                    d["content"][0]["attachment"]["url"],
-                    server.organisation(code).unwrap().base_url.as_str()
+                // The patient's record at the organisation: its endpoint, then its own id.
+                let url = d["content"][0]["attachment"]["url"].as_str().unwrap();
+                let base = &server.organisation(code).unwrap().base_url;
+                let id = url
+                    .strip_prefix(&format!("{base}/Patient/"))
+                    .unwrap_or_else(|| panic!("{url} is not a Patient at {base}"));
+                assert!(
+                    id.starts_with(&format!("{}-", code.to_ascii_lowercase())),
+                    "{url}"
                 );
                 assert_eq!(
                     e["fullUrl"],
@@ -554,7 +560,14 @@ async fn per_port_regions_have_a_locator_and_a_directory_with_urls() {
         .iter()
         .map(|c| server.organisation(c).unwrap().base_url.clone())
         .collect();
-    assert_eq!(urls, want);
+    let bases: Vec<&str> = urls
+        .iter()
+        .map(|u| u.split_once("/Patient/").map_or(*u, |(base, _)| base))
+        .collect();
+    assert_eq!(
+        bases, want,
+        "each the patient's record at that organisation: {urls:?}"
+    );
     assert!(urls.iter().all(|u| !u.contains("/org/")), "{urls:?}");
     assert_eq!(server.stats(LOCATOR).unwrap().requests, 1);
 

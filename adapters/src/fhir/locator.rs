@@ -118,7 +118,10 @@ impl FhirLocator {
                 if let Some(custodian) = pointer.custodian.get().map_err(malformed)?
                     && let Some(code) = ods_code(custodian.identifier.get().map_err(malformed)?)?
                 {
-                    out.add(code);
+                    match patient_id_in(pointer) {
+                        Some(id) => out.add_with_patient_id(code, id),
+                        None => out.add(code),
+                    }
                 }
             }
             match next_link(&bundle).map_err(malformed)? {
@@ -128,6 +131,23 @@ impl FhirLocator {
         }
         Ok(())
     }
+}
+
+/// The organisation's own Patient id, when a pointer's attachment URL is the patient's record
+/// there (`…/Patient/{id}` or `…/Patient/{id}/$everything`). Unreadable or other URLs: none.
+fn patient_id_in(pointer: &Resource) -> Option<&str> {
+    pointer
+        .content
+        .items()
+        .ok()?
+        .filter_map(|c| c.attachment.get().ok().flatten())
+        .filter_map(|a| a.url.str().ok().flatten())
+        .find_map(|url| {
+            let path = url.split(['?', '#']).next().unwrap_or(url);
+            let (_, after) = path.rsplit_once("/Patient/")?;
+            let id = after.split('/').next()?;
+            (!id.is_empty()).then_some(id)
+        })
 }
 
 fn malformed<E>(_: E) -> SourceError {
@@ -204,10 +224,52 @@ impl Locator for FhirLocator {
             for code in pointed.organisations {
                 gp.add(&code);
             }
+            for (code, id) in pointed.patient_ids {
+                gp.add_with_patient_id(&code, &id);
+            }
             Ok(gp)
         };
         tokio::time::timeout_at(request.deadline, work)
             .await
             .unwrap_or(Err(SourceError::Timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pointer(url: &str) -> Resource {
+        let json = serde_json::json!({
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "custodian": { "identifier": { "system": ODS_SYSTEM, "value": "RJ1" } },
+            "content": [{ "attachment": { "contentType": "application/fhir+json", "url": url } }],
+        });
+        super::super::model::parse_resource(json.to_string().as_bytes()).expect("a resource")
+    }
+
+    #[test]
+    fn a_pointer_to_the_patients_record_gives_the_organisations_own_id() {
+        for (url, want) in [
+            (
+                "https://fhir.rj1.example/R4/Patient/rj1-100042",
+                Some("rj1-100042"),
+            ),
+            (
+                "https://fhir.rj1.example/R4/Patient/abc/$everything",
+                Some("abc"),
+            ),
+            (
+                "https://fhir.rj1.example/R4/Patient/abc?_format=json",
+                Some("abc"),
+            ),
+            // The endpoint alone, a document, an empty id: no id.
+            ("https://fhir.rj1.example/R4", None),
+            ("https://fhir.rj1.example/R4/Binary/doc-1", None),
+            ("https://fhir.rj1.example/R4/Patient/", None),
+        ] {
+            assert_eq!(patient_id_in(&pointer(url)), want, "{url}");
+        }
     }
 }

@@ -36,7 +36,7 @@ pub use client::SharedClient;
 pub use config::{FhirConfig, FhirConfigError, MedicationKinds, QueryMode};
 pub use locator::{FhirLocator, FhirLocatorConfig};
 
-use crate::{Source, SourceError, SourceInfo, SourceReply, SourceRequest};
+use crate::{NhsNumber, Source, SourceError, SourceInfo, SourceReply, SourceRequest};
 
 /// A FHIR R4 server as a carerecord source.
 #[derive(Debug)]
@@ -156,6 +156,17 @@ impl Source for FhirSource {
         .await
     }
 
+    /// Seeds the verified id cache (never over an id this source verified itself): the next
+    /// lookup reads the record by id and checks its Patient like any remembered id.
+    async fn hint_patient_id(&self, nhs_number: NhsNumber, patient_id: &str) {
+        let Some(ids) = &self.patient_ids else {
+            return;
+        };
+        if is_fhir_id(patient_id) && ids.get(&nhs_number).await.is_none() {
+            ids.insert(nhs_number, patient_id).await;
+        }
+    }
+
     async fn fetch_document(
         &self,
         request: &crate::DocumentRequest,
@@ -180,4 +191,13 @@ impl Source for FhirSource {
         .await
         .unwrap_or(Err(SourceError::Timeout))
     }
+}
+
+/// A FHIR logical id: 1–64 of `A-Z a-z 0-9 - .` (R4 `id` datatype). Anything else a locator
+/// says is not used as one.
+fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }

@@ -111,6 +111,16 @@ async fn only_the_located_and_always_ask_organisations_of_thousands_are_called()
         .filter(|code| code != LOCATOR)
         .collect();
     assert_eq!(called, expected);
+    // The locator's record pointers carry each organisation's own id for the patient: an
+    // organisation only the locator named is read in one request ($everything by that id,
+    // its Patient verified), with no Patient search first, on this first lookup.
+    for code in located.difference(&always) {
+        let n = after[code] - before.get(code).copied().unwrap_or(0);
+        assert_eq!(
+            n, 1,
+            "{code}: one request, not a search and then the record"
+        );
+    }
 }
 
 #[tokio::test]
